@@ -1,0 +1,48 @@
+"""Test fixtures: the real ComfyUI in-process (CPU, one thread) and as a server with the pack loaded."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+from harness.host import import_comfyui_in_process
+from harness.server import ComfyServer
+
+torch.set_num_threads(1)
+COMFYUI_ROOT = import_comfyui_in_process()
+
+BROKEN_PACK_SOURCE = 'raise RuntimeError("deliberately broken pack: the import-failure check must see this")\n'
+BROKEN_PACK_NAME = "shield_selftest_broken_pack"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> ComfyServer:
+    """One real ComfyUI server for the session, with the pack and a deliberately broken pack beside it.
+
+    The broken pack proves that `import_failures()` sees a pack whose import raised (ComfyUI only
+    logs it), so the tests that assert our pack has no import failure can fail.
+    """
+    base_dir = tmp_path_factory.mktemp("comfy-base")
+    broken = base_dir / "custom_nodes" / BROKEN_PACK_NAME
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(BROKEN_PACK_SOURCE)
+    comfy_server = ComfyServer(base_dir)
+    try:
+        comfy_server.start()
+        yield comfy_server
+    finally:
+        comfy_server.stop()
+
+
+@pytest.fixture(scope="session")
+def memorizer_items() -> torch.Tensor:
+    """Six well-separated latents [6, 4, 8, 8] at roughly SD-latent scale (entries ~ N(0, 1))."""
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randn(6, 4, 8, 8, generator=generator)
+
+
+@pytest.fixture
+def tmp_dir(tmp_path) -> pathlib.Path:
+    return tmp_path
