@@ -1,9 +1,9 @@
 """The tiny real UNets (EPS, V-prediction, flow) sample through ComfyUI: finite, seeded, deterministic."""
 
+import nodes as comfy_nodes
 import pytest
 import torch
 
-import nodes as comfy_nodes
 from comfyui_shield.reference_models.tiny_unet import build_tiny_unet, random_text_conditioning
 
 
