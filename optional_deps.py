@@ -10,6 +10,7 @@ import importlib.util
 INSTALL_HINTS = {
     "faiss": "pip install faiss-cpu",
     "dreamsim": "pip install dreamsim==0.2.1",
+    "matplotlib": "pip install matplotlib",
 }
 
 

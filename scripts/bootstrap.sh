@@ -36,7 +36,7 @@ make_venv() {
   python3 -m venv "$venv"
   pip_install --upgrade pip
   pip_install "torch==$TORCH_VERSION"
-  "$venv/bin/python" -c "import torch; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
+  "$venv/bin/python" -W ignore -c "import torch; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
   touch "$stamp"
 }
 
