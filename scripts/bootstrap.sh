@@ -137,11 +137,31 @@ link_pack() {
   log "pack linked: $link -> $repo_dir"
 }
 
+# Headless Chromium for the browser tests: Debian's package (needs root, as on CI) and playwright-core
+# from npm. Never a browser download of playwright's own.
+install_browser() {
+  local stamp; stamp=$(stamp_for browser "$repo_dir/scripts/pins.env")
+  if [ -f "$stamp" ] && [ -x /usr/bin/chromium ]; then log "browser ready"; return; fi
+  step "installing chromium (apt) and playwright-core $PLAYWRIGHT_CORE_VERSION (npm)"
+  if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      log "not root: install Debian's chromium yourself (sudo apt-get install chromium) for the browser tests"
+      return
+    fi
+  fi
+  mkdir -p "$host_dir/node"
+  (cd "$host_dir/node" && npm install --silent --no-audit --no-fund "playwright-core@$PLAYWRIGHT_CORE_VERSION")
+  touch "$stamp"
+}
+
 write_env() {
   cat > "$host_dir/host.env" <<EOF
 export SHIELD_HOST_DIR="$host_dir"
 export SHIELD_COMFYUI_DIR="$comfy_dir"
 export SHIELD_PYTHON="$venv/bin/python"
+export SHIELD_NODE_MODULES="$host_dir/node/node_modules"
 EOF
 }
 
@@ -151,6 +171,7 @@ make_venv
 get_comfyui
 install_requirements
 link_pack
+install_browser
 write_env
 step "done in $(( $(date +%s) - start )) s"
 echo "$host_dir/host.env"
