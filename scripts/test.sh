@@ -11,4 +11,7 @@ cd "$repo_dir"
 echo "[test] ruff"
 "$SHIELD_PYTHON" -m ruff check .
 echo "[test] pytest"
+# From tests/ (its pytest.ini makes it the rootdir): the repo root is the pack's package, which
+# pytest must not import as a test package.
+cd tests
 "$SHIELD_PYTHON" -m pytest "$@"
