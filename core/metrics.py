@@ -56,6 +56,18 @@ def distance_matrix(a: ArrayLike, b: ArrayLike) -> torch.Tensor:
     return torch.cdist(as_matrix(a, "a"), as_matrix(b, "b"))
 
 
+def cosine_kernel(matrix: torch.Tensor) -> torch.Tensor:
+    """[N, N] cosine similarities within one batch, with identical items at similarity 1.
+
+    All-zero rows (an empty latent, a black image) have no direction: two of them are the same item
+    (similarity 1) and unrelated to the rest (0), which keeps the kernel PSD with a unit diagonal.
+    """
+    kernel = normalize_rows(matrix) @ normalize_rows(matrix).T
+    zero = matrix.norm(dim=1) == 0
+    kernel[zero[:, None] & zero[None, :]] = 1.0
+    return kernel
+
+
 # -- diversity --------------------------------------------------------------------------------------
 def vendi_score_from_kernel(kernel: torch.Tensor) -> float:
     """exp(Shannon entropy of the eigenvalues of K/n) for a PSD kernel with unit diagonal (Def. 3.1, q=1)."""
@@ -69,8 +81,7 @@ def vendi_score_from_kernel(kernel: torch.Tensor) -> float:
 def vendi_score(embeddings: ArrayLike) -> float:
     """Vendi score with the cosine kernel: the effective number of distinct items, from 1 (all the
     same direction) to N (mutually orthogonal)."""
-    unit = normalize_rows(as_matrix(embeddings, "embeddings"))
-    return vendi_score_from_kernel(unit @ unit.T)
+    return vendi_score_from_kernel(cosine_kernel(as_matrix(embeddings, "embeddings")))
 
 
 def mean_pairwise_similarity(embeddings: ArrayLike) -> float:
@@ -78,11 +89,10 @@ def mean_pairwise_similarity(embeddings: ArrayLike) -> float:
 
     A batch of one item has no pairs: the result is NaN.
     """
-    unit = normalize_rows(as_matrix(embeddings, "embeddings"))
-    count = unit.shape[0]
+    similarities = cosine_kernel(as_matrix(embeddings, "embeddings"))
+    count = similarities.shape[0]
     if count < 2:
         return float("nan")
-    similarities = unit @ unit.T
     off_diagonal_sum = similarities.sum() - similarities.diagonal().sum()
     return float(off_diagonal_sum / (count * (count - 1)))
 

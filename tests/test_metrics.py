@@ -48,6 +48,16 @@ def test_vendi_matches_the_vendi_score_package():
     assert 1.0 < expected < 40
 
 
+def test_all_zero_items_count_as_one_item():
+    zeros_and_one = np.zeros((4, 6))
+    zeros_and_one[3, 0] = 1.0
+    assert metrics.vendi_score(np.zeros((3, 6))) == pytest.approx(1.0)
+    assert metrics.mean_pairwise_similarity(np.zeros((3, 6))) == pytest.approx(1.0)
+    # three zeros (one item) and one unit vector (orthogonal to them): two clusters of sizes 3 and 1
+    expected = np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    assert metrics.vendi_score(zeros_and_one) == pytest.approx(expected)
+
+
 def test_mss_matches_a_direct_loop():
     embeddings = random_embeddings(6, 5, 2)
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
