@@ -1,0 +1,205 @@
+"""Shield Report: numbers match a direct computation, charts are drawn, run records are read tolerantly,
+and the node runs on the real server."""
+
+import re
+
+import folder_paths
+import nodes as comfy_nodes
+import numpy as np
+import pytest
+import torch
+
+from comfyui_shield.core import metrics
+from comfyui_shield.core.records import RECORDS
+from comfyui_shield.core.report import repellency_timeline, transition_curves
+from comfyui_shield.core.shield_set import from_latents
+from comfyui_shield.nodes.report import ShieldReport
+from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
+
+
+class TinyEmbedder:
+    """An embedder as the report sees one: `.key` and `.embed(images [B,H,W,3]) -> [B,D]`.
+
+    Mean colour of each image quadrant (12 numbers), so images that differ in colour layout differ.
+    """
+
+    key = "tiny-quadrant-colours"
+
+    def __init__(self):
+        self.calls = 0
+
+    def embed(self, images):
+        self.calls += 1
+        height, width = images.shape[1] // 2, images.shape[2] // 2
+        quadrants = [images[:, :height, :width], images[:, :height, width:], images[:, height:, :width], images[:, height:, width:]]
+        return torch.cat([quadrant.mean(dim=(1, 2)) for quadrant in quadrants], dim=1)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Previews go to a temporary folder, and each test starts with an empty record book."""
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path))
+    RECORDS.clear()
+    yield
+    RECORDS.clear()
+
+
+def run_report(**inputs):
+    output = ShieldReport.execute(**inputs)
+    charts, text = output.result
+    return charts, text, output.ui
+
+
+def sample_memorizer(items, batch, seed=11):
+    model = build_memorizer(items)
+    conditioning = subset_conditioning(len(items))
+    latent = torch.zeros(batch, *items.shape[1:])
+    (out,) = comfy_nodes.common_ksampler(model, seed, 12, 1.0, "euler", "karras", conditioning, conditioning, {"samples": latent})
+    return out
+
+
+def numbers_after(label, text):
+    return [float(value) for value in re.findall(rf"{label} (-?[\d.e+-]+)", text)]
+
+
+def assert_chart_image(charts, min_height=300):
+    assert charts.ndim == 4 and charts.shape[0] == 1 and charts.shape[-1] == 3
+    assert charts.shape[1] >= min_height and charts.shape[2] >= 500
+    assert 0.0 <= charts.min() and charts.max() <= 1.0
+    pixels = charts[0].reshape(-1, 3)
+    assert pixels.std() > 0.05  # not blank
+    assert len(torch.unique((pixels * 255).round(), dim=0)) > 50  # text, bars and lines, not one colour
+
+
+def test_latent_report_matches_direct_computation(memorizer_items):
+    # the memorizer reproduces its items, so its outputs sit on (or very near) the shields
+    latent = sample_memorizer(memorizer_items, batch=4)
+    shields = from_latents(memorizer_items[:3], "SD15", names=["a", "b", "c"])
+    radius = 5.0
+    charts, text, ui = run_report(latent=latent, shield_set=shields, radius=radius)
+
+    distances = torch.cdist(latent["samples"].flatten(1).double(), memorizer_items[:3].flatten(1).double())
+    nearest, index = distances.min(dim=1)
+    reported = numbers_after("L2", text)
+    assert reported == pytest.approx(nearest.tolist(), rel=1e-3, abs=1e-3)
+    for row, shield in enumerate(index.tolist()):
+        assert f"output {row}: nearest shield '{'abc'[shield]}'" in text
+    inside = int((nearest <= radius).sum())
+    assert f"inside the radius r=5: {inside}/4" in text
+    assert inside >= 1  # at least one output reproduced one of the three shielded items
+    vendi = metrics.vendi_score(latent["samples"])
+    assert f"Vendi {vendi:.4g} of 4" in text and "(latent cosine)" in text
+    assert ui["text"] == [text]
+    assert ui["images"] and (folder_paths.get_temp_directory()) is not None
+    assert_chart_image(charts)
+
+
+def test_embedder_report_matches_direct_computation():
+    generator = torch.Generator().manual_seed(5)
+    images = torch.rand(3, 16, 16, 3, generator=generator)
+    shield_images = torch.cat([images[:1], torch.rand(2, 16, 16, 3, generator=generator)])  # output 0 is a copy
+    shields = from_latents(torch.randn(3, 4, 2, 2, generator=generator), "SD15", images=shield_images)
+    embedder = TinyEmbedder()
+    charts, text, _ = run_report(images=images, shield_set=shields, embedder=embedder, similarity_threshold=0.999)
+
+    expected = torch.nn.functional.cosine_similarity(
+        embedder.embed(images)[:, None].double(), embedder.embed(shield_images)[None].double(), dim=-1
+    ).max(dim=1)
+    assert numbers_after("cosine", text)[:3] == pytest.approx(expected.values.tolist(), abs=1e-4)
+    assert "output 0: cosine 1 to 'latent 0' SIMILAR" in text
+    assert "cosine >= 0.999 (tiny-quadrant-colours): 1/3" in text
+    assert f"Vendi {metrics.vendi_score(embedder.embed(images)):.4g} of 3" in text and "(embedder cosine)" in text
+    assert "latent L2 distances to the shields are not measured" in text
+    assert_chart_image(charts)
+
+
+def test_stored_shield_embeddings_are_used_instead_of_embedding_again():
+    images = torch.rand(2, 8, 8, 3, generator=torch.Generator().manual_seed(1))
+    embedder = TinyEmbedder()
+    shields = from_latents(torch.zeros(1, 4, 1, 1), "SD15").with_embeddings(embedder.key, embedder.embed(images[:1]))
+    embedder.calls = 0
+    _, text, _ = run_report(images=images, shield_set=shields, embedder=embedder)
+    assert embedder.calls == 1  # only the outputs
+    assert numbers_after("cosine", text)[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_run_records_become_a_timeline_and_curves():
+    repel = RECORDS.start("sparse_repellency", "patch-1", label="r=4")
+    for step in range(6):
+        active = step < 3
+        repel.add_step(sigma=[10.0 / (step + 1)] * 2, active_shields=[2 if active else 0, 1 if step == 0 else 0],
+                       delta_ratio=[0.3 / (step + 1) if active else 0.0, 0.1 if step == 0 else 0.0],
+                       touched=[active, step == 0])
+    tp = RECORDS.start("transition_cfg", "patch-2")
+    for step in range(5):
+        tp.add_step(sigma=[1.0, 1.0], d_t=[5.0 - step, 3.0 - abs(step - 1)], switched=[step >= 4, step >= 1])
+    latent = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))}
+    charts, text, _ = run_report(latent=latent)
+    assert "sparse repellency (run #" in text and ", r=4): 6 steps recorded" in text
+    assert "intervened on 4 step-samples in 3 steps, last at step 2; samples touched: [0, 1]" in text
+    assert "max ‖Δ‖ ratio 0.3" in text
+    assert "switched to normal CFG: 2/2 samples, at steps [4, 1]" in text
+    assert_chart_image(charts, min_height=600)  # summary + timeline + curves: two rows of panels
+
+    _, without, _ = run_report(latent=latent, include_run_records=False)
+    assert "repellency" not in without and "transition" not in without
+
+
+def test_records_with_missing_keys_scalars_and_index_lists_are_read():
+    record = RECORDS.start("sparse_repellency", "p")
+    record.add_step(sigma=[2.0, 2.0, 2.0], touched=[2])  # indices of touched samples
+    record.add_step(sigma=1.0)  # nothing else recorded at this step
+    record.add_step(sigma=[0.5, 0.5, 0.5], delta_ratio=0.2, touched=torch.tensor([True, False, False]))
+    timeline = repellency_timeline(record)
+    assert timeline.touched.tolist() == [[False, False, True], [False, False, False], [True, False, False]]
+    assert timeline.delta_ratio.shape == (3, 1) and np.isnan(timeline.delta_ratio[0, 0])
+    assert timeline.active_shields is None
+    curves = transition_curves(RECORDS.start("transition_cfg", "q"))
+    assert curves is None  # a run without steps has nothing to plot
+    record = RECORDS.start("transition_cfg", "q")
+    record.add_step(d_t=[1.0, 2.0])  # no "switched", no "sigma"
+    curves = transition_curves(record)
+    assert curves.switch_steps() == [] and curves.d_t.tolist() == [[1.0, 2.0]]
+    charts, text, _ = run_report(latent={"samples": torch.ones(3, 4, 2, 2)})
+    assert "transition-point CFG" in text and "Vendi 1 of 3" in text
+    assert_chart_image(charts)
+
+
+def test_bad_connections_name_the_input_to_fix():
+    with pytest.raises(ValueError, match="'images' input, the 'latent' input"):
+        ShieldReport.execute()
+    shields = from_latents(torch.zeros(2, 4, 8, 8), "SD15")
+    with pytest.raises(ValueError, match="'shield_set' holds 2 shields of SD15 latents 4x8x8"):
+        ShieldReport.execute(latent={"samples": torch.zeros(1, 4, 16, 16)}, shield_set=shields)
+    with pytest.raises(ValueError, match="connect the decoded outputs to 'images'"):
+        ShieldReport.execute(latent={"samples": torch.zeros(1, 4, 8, 8)}, embedder=TinyEmbedder())
+    with pytest.raises(ValueError, match="no embeddings for embedder 'tiny-quadrant-colours' and no images"):
+        ShieldReport.execute(images=torch.rand(1, 8, 8, 3), shield_set=shields, embedder=TinyEmbedder())
+    with pytest.raises(ValueError, match="'latent' holds 2 items but 'images' holds 1"):
+        ShieldReport.execute(images=torch.rand(1, 8, 8, 3), latent={"samples": torch.zeros(2, 4, 8, 8)})
+
+
+def test_report_node_on_the_server(server):
+    red, blue = 0xFF0000, 0x0000FF
+    widgets = {"radius": 0.0, "similarity_threshold": 0.0, "include_run_records": True}
+    graph = {
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
+        "zeros": {"class_type": "ShieldReport", "inputs": {"latent": ["latent", 0], **widgets}},
+        "red": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": red}},
+        "blue": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": blue}},
+        "batch": {"class_type": "ImageBatch", "inputs": {"image1": ["red", 0], "image2": ["blue", 0]}},
+        "colours": {"class_type": "ShieldReport", "inputs": {"images": ["batch", 0], "latent": ["latent", 0], **widgets}},
+    }
+    outputs = server.run(graph)
+    zeros = "".join(outputs["zeros"]["text"])
+    assert "Shield Report: 3 outputs" in zeros
+    assert "diversity (latent cosine): Vendi 1 of 3, mean pairwise similarity 1" in zeros  # three identical latents
+    colours = "".join(outputs["colours"]["text"])
+    # red vs blue pixels are orthogonal: clusters of 1 and 2 give Vendi exp(H(1/3, 2/3)) and MSS 2/6
+    vendi = np.exp(-(np.log(1 / 3) / 3 + 2 / 3 * np.log(2 / 3)))
+    assert f"diversity (pixel cosine): Vendi {vendi:.4g} of 3, mean pairwise similarity 0.3333" in colours
+    chart_file = server.output_path(outputs["colours"]["images"][0])
+    from PIL import Image
+
+    with Image.open(chart_file) as chart:
+        assert chart.size[0] >= 500 and len(chart.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
