@@ -141,6 +141,13 @@ class RunState:
     vae_twin: Optional[torch.nn.Module] = None
     guided_steps: int = 0
     skipped_nonfinite: int = 0
+    schedule: Optional[torch.Tensor] = None
+
+    def remaining_steps(self, sigma: float) -> Optional[int]:
+        """Sampler steps left after the one at `sigma` (None outside a run: no cap)."""
+        if self.schedule is None:
+            return None
+        return int((self.schedule < sigma * (1 - 1e-5)).sum())
 
 
 class ProCreateGuidance:
@@ -162,7 +169,8 @@ class ProCreateGuidance:
         attach_run_state(model_patcher, f"{WRAPPER_KEY}:{self.patch_id}", self.holder)
 
     def _new_run(self, context: Optional[RunContext] = None) -> RunState:
-        return RunState(record=RECORDS.start("procreate", self.patch_id, label=self.embedder.key))
+        schedule = context.sigmas.detach().float().cpu().clone() if context is not None else None
+        return RunState(record=RECORDS.start("procreate", self.patch_id, label=self.embedder.key), schedule=schedule)
 
     def _finish_run(self, state: RunState) -> None:
         state.record.summary.update(
@@ -217,7 +225,9 @@ class ProCreateGuidance:
         with torch.no_grad():
             embeddings = self.embedder.embed(decode_images(self.vae, first_stage, model, denoised))
             similarity, nearest = pm.nearest_reference(embeddings, references)
-        active = (similarity > settings.similarity_threshold) & (signal > MIN_SIGNAL_SCALE)
+        # a non-finite similarity goes on to the gradient, where it is skipped and reported
+        above = (similarity > settings.similarity_threshold) | ~torch.isfinite(similarity)
+        active = above & (signal > MIN_SIGNAL_SCALE)
         entry = {"sigma": sigma.tolist(), "similarity": similarity.tolist(), "nearest": nearest.tolist()}
         if not bool(active.any()):
             state.record.add_step(**entry, active=active.tolist(), in_window=True)
@@ -261,19 +271,23 @@ class ProCreateGuidance:
 
         if settings.gradient_mode == "fast":
             with torch.no_grad():
-                x0 = self._look_ahead(args, x, sigma, first_denoised=denoised)
+                x0 = self._look_ahead(state, args, x, sigma, first_denoised=denoised)
             x0 = x0.detach().requires_grad_(True)
             (grad_x0,) = torch.autograd.grad(energy_of(x0), x0)
             return grad_x0 / signal.reshape(-1, 1, 1, 1)
 
         x_var = x.detach().requires_grad_(True)
         with self._grad_capable_model(state, model):
-            x0 = self._look_ahead(args, x_var, sigma, first_denoised=None)
+            x0 = self._look_ahead(state, args, x_var, sigma, first_denoised=None)
             (grad_x,) = torch.autograd.grad(energy_of(x0), x_var)
         return grad_x
 
-    def _look_ahead(self, args, x, sigma, first_denoised):
+    def _look_ahead(self, state, args, x, sigma, first_denoised):
         model = args["model"]
+        steps = self.settings.look_ahead_steps
+        remaining = state.remaining_steps(float(sigma.max()))
+        if remaining is not None:
+            steps = min(steps, max(remaining, 1))
         sampling = model.model_sampling
         cond, uncond = args["cond"], args["uncond"]
         cond_scale, model_options = args["cond_scale"], args["model_options"]
@@ -282,7 +296,7 @@ class ProCreateGuidance:
             return cfg_denoised(model, latent, level, cond, uncond, cond_scale, model_options).float()
 
         return pm.look_ahead(
-            x, sigma, self.settings.look_ahead_steps, denoise,
+            x, sigma, steps, denoise,
             sigma_to_timestep=lambda s: sampling.timestep(s).float(),
             timestep_to_sigma=lambda t: sampling.sigma(t).float(),
             scales=lambda s: signal_and_noise_scale(sampling, s),
