@@ -4,10 +4,12 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from typing_extensions import override
 
 from .info import ShieldInfo
+from .procreate import NODES as PROCREATE_NODES
 from .report import ShieldReport
 
 NODE_LIST: list[type[io.ComfyNode]] = [
     ShieldInfo,
+    *PROCREATE_NODES,
     ShieldReport,
 ]
 

@@ -1,0 +1,102 @@
+"""ProCreate cost per step vs plain sampling (tiny real UNet, pixel-space VAE, tiny embedder), and
+effect (mean max similarity to protected references on the memorizer) for exact vs fast gradients.
+
+Run: $SHIELD_PYTHON bench/procreate_bench.py [--quick]
+"""
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+import torch  # noqa: E402
+
+from harness.host import import_comfyui_in_process  # noqa: E402
+
+torch.set_num_threads(1)
+import_comfyui_in_process()
+import comfy.sample  # noqa: E402
+import comfy.sd  # noqa: E402
+
+from comfyui_shield.core.shield_set import from_latents  # noqa: E402
+from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning  # noqa: E402
+from comfyui_shield.samplers.embedders import CallableEmbedder  # noqa: E402
+from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateSettings  # noqa: E402
+
+
+def tiny_rgb_unet():
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+
+    from comfyui_shield.reference_models.tiny_unet import TinyUNetConfig, fill_seeded, tiny_unet_config
+
+    model = comfy.model_base.BaseModel(TinyUNetConfig(tiny_unet_config(in_channels=3)), device=torch.device("cpu"))
+    fill_seeded(model.diffusion_model, 4)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    options = parser.parse_args()
+    repeats, steps, size = (3, 6, 16) if options.quick else (5, 10, 32)
+    items = torch.rand(6, 3, size, size, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    images = ((items + 1) / 2).movedim(1, -1)
+    projection = torch.randn(3 * (size // 2) ** 2, 32, generator=torch.Generator().manual_seed(3))
+    embedder = CallableEmbedder(lambda im: torch.nn.functional.avg_pool2d(im.movedim(-1, 1) - 0.5, 2).flatten(1) @ projection, "bench")
+    reference = from_latents(items[:3], "LatentFormat", images=images[:3])
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    from comfyui_shield.reference_models.tiny_unet import random_text_conditioning
+
+    unet = tiny_rgb_unet()
+    noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+    def timed(model):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            comfy.sample.sample(model, noise, steps, 2.0, "ddim", "ddim_uniform", random_text_conditioning(1),
+                                random_text_conditioning(2), torch.zeros_like(noise), seed=0, disable_pbar=True)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def patched(base, **settings):
+        clone = base.clone()
+        ProCreateGuidance(vae, embedder, reference, ProCreateSettings(**settings), "bench").attach(clone)
+        return clone
+
+    plain = timed(unet)
+    print(f"tiny UNet {size}x{size}x3, {steps} ddim steps, batch 1, CFG 2, medians of {repeats}\n")
+    print("| mode | look-ahead | s/run | × plain |\n|---|---|---|---|")
+    print(f"| plain | – | {plain:.3f} | 1.00 |")
+    for mode in ("exact", "fast"):
+        for look_ahead in (0, 1, 3, 5):
+            seconds = timed(patched(unet, gamma=100.0, look_ahead_steps=look_ahead, gradient_mode=mode))
+            print(f"| {mode} | {look_ahead} | {seconds:.3f} | {seconds / plain:.2f} |")
+
+    memorizer = build_memorizer(items, "eps")
+    batch_noise = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(5))
+    references = embedder.embed(images[:3])
+
+    def mean_max_similarity(model):
+        out = comfy.sample.sample(model, batch_noise, steps, 2.0, "ddim", "ddim_uniform", subset_conditioning(6, [0, 1, 2, 3]),
+                                  subset_conditioning(6), torch.zeros_like(batch_noise), seed=0, disable_pbar=True)
+        embedded = embedder.embed(((out + 1) / 2).clamp(0, 1).movedim(1, -1))
+        cosine = torch.nn.functional.cosine_similarity(embedded[:, None], references[None], dim=-1)
+        return float(cosine.max(dim=1).values.mean())
+
+    print("\nmemorizer (6 items, 3 protected), batch 16: mean max cosine similarity to the protected references\n")
+    print("| run | look-ahead | mean max similarity |\n|---|---|---|")
+    print(f"| plain | – | {mean_max_similarity(memorizer):.3f} |")
+    for mode in ("exact", "fast"):
+        for look_ahead in (0, 3):
+            value = mean_max_similarity(patched(memorizer, gamma=100.0, look_ahead_steps=look_ahead, gradient_mode=mode))
+            print(f"| {mode} | {look_ahead} | {value:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""ProCreate nodes: DreamSim Loader, CLIP Vision Embedder, Reference Set from Images, Energy Guidance.
+
+Paper: "ProCreate, Don't Reproduce!" (https://arxiv.org/abs/2408.02226), §4 and §6.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io as std_io
+import logging
+import os
+import uuid
+
+import comfy.model_management
+import folder_paths
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..core.shield_set import from_latents
+from ..optional_deps import require
+from ..samplers.embedders import ClipVisionEmbedder, DreamSimEmbedder
+from ..samplers.procreate_hook import GRADIENT_MODES, ProCreateGuidance, ProCreateSettings, reference_embeddings
+from .common import CATEGORY, EMBEDDER, SHIELD_SET
+
+logger = logging.getLogger(__name__)
+
+DREAMSIM_FOLDER = "dreamsim"
+folder_paths.add_model_folder_path(DREAMSIM_FOLDER, os.path.join(folder_paths.models_dir, DREAMSIM_FOLDER))
+
+# What dreamsim 0.2.1 (`dreamsim.model.download_weights`) needs in its cache_dir for each variant.
+DREAMSIM_FILES = {
+    "ensemble": ["dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar", "clip_vitb16_pretrain.pth.tar", "ensemble_lora"],
+    "dino_vitb16": ["dino_vitb16_pretrain.pth", "dino_vitb16_single_lora"],
+    "dinov2_vitb14": ["dinov2_vitb14_pretrain.pth", "dinov2_vitb14_single_lora"],
+    "synclr_vitb16": ["synclr_vit_b_16.pth", "synclr_vitb16_single_lora"],
+    "clip_vitb32": ["clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora"],
+    "open_clip_vitb32": ["open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora"],
+}
+NEEDS_TORCH_HUB = ("ensemble", "dino_vitb16", "dinov2_vitb14")
+
+
+def dreamsim_folders() -> list[str]:
+    return folder_paths.get_folder_paths(DREAMSIM_FOLDER)
+
+
+def find_dreamsim_folder(variant: str) -> str:
+    """The first registered dreamsim folder that holds every file `variant` needs, or a clear error."""
+    expected = DREAMSIM_FILES[variant]
+    for folder in dreamsim_folders():
+        if all(os.path.exists(os.path.join(folder, name)) for name in expected):
+            return folder
+    raise FileNotFoundError(
+        f"DreamSim Loader: the '{variant}' weights are missing. Expected {', '.join(expected)} (the last is a "
+        f"folder with adapter_config.json and adapter_model.*) in one of: {', '.join(dreamsim_folders())}. "
+        f"Unzip the dreamsim_{variant}_checkpoint.zip release of github.com/ssundaram21/dreamsim "
+        f"(v0.2.x checkpoints) into that folder. Nothing is downloaded at run time."
+        + (" This variant also needs its DINO backbone in torch.hub's cache." if variant in NEEDS_TORCH_HUB else "")
+    )
+
+
+def folder_fingerprint(folder: str, variant: str) -> str:
+    digest = hashlib.sha256(variant.encode())
+    for name in DREAMSIM_FILES[variant]:
+        path = os.path.join(folder, name)
+        paths = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+        for file_path in paths:
+            stat = os.stat(file_path)
+            digest.update(f"{file_path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_dreamsim(variant: str) -> DreamSimEmbedder:
+    dreamsim_package = require("dreamsim", "DreamSim Loader")
+    folder = find_dreamsim_folder(variant)
+    device = comfy.model_management.get_torch_device()
+    chatter = std_io.StringIO()  # dreamsim prints "Using cached ..." to stdout
+    try:
+        with torch.inference_mode(False), contextlib.redirect_stdout(chatter):
+            model, _ = dreamsim_package.dreamsim(pretrained=True, cache_dir=folder, dreamsim_type=variant, device=device)
+    except Exception as error:
+        raise ValueError(
+            f"DreamSim Loader: the '{variant}' files in {folder} could not be loaded ({type(error).__name__}: "
+            f"{error}). They may be corrupt or from another dreamsim version: replace them with the unzipped "
+            f"dreamsim_{variant}_checkpoint.zip (dreamsim 0.2.x)."
+        ) from error
+    if chatter.getvalue().strip():
+        logger.info("dreamsim: %s", chatter.getvalue().strip())
+    return DreamSimEmbedder(model, variant, folder_fingerprint(folder, variant))
+
+
+class ShieldDreamSimLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldDreamSimLoader",
+            display_name="DreamSim Loader (Shield)",
+            category=f"{CATEGORY}/procreate",
+            description="Loads a DreamSim perceptual embedder (the real dreamsim package) from models/dreamsim.",
+            inputs=[
+                io.Combo.Input(
+                    "variant", options=list(DREAMSIM_FILES), default="ensemble",
+                    tooltip="DreamSim model. ensemble is the paper's; the clip/open_clip/synclr variants need no "
+                    "torch.hub cache. Weights go unzipped into ComfyUI/models/dreamsim.",
+                ),
+            ],
+            outputs=[EMBEDDER.Output("embedder", tooltip="A differentiable DreamSim image embedder.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, variant):
+        try:
+            folder = find_dreamsim_folder(variant)
+        except FileNotFoundError:
+            return "missing"
+        return folder_fingerprint(folder, variant)
+
+    @classmethod
+    def execute(cls, variant) -> io.NodeOutput:
+        return io.NodeOutput(load_dreamsim(variant))
+
+
+class ShieldClipVisionEmbedder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldClipVisionEmbedder",
+            display_name="CLIP Vision Embedder (Shield)",
+            category=f"{CATEGORY}/procreate",
+            description="Uses a CLIP_VISION model (CLIP-H/G, SigLIP, DINOv2 from Load CLIP Vision) as a differentiable embedder.",
+            inputs=[io.ClipVision.Input("clip_vision", tooltip="From Load CLIP Vision (the IP-Adapter/unCLIP encoders).")],
+            outputs=[EMBEDDER.Output("embedder", tooltip="A differentiable image embedder (image_embeds).")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision) -> io.NodeOutput:
+        return io.NodeOutput(ClipVisionEmbedder(clip_vision))
+
+
+class ShieldReferenceSetFromImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldReferenceSetFromImages",
+            display_name="Reference Set from Images (Shield)",
+            category=f"{CATEGORY}/procreate",
+            description="Reference images for ProCreate: keeps the images, their VAE latents and their embeddings.",
+            inputs=[
+                io.Image.Input("images", tooltip="The reference images to steer away from."),
+                io.Vae.Input("vae", tooltip="The VAE of the model you sample with (encodes the latents)."),
+                EMBEDDER.Input("embedder", tooltip="The embedder ProCreate will use; its embeddings are stored in the set."),
+                io.Model.Input("model", optional=True, tooltip="Optional: names the set's latent format after this model."),
+            ],
+            outputs=[SHIELD_SET.Output("reference_set", tooltip="Images, latents and embeddings of the references.")],
+        )
+
+    @classmethod
+    def execute(cls, images, vae, embedder, model=None) -> io.NodeOutput:
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise ValueError(f"Reference Set from Images: 'images' must be a non-empty IMAGE batch, got {tuple(images.shape)}")
+        images = images[..., :3].float().cpu()
+        latents = vae.encode(images)
+        latent_format = type(model.model.latent_format).__name__ if model is not None else f"VAE{vae.latent_channels}ch"
+        names = [f"reference {index}" for index in range(images.shape[0])]
+        reference = from_latents(latents, latent_format, names=names, images=images)
+        return io.NodeOutput(reference.with_embeddings(embedder.key, reference_embeddings(reference, embedder)))
+
+
+class ShieldProCreateGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldProCreateGuidance",
+            display_name="ProCreate Energy Guidance (Shield)",
+            category=f"{CATEGORY}/procreate",
+            description="Pushes each sample's predicted image away from its nearest reference image in an "
+            "embedding space (ProCreate, arXiv 2408.02226). Works per sample with every sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch."),
+                io.Vae.Input("vae", tooltip="This model's VAE: decodes the predicted x̂0 for the embedder."),
+                EMBEDDER.Input("embedder", tooltip="DreamSim Loader or CLIP Vision Embedder."),
+                SHIELD_SET.Input("reference_set", tooltip="Reference images (with images or embeddings for this embedder); a Shield Memory makes it grow."),
+                io.Float.Input("strength", default=100.0, min=0.0, max=10000.0, step=1.0,
+                               tooltip="γ of the energy (paper 100–250). 0 turns the guidance off."),
+                io.Float.Input("element_clip", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="Clamp each gradient element to ±γ·this (official code: 1). 0 turns it off."),
+                io.Float.Input("max_grad_norm", default=0.5, min=0.0, max=100.0, step=0.01,
+                               tooltip="Limit each sample's gradient norm to γ·this (paper 0.3–0.5). 0 turns it off."),
+                io.Int.Input("look_ahead_steps", default=0, min=0, max=20, step=1,
+                             tooltip="DDIM steps to predict x̂0 (paper 5). 0 (or 1) is the one-step x̂0; capped at the sampler's remaining steps."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start of the active window (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the active window (1 = last step)."),
+                io.Combo.Input("gradient_mode", options=list(GRADIENT_MODES), default="fast",
+                               tooltip="exact: autograd through look-ahead, model, VAE and embedder (paper). "
+                               "fast: gradient w.r.t. x̂0 only, no backward through the model."),
+                io.Float.Input("similarity_threshold", default=-1.0, min=-1.0, max=1.0, step=0.01,
+                               tooltip="Guide a sample only while its cosine similarity to the nearest reference is above this. -1 turns the threshold off."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, strength=100.0, start_percent=0.0, end_percent=1.0, **_):
+        if strength < 0:
+            return f"strength must be ≥ 0 (0 turns the guidance off), got {strength}"
+        if start_percent > end_percent:
+            return f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
+        return True
+
+    @classmethod
+    def execute(cls, model, vae, embedder, reference_set, strength, element_clip, max_grad_norm, look_ahead_steps,
+                start_percent, end_percent, gradient_mode, similarity_threshold) -> io.NodeOutput:
+        settings = ProCreateSettings(
+            gamma=strength, element_clip=element_clip, max_grad_norm=max_grad_norm, look_ahead_steps=look_ahead_steps,
+            start_percent=start_percent, end_percent=end_percent, gradient_mode=gradient_mode,
+            similarity_threshold=similarity_threshold,
+        )
+        settings.validate()
+        if strength == 0:
+            return io.NodeOutput(model.clone())
+        patched = model.clone()
+        ProCreateGuidance(vae, embedder, reference_set, settings, patch_id=uuid.uuid4().hex[:12]).attach(patched)
+        return io.NodeOutput(patched)
+
+
+NODES = [ShieldDreamSimLoader, ShieldClipVisionEmbedder, ShieldReferenceSetFromImages, ShieldProCreateGuidance]

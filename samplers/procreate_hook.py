@@ -1,0 +1,332 @@
+"""ProCreate energy guidance as a ComfyUI post-CFG hook (paper §4; math in `procreate_math`).
+
+At each step inside the active window, for every sample whose one-step x̂0 is more similar to its
+nearest reference than the threshold, the hook computes ∇_x g of g = γ·max_i cos(f(decode(x̂0)), f(ref_i))
+and returns the guided denoised D' (see `procreate_math` for the derivation). Two gradient modes:
+
+- exact: autograd through the look-ahead (the model with the sampler's conds and CFG), the VAE
+  decoder and the embedder, as the paper. Needs a grad-capable copy of the diffusion model when
+  its weights are inference tensors (every model a ComfyUI loader node built): made once per run.
+- fast: x̂0 (one-step or look-ahead) without gradient, then ∂g/∂x̂0 through decoder and embedder
+  only, with ∂x̂0/∂x ≈ I/a (the Jacobian of D = (x − s·ε)/a at fixed ε). No backward through the UNet.
+
+A sample whose gradient is NaN/inf is left unguided for that step and counted in the run record.
+Look-ahead calls the model through `calc_cond_batch` and plain CFG (or the model's single-slot
+`sampler_cfg_function` if set), not through other patches' pre/post-CFG hooks: those keep per-step
+state that extra evaluations must not disturb.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from typing import Any, Optional
+
+import comfy.model_management
+import comfy.samplers
+import torch
+
+from ..core.records import RECORDS, RunRecord
+from ..core.shield_set import ShieldSet, ShieldSetError
+from . import procreate_math as pm
+from .embedders import Embedder, grad_capable
+from .run_state import RunContext, RunStateHolder, attach_run_state
+
+logger = logging.getLogger(__name__)
+
+GRADIENT_MODES = ("exact", "fast")
+WRAPPER_KEY = "shield_procreate"
+MIN_SIGNAL_SCALE = 1e-3  # flow models at σ = 1 have no signal left: eq. 4 would divide by zero
+
+
+@dataclasses.dataclass(frozen=True)
+class ProCreateSettings:
+    gamma: float = 100.0
+    element_clip: float = 1.0
+    max_grad_norm: float = 0.5
+    look_ahead_steps: int = 0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    gradient_mode: str = "exact"
+    similarity_threshold: float = -1.0
+
+    def validate(self) -> None:
+        if self.gamma < 0:
+            raise ValueError(f"ProCreate Energy Guidance: strength (γ) must be ≥ 0, got {self.gamma}; 0 turns it off")
+        if self.gradient_mode not in GRADIENT_MODES:
+            raise ValueError(f"ProCreate Energy Guidance: gradient_mode must be one of {GRADIENT_MODES}, got {self.gradient_mode!r}")
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            raise ValueError(
+                f"ProCreate Energy Guidance: need 0 ≤ start_percent ≤ end_percent ≤ 1, got "
+                f"{self.start_percent} and {self.end_percent}"
+            )
+        if self.look_ahead_steps < 0:
+            raise ValueError(f"ProCreate Energy Guidance: look_ahead_steps must be ≥ 0, got {self.look_ahead_steps}")
+
+
+# -- reference embeddings, cached per (embedder, item) so a growing set only embeds its new items --
+_EMBEDDING_CACHE: "collections.OrderedDict[tuple[str, str], torch.Tensor]" = collections.OrderedDict()
+_EMBEDDING_CACHE_SIZE = 8192
+_cache_lock = threading.Lock()
+
+
+def reference_embeddings(reference: ShieldSet, embedder: Embedder, batch_size: int = 8) -> torch.Tensor:
+    """[K, D] embeddings of the set's images: from the set itself, the cache, or computed once."""
+    stored = reference.embeddings.get(embedder.key)
+    if stored is not None:
+        return stored.float()
+    if reference.images is None:
+        raise ShieldSetError(
+            f"ProCreate Energy Guidance: the reference set ({reference.describe()}) has no images and no "
+            f"embeddings for embedder {embedder.key!r}. Build it from images (Shield Reference Set from "
+            f"Images, or Shield Set from Images with images kept) using this embedder."
+        )
+    with _cache_lock:
+        cached = {h: _EMBEDDING_CACHE.get((embedder.key, h)) for h in reference.hashes}
+    missing = [i for i, h in enumerate(reference.hashes) if cached[h] is None]
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        with torch.no_grad():
+            embedded = embedder.embed(reference.images[chunk]).float().cpu()
+        with _cache_lock:
+            for index, embedding in zip(chunk, embedded, strict=True):
+                _EMBEDDING_CACHE[(embedder.key, reference.hashes[index])] = embedding
+                cached[reference.hashes[index]] = embedding
+                while len(_EMBEDDING_CACHE) > _EMBEDDING_CACHE_SIZE:
+                    _EMBEDDING_CACHE.popitem(last=False)
+    return torch.stack([cached[h] for h in reference.hashes])
+
+
+# -- pieces of one guidance step ------------------------------------------------------------------
+def signal_and_noise_scale(model_sampling, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, s) per sample of x = a·y + s·n, read from the model's own noise_scaling."""
+    sigma = sigma.reshape(-1).float()
+    ones, zeros = torch.ones(sigma.shape[0], 1), torch.zeros(sigma.shape[0], 1)
+    ones, zeros = ones.to(sigma.device), zeros.to(sigma.device)
+    signal = model_sampling.noise_scaling(sigma, zeros.clone(), ones.clone()).reshape(-1)
+    noise = model_sampling.noise_scaling(sigma, ones.clone(), zeros.clone()).reshape(-1)
+    return signal.float(), noise.float()
+
+
+def cfg_denoised(model, x: torch.Tensor, sigma: torch.Tensor, cond, uncond, cond_scale: float, model_options: dict):
+    """The sampler's CFG prediction of `denoised` (conds, scale and model wrappers as the sampler)."""
+    cond_pred, uncond_pred = comfy.samplers.calc_cond_batch(model, [cond, uncond], x, sigma, model_options)
+    if "sampler_cfg_function" in model_options:
+        args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale, "timestep": sigma,
+                "input": x, "sigma": sigma, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
+                "model": model, "model_options": model_options, "input_cond": cond, "input_uncond": uncond}
+        return x - model_options["sampler_cfg_function"](args)
+    if uncond is None:
+        return cond_pred
+    return uncond_pred + (cond_pred - uncond_pred) * cond_scale
+
+
+def decode_images(vae, first_stage: torch.nn.Module, model, latent: torch.Tensor) -> torch.Tensor:
+    """Sampler-space latent -> IMAGE [B, H, W, C] in [0, 1], differentiable (VAE.decode without tiling)."""
+    vae_latent = model.process_latent_out(latent)
+    parameter = next(first_stage.parameters(), None)
+    device = parameter.device if parameter is not None else vae_latent.device
+    pixels = first_stage.decode(vae_latent.to(device=device, dtype=vae.vae_dtype))
+    return vae.process_output(pixels.float()).movedim(1, -1)
+
+
+@dataclasses.dataclass
+class RunState:
+    record: RunRecord
+    sigma_start: Optional[float] = None
+    sigma_end: Optional[float] = None
+    diffusion_twin: Optional[torch.nn.Module] = None
+    vae_twin: Optional[torch.nn.Module] = None
+    guided_steps: int = 0
+    skipped_nonfinite: int = 0
+    schedule: Optional[torch.Tensor] = None
+
+    def remaining_steps(self, sigma: float) -> Optional[int]:
+        """Sampler steps left after the one at `sigma` (None outside a run: no cap)."""
+        if self.schedule is None:
+            return None
+        return int((self.schedule < sigma * (1 - 1e-5)).sum())
+
+
+class ProCreateGuidance:
+    """One ProCreate patch: the settings, the decoder, the embedder and the references."""
+
+    def __init__(self, vae, embedder: Embedder, reference: ShieldSet, settings: ProCreateSettings, patch_id: str):
+        settings.validate()
+        self.vae = vae
+        self.embedder = embedder
+        self.reference = reference
+        self.settings = settings
+        self.patch_id = patch_id
+        self.references = reference_embeddings(reference, embedder)
+        self.holder: RunStateHolder[RunState] = RunStateHolder(self._new_run, self._finish_run)
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def attach(self, model_patcher) -> None:
+        model_patcher.set_model_sampler_post_cfg_function(self.post_cfg)
+        attach_run_state(model_patcher, f"{WRAPPER_KEY}:{self.patch_id}", self.holder)
+
+    def _new_run(self, context: Optional[RunContext] = None) -> RunState:
+        schedule = context.sigmas.detach().float().cpu().clone() if context is not None else None
+        return RunState(record=RECORDS.start("procreate", self.patch_id, label=self.embedder.key), schedule=schedule)
+
+    def _finish_run(self, state: RunState) -> None:
+        state.record.summary.update(
+            guided_steps=state.guided_steps,
+            skipped_nonfinite=state.skipped_nonfinite,
+            references=len(self.reference),
+            embedder=self.embedder.key,
+            settings=dataclasses.asdict(self.settings),
+        )
+        state.record.finished = True
+        state.diffusion_twin = state.vae_twin = None
+
+    # -- the hook -------------------------------------------------------------------------------
+    def post_cfg(self, args: dict[str, Any]) -> torch.Tensor:
+        denoised = args["denoised"]
+        state = self.holder.current or self._new_run()
+        model = args["model"]
+        sigma_row = args["sigma"].reshape(-1)
+        if not self._in_window(state, model, float(sigma_row.max())):
+            state.record.add_step(sigma=sigma_row.tolist(), active=[False] * denoised.shape[0], in_window=False)
+            return denoised
+        self._check_channels(args["input"])
+        with torch.inference_mode(False), torch.enable_grad():
+            guided = self._guide(state, args)
+        return denoised if guided is None else guided.to(denoised.dtype)
+
+    def _in_window(self, state: RunState, model, sigma: float) -> bool:
+        if state.sigma_start is None:
+            sampling = model.model_sampling
+            state.sigma_start = float(sampling.percent_to_sigma(self.settings.start_percent))
+            state.sigma_end = float(sampling.percent_to_sigma(self.settings.end_percent))
+        return state.sigma_end <= sigma <= state.sigma_start
+
+    def _check_channels(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"ProCreate Energy Guidance supports image latents [B, C, H, W]; got shape {tuple(x.shape)}")
+        vae_channels = getattr(self.vae, "latent_channels", x.shape[1])
+        if vae_channels != x.shape[1]:
+            raise ValueError(
+                f"ProCreate Energy Guidance: the VAE input decodes {vae_channels}-channel latents but the model "
+                f"samples {x.shape[1]}-channel latents. Connect the VAE that belongs to this model."
+            )
+
+    def _guide(self, state: RunState, args: dict[str, Any]) -> Optional[torch.Tensor]:
+        model, settings = args["model"], self.settings
+        x, denoised = args["input"].clone().float(), args["denoised"].clone().float()
+        sigma = args["sigma"].clone().float().reshape(-1).expand(x.shape[0]).contiguous()
+        signal, noise = signal_and_noise_scale(model.model_sampling, sigma)
+        references = self.references.to(x.device)
+
+        first_stage = self._first_stage(state)
+        with torch.no_grad():
+            embeddings = self.embedder.embed(decode_images(self.vae, first_stage, model, denoised))
+            similarity, nearest = pm.nearest_reference(embeddings, references)
+        # a non-finite similarity goes on to the gradient, where it is skipped and reported
+        above = (similarity > settings.similarity_threshold) | ~torch.isfinite(similarity)
+        active = above & (signal > MIN_SIGNAL_SCALE)
+        entry = {"sigma": sigma.tolist(), "similarity": similarity.tolist(), "nearest": nearest.tolist()}
+        if not bool(active.any()):
+            state.record.add_step(**entry, active=active.tolist(), in_window=True)
+            return None
+
+        grad_x = self._gradient(state, args, x, sigma, denoised, signal, active, references, first_stage)
+        finite = torch.isfinite(grad_x.flatten(1)).all(dim=1)
+        skipped = active & ~finite
+        active = active & finite
+        grad_x = torch.where(active.reshape(-1, 1, 1, 1), grad_x, torch.zeros_like(grad_x))
+        grad_vp = pm.to_vp_gradient(grad_x, signal, noise)
+        clipped = pm.clip_gradient(grad_vp, settings.gamma, settings.element_clip, settings.max_grad_norm)
+        guided = pm.guided_denoised(denoised, clipped, signal, noise)
+        guided = torch.where(active.reshape(-1, 1, 1, 1), guided, args["denoised"].float())
+        state.guided_steps += 1
+        state.skipped_nonfinite += int(skipped.sum())
+        if bool(skipped.any()):
+            logger.warning("ProCreate: non-finite gradient for samples %s at sigma %.4g; step left unguided",
+                           skipped.nonzero().flatten().tolist(), float(sigma.max()))
+        state.record.add_step(
+            **entry, active=active.tolist(), in_window=True, skipped_nonfinite=skipped.tolist(),
+            grad_norm=grad_vp.flatten(1).norm(dim=1).tolist(), clipped_norm=clipped.flatten(1).norm(dim=1).tolist(),
+        )
+        return guided.detach()
+
+    def _first_stage(self, state: RunState) -> torch.nn.Module:
+        if state.vae_twin is None:
+            comfy.model_management.load_models_gpu([self.vae.patcher])
+            state.vae_twin = grad_capable(self.vae.first_stage_model)
+        return state.vae_twin
+
+    def _gradient(self, state, args, x, sigma, denoised, signal, active, references, first_stage) -> torch.Tensor:
+        """∇_x of Σ_{active b} g_b (samples are independent, so each row is that sample's own ∇g)."""
+        model, settings = args["model"], self.settings
+        mask = active.float()
+
+        def energy_of(latent):
+            embeddings = self.embedder.embed(decode_images(self.vae, first_stage, model, latent))
+            g, _ = pm.energy(embeddings, references, settings.gamma)
+            return (g * mask).sum()
+
+        if settings.gradient_mode == "fast":
+            with torch.no_grad():
+                x0 = self._look_ahead(state, args, x, sigma, first_denoised=denoised)
+            x0 = x0.detach().requires_grad_(True)
+            (grad_x0,) = torch.autograd.grad(energy_of(x0), x0)
+            return grad_x0 / signal.reshape(-1, 1, 1, 1)
+
+        x_var = x.detach().requires_grad_(True)
+        with self._grad_capable_model(state, model):
+            x0 = self._look_ahead(state, args, x_var, sigma, first_denoised=None)
+            (grad_x,) = torch.autograd.grad(energy_of(x0), x_var)
+        return grad_x
+
+    def _look_ahead(self, state, args, x, sigma, first_denoised):
+        model = args["model"]
+        steps = self.settings.look_ahead_steps
+        remaining = state.remaining_steps(float(sigma.max()))
+        if remaining is not None:
+            steps = min(steps, max(remaining, 1))
+        sampling = model.model_sampling
+        cond, uncond = args["cond"], args["uncond"]
+        cond_scale, model_options = args["cond_scale"], args["model_options"]
+
+        def denoise(latent, level):
+            return cfg_denoised(model, latent, level, cond, uncond, cond_scale, model_options).float()
+
+        return pm.look_ahead(
+            x, sigma, steps, denoise,
+            sigma_to_timestep=lambda s: sampling.timestep(s).float(),
+            timestep_to_sigma=lambda t: sampling.sigma(t).float(),
+            scales=lambda s: signal_and_noise_scale(sampling, s),
+            first_denoised=first_denoised,
+            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        )
+
+    def _grad_capable_model(self, state: RunState, model):
+        return _SwappedDiffusionModel(state, model)
+
+
+class _SwappedDiffusionModel:
+    """Run `model` with a grad-capable copy of its diffusion model for the duration of one gradient.
+
+    The copy is made once per run (only when the weights are inference tensors) and the original
+    module is put back even if the gradient raises (e.g. on an interrupt).
+    """
+
+    def __init__(self, state: RunState, model):
+        self.state, self.model, self.original = state, model, None
+
+    def __enter__(self):
+        if self.state.diffusion_twin is None:
+            self.state.diffusion_twin = grad_capable(self.model.diffusion_model)
+        if self.state.diffusion_twin is not self.model.diffusion_model:
+            self.original = self.model.diffusion_model
+            self.model.diffusion_model = self.state.diffusion_twin
+        return self
+
+    def __exit__(self, *exc):
+        if self.original is not None:
+            self.model.diffusion_model = self.original
+        return False

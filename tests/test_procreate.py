@@ -1,0 +1,281 @@
+"""ProCreate energy guidance on real ComfyUI models (the closed-form memorizer, pixel-space VAE).
+
+The memorizer's items are 3-channel 16x16 "images" in [-1, 1], so ComfyUI's own pixel_space VAE
+decodes them; the embedder is a small fixed differentiable feature map (or the real DreamSim).
+"""
+
+import math
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.sd
+import folder_paths
+import pytest
+import torch
+
+from comfyui_shield.core.records import RECORDS
+from comfyui_shield.core.shield_set import ShieldSetError, from_latents
+from comfyui_shield.nodes.procreate import ShieldDreamSimLoader, ShieldProCreateGuidance
+from comfyui_shield.reference_models.memorizer import build_memorizer, nearest_item_distance, subset_conditioning
+from comfyui_shield.reference_models.tiny_unet import (
+    TinyUNetConfig,
+    fill_seeded,
+    random_text_conditioning,
+    tiny_unet_config,
+)
+from comfyui_shield.samplers.embedders import CallableEmbedder
+from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateSettings
+
+N_ITEMS, PROTECTED = 6, 3
+
+
+@pytest.fixture(scope="module")
+def items():
+    generator = torch.Generator().manual_seed(7)
+    return torch.rand(N_ITEMS, 3, 16, 16, generator=generator) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    projection = torch.randn(3 * 8 * 8, 32, generator=torch.Generator().manual_seed(3))
+
+    def features(images):
+        return torch.nn.functional.avg_pool2d(images.movedim(-1, 1) - 0.5, 2).flatten(1) @ projection
+
+    return CallableEmbedder(features, "test/pooled-projection")
+
+
+def to_images(latents):
+    return ((latents + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+def reference_set(items, count=PROTECTED):
+    return from_latents(items[:count], "LatentFormat", images=to_images(items[:count]))
+
+
+def patched(model, vae, embedder, reference, **settings):
+    clone = model.clone()
+    ProCreateGuidance(vae, embedder, reference, ProCreateSettings(**settings), patch_id="test").attach(clone)
+    return clone
+
+
+def tiny_rgb_unet():
+    """The tiny real UNet with 3 latent channels, so the pixel_space VAE decodes its latents."""
+    import comfy.model_base
+    import comfy.model_patcher
+
+    model = comfy.model_base.BaseModel(TinyUNetConfig(tiny_unet_config(in_channels=3)), device=torch.device("cpu"))
+    fill_seeded(model.diffusion_model, 4)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def conds_for(model, n_items=N_ITEMS):
+    if isinstance(model.model.diffusion_model, torch.nn.Module) and hasattr(model.model.diffusion_model, "items"):
+        return subset_conditioning(n_items, [0, 1, 2, 3]), subset_conditioning(n_items)
+    return random_text_conditioning(1), random_text_conditioning(2)
+
+
+def run(model, noise, steps=8, cfg=2.0, n_items=N_ITEMS):
+    positive, negative = conds_for(model, n_items)
+    latent = torch.zeros_like(noise)
+    return comfy.sample.sample(model, noise, steps, cfg, "ddim", "ddim_uniform", positive, negative, latent, seed=0)
+
+
+def noise_batch(batch, seed=11):
+    return torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+# -- the paper's equations 1–5, written directly (DDIM in the VP parameterization) -----------------
+def paper_procreate(model, noise, items, embedder, gamma, max_norm, look_ahead, steps=8, cfg=2.0):
+    """Eq. 1–5 with the official clipping, on the model's own ε prediction, independent of the hook."""
+    base = model.model
+    sampling = base.model_sampling
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", steps).double()
+    positive, negative = (cond[0][0] for cond in conds_for(model))
+    references = embedder.embed(to_images(items[:PROTECTED])).double()
+
+    def alpha_bar(sigma):
+        return 1.0 / (1.0 + sigma**2)
+
+    def eps(x_vp, sigma):
+        x_k = x_vp / alpha_bar(sigma).sqrt()
+        row = torch.full((x_vp.shape[0],), float(sigma))
+        opts = {"transformer_options": {"sigmas": row}}
+        d_cond = base.apply_model(x_k.float(), row, c_crossattn=positive.repeat(x_vp.shape[0], 1, 1), **opts).double()
+        d_uncond = base.apply_model(x_k.float(), row, c_crossattn=negative.repeat(x_vp.shape[0], 1, 1), **opts).double()
+        denoised = d_uncond + (d_cond - d_uncond) * cfg
+        return (x_k - denoised) / sigma
+
+    def ddim(x_vp, sigma, sigma_next, e):  # eq. 1 then eq. 2
+        a, a_next = alpha_bar(sigma), alpha_bar(sigma_next) if sigma_next > 0 else torch.tensor(1.0).double()
+        x0 = (x_vp - (1 - a).sqrt() * e) / a.sqrt()
+        return a_next.sqrt() * x0 + (1 - a_next).sqrt() * e
+
+    def predicted_x0(x_vp, sigma):  # §4 Multi-Step Look Ahead (look_ahead ≤ 1: eq. 1)
+        n = max(look_ahead, 1)
+        t = sampling.timestep(sigma.float())
+        levels = [sigma] + [sampling.sigma(t * (1 - k / n)).double() for k in range(1, n)] + [torch.tensor(0.0).double()]
+        x = x_vp
+        for level, level_next in zip(levels[:-1], levels[1:], strict=True):
+            x = ddim(x, level, level_next, eps(x, level))
+        return x
+
+    max_denoise = math.isclose(float(sampling.sigma_max), float(sigmas[0]), rel_tol=1e-5)
+    x_vp = noise.double() if max_denoise else noise.double() * sigmas[0] * alpha_bar(sigmas[0]).sqrt()
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x_var = x_vp.detach().requires_grad_(True)
+        embeddings = embedder.embed(((base.process_latent_out(predicted_x0(x_var, sigma)) + 1) / 2).clamp(0, 1).movedim(1, -1).float()).double()
+        cosine = torch.nn.functional.cosine_similarity(embeddings[:, None], references[None], dim=-1)
+        nearest = cosine.detach().argmax(dim=1)
+        g = gamma * cosine[torch.arange(len(nearest)), nearest]  # eq. 5
+        (grad,) = torch.autograd.grad(g.sum(), x_var)
+        grad = grad.clamp(-gamma, gamma)
+        norms = grad.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+        grad = torch.where(norms > gamma * max_norm, grad / norms * gamma * max_norm, grad)
+        with torch.no_grad():
+            e = eps(x_vp, sigma) + (1 - alpha_bar(sigma)).sqrt() * grad  # eq. 4
+            x_vp = ddim(x_vp, sigma, sigma_next, e)
+    return base.process_latent_out(x_vp).float()  # comfy.sample returns the VAE's latent scale
+
+
+@pytest.mark.parametrize("look_ahead", [0, 3])
+def test_matches_the_papers_equations(items, vae, embedder, look_ahead):
+    model = tiny_rgb_unet()
+    noise = noise_batch(2)
+    settings = dict(gamma=20.0, max_grad_norm=0.5, look_ahead_steps=look_ahead, gradient_mode="exact")
+    ours = run(patched(model, vae, embedder, reference_set(items), **settings), noise)
+    paper = paper_procreate(model, noise, items, embedder, gamma=20.0, max_norm=0.5, look_ahead=look_ahead)
+    plain = run(model, noise)
+    assert (ours - plain).abs().max() > 1e-2  # the guidance did something
+    assert torch.allclose(ours, paper, atol=2e-4, rtol=1e-4), (ours - paper).abs().max()
+
+
+def test_strength_zero_and_unreachable_threshold_are_bit_identical(items, vae, embedder):
+    model = build_memorizer(items, "eps")
+    noise = noise_batch(3)
+    plain = run(model, noise)
+    (off,) = ShieldProCreateGuidance.execute(
+        model, vae, embedder, reference_set(items), 0.0, 1.0, 0.5, 0, 0.0, 1.0, "exact", -1.0
+    ).result
+    assert torch.equal(run(off, noise), plain)
+    never = patched(model, vae, embedder, reference_set(items), gamma=50.0, similarity_threshold=1.0)
+    assert torch.equal(run(never, noise), plain)
+    record = RECORDS.latest("procreate", "test")
+    assert record.finished and record.summary["guided_steps"] == 0 and len(record.steps) == 8
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_guidance_lowers_similarity_to_the_references(items, vae, embedder, mode):
+    model = build_memorizer(items, "eps")
+    noise = noise_batch(8, seed=5)
+    references = embedder.embed(to_images(items[:PROTECTED]))
+
+    def max_similarity(latents):
+        cosine = torch.nn.functional.cosine_similarity(embedder.embed(to_images(latents))[:, None], references[None], dim=-1)
+        return cosine.max(dim=1).values
+
+    plain = run(model, noise)
+    guided = run(patched(model, vae, embedder, reference_set(items), gamma=100.0, gradient_mode=mode), noise)
+    protected_hits = lambda out: int((nearest_item_distance(out, items)[1] < PROTECTED).sum())  # noqa: E731
+    assert max_similarity(guided).mean() < max_similarity(plain).mean() - 0.1
+    assert protected_hits(guided) < protected_hits(plain)
+
+
+def test_each_sample_is_pushed_from_its_own_nearest_reference(items, vae, embedder):
+    model = build_memorizer(items, "eps")
+    reference = reference_set(items, count=N_ITEMS)  # every item protected: nearest differs per sample
+    noise = noise_batch(4, seed=2)
+    guided_model = patched(model, vae, embedder, reference, gamma=30.0, gradient_mode="exact")
+    batch = run(guided_model, noise)
+    first_step = RECORDS.latest("procreate", "test").steps[0]
+    assert len(set(first_step["nearest"])) > 1
+    for index in range(4):  # per-sample guidance: the same sample alone gives the same result
+        alone = run(guided_model, noise[index : index + 1])
+        assert torch.allclose(alone[0], batch[index], atol=1e-5)
+        assert RECORDS.latest("procreate", "test").steps[0]["nearest"][0] == first_step["nearest"][index]
+
+
+def test_nan_gradient_skips_the_step_and_reports(items, vae):
+    model = build_memorizer(items, "eps")
+    poisoned = CallableEmbedder(lambda images: images.flatten(1)[:, :8] * torch.tensor(float("nan")), "test/nan")
+    reference = reference_set(items).with_embeddings("test/nan", torch.randn(PROTECTED, 8))
+    noise = noise_batch(2)
+    out = run(patched(model, vae, poisoned, reference, gamma=50.0), noise)
+    assert torch.isfinite(out).all()
+    record = RECORDS.latest("procreate", "test")
+    assert record.summary["skipped_nonfinite"] > 0
+
+
+def test_bad_inputs(items, vae, embedder):
+    assert "strength" in ShieldProCreateGuidance.validate_inputs(strength=-1.0)
+    assert "start_percent" in ShieldProCreateGuidance.validate_inputs(start_percent=0.8, end_percent=0.2)
+    bare = from_latents(items[:2], "LatentFormat")
+    with pytest.raises(ShieldSetError, match="no images and no embeddings"):
+        ProCreateGuidance(vae, embedder, bare, ProCreateSettings(), "bad")
+    with pytest.raises(ValueError, match="gradient_mode"):
+        ProCreateSettings(gradient_mode="magic").validate()
+    four_channel = build_memorizer(torch.randn(N_ITEMS, 4, 8, 8), "eps")
+    with pytest.raises(ValueError, match="VAE"):
+        run(patched(four_channel, vae, embedder, reference_set(items)), torch.randn(1, 4, 8, 8))
+
+
+# -- the real DreamSim package with random weights in its own file layout ---------------------------
+def write_random_dreamsim(folder):
+    """open_clip_vitb32 files as dreamsim 0.2.1 reads them (HOST.md), with random weights."""
+    from dreamsim.feature_extraction.vision_transformer import vit_base
+    from dreamsim.model import PerceptualModel
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    vit = vit_base(patch_size=32)
+    vit.pos_drop = torch.nn.LayerNorm(768)
+    state = dict(vit.state_dict(), proj=torch.randn(768, 512) / 30)
+    torch.save({"state_dict": state}, folder / "open_clip_vitb32_pretrain.pth.tar")
+    perceptual = PerceptualModel(model_type="open_clip_vitb32", feat_type="embedding", stride="32", lora=True,
+                                 load_dir=str(folder), device="cpu")
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", target_modules=["qkv"])
+    get_peft_model(perceptual, config).save_pretrained(str(folder / "open_clip_vitb32_single_lora"))
+
+
+@pytest.fixture
+def dreamsim_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "dreamsim"
+    folder.mkdir()
+    paths = dict(folder_paths.folder_names_and_paths)
+    paths["dreamsim"] = ([str(folder)], set())
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", paths)
+    return folder
+
+
+def test_dreamsim_loader_reports_missing_and_corrupt_files(dreamsim_folder):
+    with pytest.raises(FileNotFoundError, match="open_clip_vitb32_pretrain.pth.tar") as error:
+        ShieldDreamSimLoader.execute("open_clip_vitb32")
+    assert str(dreamsim_folder) in str(error.value)
+    (dreamsim_folder / "open_clip_vitb32_pretrain.pth.tar").write_bytes(b"not a checkpoint")
+    (dreamsim_folder / "open_clip_vitb32_single_lora").mkdir()
+    (dreamsim_folder / "open_clip_vitb32_single_lora" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="could not be loaded"):
+        ShieldDreamSimLoader.execute("open_clip_vitb32")
+
+
+def test_dreamsim_gradient_reaches_x_through_vae_decode(dreamsim_folder, items, vae):
+    write_random_dreamsim(dreamsim_folder)
+    with torch.inference_mode():  # as ComfyUI runs a prompt: the loader must still give a grad-capable model
+        (embedder,) = ShieldDreamSimLoader.execute("open_clip_vitb32").result
+    assert embedder.key.startswith("dreamsim/open_clip_vitb32/")
+    model = build_memorizer(items, "eps")
+    guided = patched(model, vae, embedder, reference_set(items), gamma=100.0, gradient_mode="exact")
+    with torch.inference_mode():
+        out = run(guided, noise_batch(2), steps=2)
+    assert torch.isfinite(out).all()
+    record = RECORDS.latest("procreate", "test")
+    norms = [n for step in record.steps for n in step.get("grad_norm", [])]
+    assert norms and all(math.isfinite(n) for n in norms) and max(norms) > 0
+    assert record.summary["skipped_nonfinite"] == 0

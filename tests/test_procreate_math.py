@@ -1,0 +1,73 @@
+"""ProCreate math (plain torch): the sigma-parameterization update equals eq. 4 in the VP form."""
+
+import torch
+
+from comfyui_shield.samplers import procreate_math as pm
+
+
+def test_guided_denoised_equals_eq4_in_vp_form():
+    generator = torch.Generator().manual_seed(0)
+    y, n, grad_vp = (torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64) for _ in range(3))
+    for signal, noise in ((torch.ones(3), torch.tensor([0.3, 2.0, 14.0])), (1 - torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0.2, 0.5, 0.9]))):
+        signal, noise = signal.double(), noise.double()
+        a, s = signal.reshape(-1, 1, 1, 1), noise.reshape(-1, 1, 1, 1)
+        x = a * y + s * n
+        denoised = y + 0.1 * n  # any prediction; ε is then defined by x = a·D + s·ε
+        eps = (x - a * denoised) / s
+        root = torch.sqrt(a * a + s * s)
+        x_vp, sqrt_alpha, sqrt_one_minus = x / root, a / root, s / root
+        eps_guided = eps + sqrt_one_minus * grad_vp  # eq. 4
+        expected = (x_vp - sqrt_one_minus * eps_guided) / sqrt_alpha  # eq. 1 with ε'
+        got = pm.guided_denoised(denoised, grad_vp, signal, noise)
+        assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_vp_gradient_is_the_chain_rule():
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    signal, noise = torch.tensor([1.0, 0.4], dtype=torch.float64), torch.tensor([3.0, 0.6], dtype=torch.float64)
+    root = torch.sqrt(signal**2 + noise**2).reshape(-1, 1, 1, 1)
+
+    def g_of_vp(x_vp):
+        return (x_vp.sin() * torch.arange(x_vp.numel(), dtype=x_vp.dtype).reshape(x_vp.shape)).sum()
+
+    (grad_x,) = torch.autograd.grad(g_of_vp(x / root), x)
+    x_vp = (x / root).detach().requires_grad_()
+    (grad_vp,) = torch.autograd.grad(g_of_vp(x_vp), x_vp)
+    assert torch.allclose(pm.to_vp_gradient(grad_x, signal, noise), grad_vp, atol=1e-10)
+
+
+def test_clip_gradient_clamps_then_limits_norm_per_sample():
+    grad = torch.tensor([[3.0, -0.5, 0.1, 0.0], [0.01, 0.0, 0.0, 0.0]])
+    clipped = pm.clip_gradient(grad, gamma=2.0, element_clip=1.0, max_norm=0.5)
+    assert clipped[0].abs().max() <= 2.0 + 1e-6
+    assert abs(clipped[0].norm().item() - 1.0) < 1e-6  # limited to γ·max_norm = 1
+    assert torch.equal(clipped[1], grad[1])  # already within both limits
+    assert torch.equal(pm.clip_gradient(grad, 2.0, 0.0, 0.0), grad)  # 0 turns both off
+
+
+def test_energy_uses_each_samples_nearest_reference():
+    references = torch.eye(4)
+    embeddings = torch.tensor([[0.1, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, -1.0], [5.0, 1.0, 0.0, 0.0]], requires_grad=True)
+    g, index = pm.energy(embeddings, references, gamma=3.0)
+    assert index.tolist() == [2, 0, 0]
+    best, _ = pm.nearest_reference(embeddings, references)
+    assert torch.allclose(g, 3.0 * best)
+    g.sum().backward()
+    assert torch.isfinite(embeddings.grad).all() and embeddings.grad.abs().sum() > 0
+
+
+def test_look_ahead_is_exact_for_a_denoiser_that_knows_the_answer():
+    target = torch.randn(2, 3, 4, 4)
+
+    def denoise(x, sigma):
+        return target.clone()
+
+    x = target + 5.0 * torch.randn(2, 3, 4, 4)
+    sigma = torch.full((2,), 5.0)
+    out = pm.look_ahead(
+        x, sigma, 4, denoise, sigma_to_timestep=lambda s: s * 100, timestep_to_sigma=lambda t: t / 100,
+        scales=lambda s: (torch.ones_like(s), s),
+    )
+    assert torch.allclose(out, target)
+    schedule = pm.look_ahead_timesteps(torch.tensor(800.0), 4)
+    assert [float(t) for t in schedule] == [800.0, 600.0, 400.0, 200.0]
