@@ -4,9 +4,15 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from typing_extensions import override
 
 from .info import ShieldInfo
+from .reference import ShieldMemorizerModel
+from .shield_sets import SHIELD_SET_NODES
+from .spell import SPELL_NODES
 
 NODE_LIST: list[type[io.ComfyNode]] = [
     ShieldInfo,
+    *SHIELD_SET_NODES,
+    *SPELL_NODES,
+    ShieldMemorizerModel,
 ]
 
 
