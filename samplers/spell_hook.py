@@ -169,7 +169,8 @@ class SparseRepellencyPatch:
             state.record.add_step(sigma=sigma.tolist(), active=False, shield_hits=[], batch_hits=[], relative_correction=[], touched=[])
             return denoised
         result = spell_math.sparse_repellency_step(
-            denoised, self.searches, state.radius, self.settings.overcompensation, self.settings.intra_batch
+            denoised, self.searches, state.radius, self.settings.overcompensation, self.settings.intra_batch,
+            fallback_direction=args["input"] - denoised,
         )
         state.record.add_step(
             sigma=sigma.tolist(),

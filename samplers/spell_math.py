@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 
@@ -64,21 +65,41 @@ class Neighbours:
 
 
 def repellency(
-    x0: torch.Tensor, points: torch.Tensor, neighbours: Neighbours, radius: float
+    x0: torch.Tensor,
+    points: torch.Tensor,
+    neighbours: Neighbours,
+    radius: float,
+    fallback_direction: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Δ per query row (Eq. 5): Σ over in-radius pairs of ReLU(r/‖x̂0 − z‖ − 1)(x̂0 − z).
 
     x0: [B, D]; points: [K, D] the shields; neighbours from a range search of x0 against points.
-    A pair at distance 0 has no direction to push in and is skipped (measure zero in practice).
+    An exact copy (‖x̂0 − z‖ = 0, which a memorizing model does produce) has no direction of its own;
+    Eq. 5's limit is a push of length r, taken along `fallback_direction` [B, D] (the hook passes the
+    current noise direction x_t − x̂0), or along the first axis if that is zero too.
     """
     delta = torch.zeros_like(x0, dtype=torch.float64)
     if len(neighbours) == 0:
         return delta.to(x0.dtype)
     diff = x0[neighbours.query].double() - points[neighbours.shield].to(x0.device).double()
     distance = diff.norm(dim=1)
-    weight = torch.where(distance > 0, torch.relu(radius / distance.clamp_min(1e-300) - 1.0), torch.zeros_like(distance))
+    copies = distance <= radius * 1e-12
+    if bool(copies.any()):
+        diff[copies] = _unit_directions(fallback_direction, neighbours.query[copies], x0.shape[1]).to(diff) * radius * 1e-6
+        distance = diff.norm(dim=1)
+    weight = torch.relu(radius / distance - 1.0)
     delta.index_add_(0, neighbours.query.to(x0.device), diff * weight[:, None])
     return delta.to(x0.dtype)
+
+
+def _unit_directions(fallback: Optional[torch.Tensor], rows: torch.Tensor, dim: int) -> torch.Tensor:
+    first_axis = torch.zeros(rows.numel(), dim, dtype=torch.float64)
+    first_axis[:, 0] = 1.0
+    if fallback is None:
+        return first_axis
+    chosen = fallback[rows.to(fallback.device)].double().cpu()
+    norms = chosen.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, chosen / norms.clamp_min(1e-300), first_axis)
 
 
 def intra_batch_neighbours(x0: torch.Tensor, radius: float) -> Neighbours:
@@ -274,25 +295,28 @@ def sparse_repellency_step(
     radius: float,
     overcompensation: float,
     intra_batch: bool,
+    fallback_direction: Optional[torch.Tensor] = None,
 ) -> StepResult:
     """x̂0 + λΔ for a batch x0 [B, ...], Δ from every search's shields and (optionally) the batch itself.
 
     Returns x0 itself (the same tensor) when nothing is within r, so an inactive patch changes no bit.
+    fallback_direction [B, ...]: where to push exact copies (see `repellency`).
     """
     batch = x0.shape[0]
     flat = x0.reshape(batch, -1)
+    fallback = None if fallback_direction is None else fallback_direction.reshape(batch, -1)
     delta = torch.zeros(flat.shape, dtype=torch.float64, device=x0.device)
     shield_hits = torch.zeros(batch, dtype=torch.long)
     for search in searches:
         found = search.search(flat, radius)
         if len(found):
-            delta += repellency(flat, search.shields, found, radius).double()
+            delta += repellency(flat, search.shields, found, radius, fallback).double()
             shield_hits += torch.bincount(found.query, minlength=batch)
     batch_hits = torch.zeros(batch, dtype=torch.long)
     if intra_batch and batch > 1:
         found = intra_batch_neighbours(flat, radius)
         if len(found):
-            delta += repellency(flat, flat, found, radius).double()
+            delta += repellency(flat, flat, found, radius, fallback).double()
             batch_hits += torch.bincount(found.query, minlength=batch)
     delta_norm = (overcompensation * delta.norm(dim=1)).tolist()
     if not any(norm > 0 for norm in delta_norm):

@@ -108,3 +108,13 @@ def test_relative_radius_and_calibration():
     assert sm.median_pairwise_distance(batch) / math.sqrt(4096) == pytest.approx(math.sqrt(2), rel=0.03)
     with pytest.raises(ValueError, match="at least 2"):
         sm.median_pairwise_distance(batch[:1])
+
+
+def test_an_exact_copy_is_pushed_to_the_sphere_along_the_fallback():
+    shields = torch.tensor([[1.0, 2.0, 3.0]])
+    x0 = shields.clone()
+    noise_direction = torch.tensor([[0.0, 0.0, -5.0]])
+    result = sm.sparse_repellency_step(x0, [sm.ExactRangeSearch(shields)], 2.0, 1.0, False, fallback_direction=noise_direction)
+    assert torch.allclose(result.denoised, torch.tensor([[1.0, 2.0, 1.0]]))
+    without = sm.sparse_repellency_step(x0, [sm.ExactRangeSearch(shields)], 2.0, 1.0, False)
+    assert float((without.denoised - shields).norm()) == pytest.approx(2.0)
