@@ -167,13 +167,10 @@ def test_composes_with_rescale_cfg(items, shields):
     assert min_distance(out, items) >= RADIUS - 1e-4  # and so does the repellency
 
 
-DETERMINISTIC_SAMPLERS = {
-    "euler", "euler_cfg_pp", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ddim", "dpmpp_2s_ancestral_cfg_pp_",
-    "res_multistep", "res_multistep_cfg_pp", "ipndm", "ipndm_v", "deis", "uni_pc", "uni_pc_bh2", "heunpp2", "lms",
-    "gradient_estimation", "gradient_estimation_cfg_pp", "dpm_fast",
-}
-# dpm_adaptive is deterministic but returns the state at σ_min (with its residual noise), never the last
-# x̂0, so appendix B's argument (the output is the last E[X0|x_t]) does not cover it; see docs/spell.md.
+# Appendix B holds when the output is the last (repelled) x̂0. Every ComfyUI sampler ends that way on its
+# last step (σ_next = 0: no noise, no history term), stochastic ones included, except dpm_adaptive: it
+# returns the state at σ_min with its residual noise (measured: 0.92 from a shield at r = 4). docs/spell.md.
+GUARANTEE_EXCLUDED = {"dpm_adaptive"}
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v_prediction", "flow"])
@@ -185,7 +182,7 @@ def test_matrix_every_sampler(items, shields, sampler, scheduler, prediction):
     for batch in (1, 4):
         out = sample(patched, items, batch=batch, seed=9, steps=4, sampler=sampler, scheduler=scheduler)
         assert out.shape == (batch, *items.shape[1:]) and torch.isfinite(out).all()
-        if sampler in DETERMINISTIC_SAMPLERS:
+        if sampler not in GUARANTEE_EXCLUDED:
             assert min_distance(out, items) >= RADIUS - 1e-3, f"{sampler}/{scheduler}/{prediction} batch {batch}"
 
 
