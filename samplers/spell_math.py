@@ -118,14 +118,28 @@ def apply_repellency(x0: torch.Tensor, delta: torch.Tensor, overcompensation: fl
 
 
 # -- range search ---------------------------------------------------------------------------------
-def _exact_recheck(queries: torch.Tensor, shields: torch.Tensor, query_idx, shield_idx, radius: float) -> Neighbours:
-    """Keep the candidate pairs whose true float64 distance is < r."""
+def _exact_recheck(
+    queries: torch.Tensor, shields: torch.Tensor, query_idx, shield_idx, radius: float, chunk: int = 2048
+) -> Neighbours:
+    """Keep the candidate pairs whose true distance is < r.
+
+    Distances of differences in float32 (relative error ~1e-6), and pairs within 1e-4·r of the
+    boundary are recomputed in float64, so the decision equals a float64 computation. Chunked, so
+    the memory stays bounded however many candidates the filter let through."""
     if query_idx.numel() == 0:
         return Neighbours.empty()
-    diff = queries[query_idx].double() - shields[shield_idx].double()
-    distance = diff.norm(dim=1)
-    keep = distance < radius
-    return Neighbours(query_idx[keep], shield_idx[keep], distance[keep])
+    kept_q, kept_s, kept_d = [], [], []
+    for start in range(0, query_idx.numel(), chunk):
+        q, z = query_idx[start : start + chunk], shield_idx[start : start + chunk]
+        distance = (queries[q].float() - shields[z].float()).norm(dim=1).double()
+        near = (distance - radius).abs() <= 1e-4 * radius
+        if bool(near.any()):
+            distance[near] = (queries[q[near]].double() - shields[z[near]].double()).norm(dim=1)
+        keep = distance < radius
+        kept_q.append(q[keep])
+        kept_s.append(z[keep])
+        kept_d.append(distance[keep])
+    return Neighbours(torch.cat(kept_q), torch.cat(kept_s), torch.cat(kept_d))
 
 
 class ExactRangeSearch:
