@@ -175,13 +175,42 @@ def search_rows(count: int, dim: int, batch: int, repeats: int) -> None:
         del search
 
 
+# -- 3. effect ------------------------------------------------------------------------------------
+def effect(quick: bool) -> None:
+    """Replication on the closed-form memorizer: share of outputs within r of a training item."""
+    from comfyui_shield.reference_models.memorizer import build_memorizer, nearest_item_distance, subset_conditioning
+
+    samples, batch = (64, 8) if quick else (256, 8)
+    items = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(1234))
+    shields = from_latents(items, "LatentFormat")
+    conditioning = subset_conditioning(len(items))
+    print(f"\n### Replication on the memorizer (16 items 4x8x8, {samples} samples, dpmpp_2m karras 12 steps)\n")
+    print("| radius (relative / absolute) | shield | replicated (< r from an item) | min distance to an item |\n|---|---|---|---|")
+    for relative in (0.25, 0.5):
+        radius = spell_math.absolute_radius(relative, items[0].numel(), True)
+        for use_shield in (False, True):
+            model = build_memorizer(items)
+            if use_shield:
+                model = repellency_model(model, shields, None, relative, "relative", 1.6, False, 0.0, 1.0, "auto")
+            outs = []
+            for seed in range(samples // batch):
+                latent = {"samples": torch.zeros(batch, *items.shape[1:])}
+                (out,) = comfy_nodes.common_ksampler(model, seed, 12, 1.0, "dpmpp_2m", "karras", conditioning, conditioning, latent)
+                outs.append(out["samples"])
+            nearest, _ = nearest_item_distance(torch.cat(outs), items)
+            share = float((nearest < radius).double().mean())
+            print(f"| {relative} / {radius:.1f} | {'on' if use_shield else 'off'} | {share:.1%} | {float(nearest.min()):.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, K=10k only for the search")
-    parser.add_argument("--only", choices=["overhead", "search"], help="run one part")
+    parser.add_argument("--only", choices=["overhead", "search", "effect"], help="run one part")
     options = parser.parse_args()
     if options.only in (None, "overhead"):
         overhead(options.quick)
+    if options.only in (None, "effect"):
+        effect(options.quick)
     if options.only in (None, "search"):
         search_bench(options.quick)
 
