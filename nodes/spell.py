@@ -31,7 +31,7 @@ def shield_inputs() -> list:
                        "patch off. In 'relative' units r = radius x sqrt(latent size) (try Shield Radius Calibration)."),
         io.Combo.Input("radius_unit", options=list(RADIUS_UNITS), default="relative", tooltip="relative: radius x "
                        "sqrt(number of latent entries), transfers across resolutions; absolute: L2 in the model's latent space "
-                       "(the paper's r=20 for 4096-entry LDM latents, 200 for SD3)."),
+                       "(the paper: r=20 for EDMv2's 4x32x32 latents, 200 for SD3 at 256 px)."),
         io.Float.Input("overcompensation", default=1.6, min=0.0, max=4.0, step=0.05, tooltip="lambda: the step goes to "
                        "x0 + lambda*Delta (paper 1.6; 1 lands exactly on the shield sphere); 0 turns the patch off."),
         io.Boolean.Input("intra_batch", default=True, tooltip="Also repel the samples of one batch from each other "
@@ -41,7 +41,7 @@ def shield_inputs() -> list:
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="End of the active window "
                        "(1 = last step). The guarantee that outputs end outside the shields needs end 1."),
         io.Combo.Input("search", options=list(SEARCH_METHODS), default="auto", tooltip="Shield range search: auto "
-                       "(exact below 20k shields, else the projection filter), exact, projection, or faiss (projection "
+                       "(exact below 4096 shields, else the projection filter), exact, projection, or faiss (projection "
                        "filter scanned by FAISS). All return every shield within r."),
     ]
 

@@ -27,7 +27,7 @@ import torch
 # float64; the slack covers float32 rounding of ‖a‖² − 2a·b + ‖b‖² (error ~1e-6 of the norms²).
 FILTER_SLACK = 1e-4
 EXACT_CHUNK_BYTES = 64 * 2**20
-AUTO_PROJECTION_MIN_SHIELDS = 20_000
+AUTO_PROJECTION_MIN_SHIELDS = 4096  # bench: at 10k x 4096 the filter is ~100x faster than a scan
 SEARCH_METHODS = ("auto", "exact", "projection", "faiss")
 
 
