@@ -273,9 +273,12 @@ class ProjectionRangeSearch:
         return _exact_recheck(queries, self.shields, query_idx, shield_idx, radius)
 
 
-def build_range_search(shields: torch.Tensor, method: str = "auto", projection_dims: int = 64):
+def build_range_search(shields: torch.Tensor, method: str = "auto", projection_dims: Optional[int] = None):
     """`auto`: exact below AUTO_PROJECTION_MIN_SHIELDS shields, else the projection filter (FAISS scan
-    when faiss imports). Every method returns every shield within r (see the classes)."""
+    when faiss imports). Every method returns every shield within r (see the classes). The projection
+    width defaults to 64 below 50k shields and 256 above (bench: 118 -> 20 ms per step at 100k x 4096)."""
+    if projection_dims is None:
+        projection_dims = 64 if shields.shape[0] < 50_000 else 256
     if method not in SEARCH_METHODS:
         raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {method!r}")
     if method == "auto":
