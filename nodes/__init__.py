@@ -5,12 +5,18 @@ from typing_extensions import override
 
 from .info import ShieldInfo
 from .procreate import NODES as PROCREATE_NODES
+from .reference import ShieldMemorizerModel
 from .report import ShieldReport
+from .shield_sets import SHIELD_SET_NODES
+from .spell import SPELL_NODES
 
 NODE_LIST: list[type[io.ComfyNode]] = [
     ShieldInfo,
+    *SHIELD_SET_NODES,
+    *SPELL_NODES,
     *PROCREATE_NODES,
     ShieldReport,
+    ShieldMemorizerModel,
 ]
 
 

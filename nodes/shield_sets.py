@@ -1,0 +1,265 @@
+"""Nodes that make, store and remember shield sets: from images, from latents, save/load, memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+import weakref
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..core.shield_files import MEMORY, load_shield_set, resolve_inside, save_shield_set
+from ..core.shield_set import ShieldSet, ShieldSetError, from_latents  # noqa: F401
+from ..samplers import spell_math
+from ..samplers.spell_hook import latent_format_name
+from .common import CATEGORY, SHIELD_SET
+
+logger = logging.getLogger(__name__)
+
+FOLDER = "shield_sets"
+folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
+
+# VAE -> {(pixels hash, width, height, format): ShieldSet}; weak keys, so a freed VAE drops its entries.
+_ENCODE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ENCODE_CACHE_PER_VAE = 8
+
+
+def shield_folder() -> str:
+    return folder_paths.get_folder_paths(FOLDER)[0]
+
+
+# -- images -> latents -------------------------------------------------------------------------------
+def cover_and_centre_crop(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[B, H, W, C] -> [B, height, width, C]: scale (bilinear, antialiased) so the image covers the
+    target, keeping its aspect ratio, then cut the centre. Nothing is stretched or padded."""
+    _, source_h, source_w, _ = images.shape
+    scale = max(width / source_w, height / source_h)
+    new_w, new_h = max(width, round(source_w * scale)), max(height, round(source_h * scale))
+    resized = torch.nn.functional.interpolate(
+        images.movedim(-1, 1), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+    ).movedim(1, -1)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[:, top : top + height, left : left + width, :].clamp(0.0, 1.0)
+
+
+def encode_images(vae, images: torch.Tensor, latent_format: str, width: int, height: int) -> ShieldSet:
+    pixels = cover_and_centre_crop(images[..., :3].float(), width, height)
+    progress = comfy.utils.ProgressBar(pixels.shape[0])
+    latents = []
+    for index in range(pixels.shape[0]):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        latents.append(vae.encode(pixels[index : index + 1]).float().cpu())
+        progress.update(1)
+    names = [f"image {index}" for index in range(pixels.shape[0])]
+    settings = {"width": width, "height": height, "resize": "cover+centre-crop, bilinear antialiased", "source": "images"}
+    shield_set = from_latents(torch.cat(latents), latent_format, names=names, images=pixels, settings=settings)
+    hashes = tuple(hashlib.sha256(p.contiguous().numpy().tobytes()).hexdigest() for p in pixels)
+    return dataclasses.replace(shield_set, hashes=hashes)
+
+
+class ShieldSetFromImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldSetFromImages",
+            display_name="Shield Set from Images",
+            category=f"{CATEGORY}/sets",
+            description="Encodes protected images to latents at the generation's size. Each image is scaled to cover "
+            "width x height (aspect kept) and centre-cropped. Results are cached by pixel hash per VAE.",
+            inputs=[
+                io.Image.Input("images", tooltip="The images to protect (an IMAGE batch)."),
+                io.Vae.Input("vae", tooltip="The VAE of the model you will generate with."),
+                io.Model.Input("model", tooltip="The model you will generate with; only its latent format is read, so "
+                               "the set is never used with another model family."),
+                io.Int.Input("width", default=512, min=16, max=16384, step=8, tooltip="Generation width in pixels (Empty Latent Image's width)."),
+                io.Int.Input("height", default=512, min=16, max=16384, step=8, tooltip="Generation height in pixels (Empty Latent Image's height)."),
+            ],
+            outputs=[SHIELD_SET.Output(display_name="shield_set")],
+        )
+
+    @classmethod
+    def execute(cls, images, vae, model, width, height) -> io.NodeOutput:
+        if images.shape[0] == 0:
+            raise ShieldSetError("Shield Set from Images: the images input is an empty batch")
+        if not torch.isfinite(images).all():
+            raise ShieldSetError("Shield Set from Images: the images contain NaN or inf")
+        latent_format = latent_format_name(model)
+        key = (hashlib.sha256(images.float().contiguous().cpu().numpy().tobytes()).hexdigest(), width, height, latent_format)
+        per_vae = _ENCODE_CACHE.setdefault(vae, {})
+        if key not in per_vae:
+            per_vae[key] = encode_images(vae, images, latent_format, width, height)
+            while len(per_vae) > _ENCODE_CACHE_PER_VAE:
+                per_vae.pop(next(iter(per_vae)))
+        return io.NodeOutput(per_vae[key])
+
+
+class ShieldSetFromLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldSetFromLatents",
+            display_name="Shield Set from Latents",
+            category=f"{CATEGORY}/sets",
+            description="Turns a LATENT batch (e.g. earlier generations or VAE Encode output) into a shield set.",
+            inputs=[
+                io.Latent.Input("latent", tooltip="The latents to protect, as VAE Encode or a sampler outputs them."),
+                io.Model.Input("model", tooltip="The model these latents belong to; only its latent format is read."),
+            ],
+            outputs=[SHIELD_SET.Output(display_name="shield_set")],
+        )
+
+    @classmethod
+    def execute(cls, latent, model) -> io.NodeOutput:
+        samples = latent["samples"]
+        if getattr(samples, "is_nested", False):
+            raise ShieldSetError("Shield Set from Latents: nested (multi-part) latents are not supported")
+        return io.NodeOutput(from_latents(samples, latent_format_name(model), settings={"source": "latents"}))
+
+
+class SaveShieldSet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldSaveShieldSet",
+            display_name="Save Shield Set",
+            category=f"{CATEGORY}/sets",
+            description="Saves a shield set as safetensors (with metadata) under models/shield_sets.",
+            inputs=[
+                SHIELD_SET.Input("shield_set", tooltip="The set to save."),
+                io.String.Input("filename", default="my_shields", tooltip="File name inside models/shield_sets "
+                                "(.safetensors is added; sub-folders allowed, '..' and absolute paths are refused)."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name; off adds a "
+                                 "number (_1, _2, ...) instead."),
+            ],
+            outputs=[io.String.Output("path", tooltip="Where the file was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, filename, **unused) -> bool | str:
+        try:
+            resolve_inside(shield_folder(), filename, "Save Shield Set: filename")
+        except ShieldSetError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, shield_set, filename, overwrite) -> io.NodeOutput:
+        path = resolve_inside(shield_folder(), filename, "Save Shield Set: filename")
+        if not overwrite:
+            stem, counter = path.with_suffix(""), 1
+            while path.exists():
+                path = stem.with_name(f"{stem.name}_{counter}").with_suffix(".safetensors")
+                counter += 1
+        save_shield_set(shield_set, path)
+        text = f"saved {shield_set.describe()} to {path}"
+        logger.info(text)
+        return io.NodeOutput(str(path), ui={"text": [text]})
+
+
+class LoadShieldSet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldLoadShieldSet",
+            display_name="Load Shield Set",
+            category=f"{CATEGORY}/sets",
+            description="Loads a shield set saved by Save Shield Set (safetensors; nothing is unpickled).",
+            inputs=[io.Combo.Input("filename", options=folder_paths.get_filename_list(FOLDER),
+                                   tooltip="A file in models/shield_sets.")],
+            outputs=[SHIELD_SET.Output(display_name="shield_set")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, filename) -> str:
+        path = folder_paths.get_full_path(FOLDER, filename)
+        if path is None:
+            return filename
+        stat = os.stat(path)
+        return f"{filename}:{stat.st_mtime_ns}:{stat.st_size}"
+
+    @classmethod
+    def execute(cls, filename) -> io.NodeOutput:
+        path = folder_paths.get_full_path(FOLDER, filename)
+        if path is None:
+            raise ShieldSetError(f"Load Shield Set: no file {filename!r} in models/shield_sets ({shield_folder()})")
+        return io.NodeOutput(load_shield_set(resolve_inside(os.path.dirname(path), os.path.basename(path), "Load Shield Set")))
+
+
+class ShieldMemory(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldMemory",
+            display_name="Shield Memory",
+            category=f"{CATEGORY}/sets",
+            description="A shield set that grows with the final latents of every generation that used it (SPELL §4.2: "
+            "repel from previous batches). Lives in this ComfyUI server until restart or reset.",
+            inputs=[
+                io.String.Input("memory_id", default="default", tooltip="Name of the memory; graphs using the same name share it."),
+                io.Boolean.Input("reset", default=False, tooltip="Empty the memory every time this node runs (off keeps growing it)."),
+            ],
+            outputs=[SHIELD_SET.Output(display_name="shield_set")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, memory_id, **unused) -> bool | str:
+        return True if memory_id.strip() else "Shield Memory: memory_id is empty; give the memory a name"
+
+    @classmethod
+    def fingerprint_inputs(cls, memory_id, reset) -> str:
+        # The memory is state outside the graph: re-run whenever it grew, and always when resetting.
+        return f"reset:{time.monotonic_ns()}" if reset else f"{memory_id}:{MEMORY.version(memory_id)}"
+
+    @classmethod
+    def execute(cls, memory_id, reset) -> io.NodeOutput:
+        if reset:
+            MEMORY.reset(memory_id)
+        return io.NodeOutput(MEMORY.snapshot(memory_id))
+
+
+class ShieldRadiusCalibration(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldRadiusCalibration",
+            display_name="Shield Radius Calibration",
+            category=f"{CATEGORY}/utils",
+            description="Median pairwise L2 distance of a plain batch (the SPELL paper's radius scale, appendix D), "
+            "in absolute latent units and relative to sqrt(latent size). Feed it a batch generated without repellency.",
+            inputs=[
+                io.Latent.Input("latent", tooltip="A batch of at least 2 latents generated without repellency."),
+                io.Model.Input("model", tooltip="The model that made them (its latent scaling is applied before measuring)."),
+            ],
+            outputs=[
+                io.Float.Output("median_relative", tooltip="Median distance / sqrt(latent size): a relative radius scale."),
+                io.String.Output("report", tooltip="The numbers and a suggested radius range."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, latent, model) -> io.NodeOutput:
+        samples = latent["samples"]
+        if samples.shape[0] < 2:
+            raise ValueError("Shield Radius Calibration: latent needs a batch of at least 2 (raise batch_size)")
+        scaled = model.model.process_latent_in(samples.float().clone())
+        median = spell_math.median_pairwise_distance(scaled)
+        relative = median / samples[0].numel() ** 0.5
+        text = (
+            f"median pairwise distance {median:.3f} (relative {relative:.4f} x sqrt({samples[0].numel()})) over "
+            f"{samples.shape[0]} latents; the paper tries radii from 0 to 2x the median: relative radius "
+            f"{0.25 * relative:.3f}..{relative:.3f} is a gentle-to-strong range"
+        )
+        return io.NodeOutput(relative, text, ui={"text": [text]})
+
+
+SHIELD_SET_NODES = [ShieldSetFromImages, ShieldSetFromLatents, SaveShieldSet, LoadShieldSet, ShieldMemory, ShieldRadiusCalibration]

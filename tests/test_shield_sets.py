@@ -1,0 +1,113 @@
+"""Shield set nodes: from images (real pixel_space VAE), save/load files, bad files, memory store."""
+
+import folder_paths
+import nodes as comfy_nodes
+import pytest
+import torch
+
+from comfyui_shield.core.shield_files import ShieldMemoryStore, load_shield_set, resolve_inside, save_shield_set
+from comfyui_shield.core.shield_set import ShieldSetError, from_latents
+from comfyui_shield.nodes import shield_sets as nodes_module
+from comfyui_shield.nodes.shield_sets import (
+    LoadShieldSet,
+    SaveShieldSet,
+    ShieldRadiusCalibration,
+    ShieldSetFromImages,
+    cover_and_centre_crop,
+)
+from comfyui_shield.reference_models.memorizer import build_memorizer
+
+
+@pytest.fixture
+def shield_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "shield_sets"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, nodes_module.FOLDER, ([str(folder)], {".safetensors"}))
+    return folder
+
+
+def test_cover_and_centre_crop_keeps_the_centre():
+    image = torch.zeros(1, 10, 20, 3)
+    image[:, :, 5:15, :] = 1.0  # a bright square in the middle of a wide image
+    out = cover_and_centre_crop(image, 10, 10)
+    assert out.shape == (1, 10, 10, 3)
+    assert float(out.mean()) > 0.95  # the crop kept the centre, not stretched the whole image
+
+
+def test_from_images_encodes_with_a_real_vae_and_caches(monkeypatch):
+    (vae,) = comfy_nodes.VAELoader().load_vae("pixel_space")
+    model = build_memorizer(torch.randn(2, 3, 16, 16))
+    images = torch.rand(3, 24, 16, 3)
+    first = ShieldSetFromImages.execute(images, vae, model, 16, 16).result[0]
+    assert first.latents.shape == (3, 3, 16, 16) and first.latent_format == "LatentFormat"
+    assert first.settings["resize"].startswith("cover")
+    calls = []
+    monkeypatch.setattr(nodes_module, "encode_images", lambda *a: calls.append(a))
+    again = ShieldSetFromImages.execute(images.clone(), vae, model, 16, 16).result[0]
+    assert again is first and calls == []  # same pixels, same VAE: no second encode
+    with pytest.raises(ShieldSetError, match="empty"):
+        ShieldSetFromImages.execute(images[:0], vae, model, 16, 16)
+
+
+def test_save_and_load_round_trip_through_the_nodes(shield_folder):
+    shields = from_latents(torch.randn(4, 4, 8, 8), "SD15", settings={"width": 64})
+    path = SaveShieldSet.execute(shields, "sub/mine", False).result[0]
+    assert path.endswith("sub/mine.safetensors")
+    second = SaveShieldSet.execute(shields, "sub/mine", False).result[0]
+    assert second.endswith("sub/mine_1.safetensors")  # never overwrites unless asked
+    assert not list(shield_folder.rglob("*.tmp"))  # atomic write left no temp file
+    loaded = LoadShieldSet.execute("sub/mine.safetensors").result[0]
+    assert torch.equal(loaded.latents, shields.latents)
+    assert loaded.names == shields.names and loaded.hashes == shields.hashes
+    assert loaded.latent_format == "SD15" and loaded.settings == {"width": 64}
+    assert LoadShieldSet.fingerprint_inputs("sub/mine.safetensors") != LoadShieldSet.fingerprint_inputs("sub/mine_1.safetensors")
+
+
+def test_file_names_cannot_escape_the_folder(shield_folder):
+    for name in ("../evil", "/etc/passwd", "a/../../evil", ""):
+        with pytest.raises(ShieldSetError):
+            resolve_inside(str(shield_folder), name, "Save Shield Set: filename")
+        assert isinstance(SaveShieldSet.validate_inputs(filename=name), str)
+    assert SaveShieldSet.validate_inputs(filename="ok/name") is True
+
+
+def test_corrupt_truncated_foreign_and_empty_files_fail_clearly(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_shield_set(from_latents(torch.randn(2, 4, 8, 8), "SD15"), good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00not a safetensors file")
+    for path in (truncated, garbage):
+        with pytest.raises(ShieldSetError, match="corrupt or truncated"):
+            load_shield_set(path)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(foreign))
+    with pytest.raises(ShieldSetError, match="not a Shield set"):
+        load_shield_set(foreign)
+    empty_memory = ShieldMemoryStore().snapshot("x")
+    with pytest.raises(ShieldSetError, match="empty"):
+        save_shield_set(empty_memory, tmp_path / "empty.safetensors")
+
+
+def test_memory_store_grows_and_resets():
+    store = ShieldMemoryStore(max_items=3)
+    assert len(store.snapshot("a")) == 0
+    version = store.version("a")
+    store.append("a", "SD15", torch.randn(2, 4, 8, 8))
+    store.append("a", "SD15", torch.randn(2, 4, 8, 8))
+    assert len(store.snapshot("a")) == 3 and store.version("a") == version + 2  # bounded, newest kept
+    assert store.snapshot("a").settings["shield_memory_id"] == "a"
+    store.reset("a")
+    assert len(store.snapshot("a")) == 0
+
+
+def test_radius_calibration_reports_the_median_distance():
+    model = build_memorizer(torch.randn(2, 4, 8, 8))
+    batch = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    relative, text = ShieldRadiusCalibration.execute({"samples": batch}, model).result
+    assert relative == pytest.approx(2**0.5, rel=0.15) and "median pairwise distance" in text
+    with pytest.raises(ValueError, match="at least 2"):
+        ShieldRadiusCalibration.execute({"samples": batch[:1]}, model)
