@@ -4,9 +4,11 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from typing_extensions import override
 
 from .info import ShieldInfo
+from .transition_cfg import TransitionPointCFG
 
 NODE_LIST: list[type[io.ComfyNode]] = [
     ShieldInfo,
+    TransitionPointCFG,
 ]
 
 
