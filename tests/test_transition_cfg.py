@@ -86,6 +86,19 @@ def test_static_hundred_percent_is_unconditional_sampling(prediction, memorizer_
     assert summary["never_switched"] == [0, 1, 2]
 
 
+def test_cfg_one_and_zero_still_apply_the_before_guidance(memorizer_items):
+    model = build_memorizer(memorizer_items)
+    positive, negative = conditioning()
+    # cfg 1: ComfyUI would skip the uncond prediction; the patch disables that optimization
+    unconditional = ksample(model, negative, negative, cfg=1.0)
+    assert torch.equal(ksample(patch(model, percent=1.0), positive, negative, cfg=1.0), unconditional)
+    # cfg 0: no rewritten cond can do it; both predictions become the target (here: cond only)
+    conditional_only = ksample(model, positive, negative, cfg=1.0)
+    patched = ksample(patch(model, percent=1.0, before="conditional"), positive, negative, cfg=0.0)
+    torch.testing.assert_close(patched, conditional_only, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(conditional_only, unconditional, atol=1e-2)
+
+
 @pytest.mark.parametrize("before, expected_scale", [("opposite", -2.5), ("conditional", 1.0), ("unconditional", 0.0)])
 def test_before_guidance_is_applied_exactly_until_the_switch(before, expected_scale, memorizer_items):
     cfg = 3.0
