@@ -8,6 +8,7 @@ import pytest
 import torch
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 from comfy_extras.nodes_model_advanced import RescaleCFG
+from safetensors.torch import load_file
 
 from comfyui_shield.core.records import RECORDS
 from comfyui_shield.nodes.transition_cfg import TransitionPointCFG, build_settings, check_settings
@@ -229,7 +230,8 @@ def test_cap_before_a_static_sigma_is_an_error(memorizer_items):
     assert settings.transition_sigma == 2.0 and settings.cap_sigma < 2.0
 
 
-def transition_graph(**overrides):
+def transition_graph(positive_subset="1,4", patched=True, **overrides):
+    """Memorizer (test-only server pack) → Transition-Point CFG → KSampler → SaveLatent."""
     inputs = {
         "model": ["1", 0],
         "mode": "static",
@@ -241,31 +243,48 @@ def transition_graph(**overrides):
     }
     inputs.update(overrides)
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "none.safetensors"}},
+        "1": {"class_type": "ShieldSelftestMemorizer", "inputs": {"prediction": "eps", "seed": 1234, "n_items": 6}},
         "2": {"class_type": "ShieldTransitionPointCFG", "inputs": inputs},
         "3": {"class_type": "KSampler", "inputs": {
-            "model": ["2", 0], "seed": 0, "steps": 4, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal",
-            "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["4", 0], "denoise": 1.0}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "model": ["2", 0] if patched else ["1", 0], "seed": 5, "steps": 6, "cfg": 3.0, "sampler_name": "euler",
+            "scheduler": "karras", "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["4", 0],
+            "denoise": 1.0}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
         "5": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "tpcfg"}},
+        "6": {"class_type": "ShieldSelftestSubsetConditioning", "inputs": {"n_items": 6, "subset": positive_subset}},
+        "7": {"class_type": "ShieldSelftestSubsetConditioning", "inputs": {"n_items": 6, "subset": ""}},
     }
 
 
+def run_latent(server, graph) -> torch.Tensor:
+    outputs = server.run(graph)
+    return load_file(server.output_path(outputs["5"]["latents"][0]))["latent_tensor"]
+
+
 def node_errors(server, graph) -> dict:
-    """The server's validation errors by node id (no checkpoint exists here, so node 1 always fails)."""
+    """The server's validation errors by node id."""
     try:
         server.queue(graph)
     except ServerError as error:  # it carries the 400 body: {"error": ..., "node_errors": {id: {...}}}
         body = json.loads(str(error).split(": ", 1)[1])
         return {node: json.dumps(value) for node, value in body["node_errors"].items()}
-    raise AssertionError("the server accepted a graph without a checkpoint")
+    raise AssertionError("the server accepted an invalid graph")
 
 
-def test_server_lists_the_node_and_validates_its_inputs(server):
+def test_server_runs_the_node_in_a_graph(server):
     info = server.object_info()["ShieldTransitionPointCFG"]
     assert info["category"].startswith("shield")
     assert set(info["input"]["required"]) >= {"mode", "before_guidance", "opposite_scale", "cap_percent"}
-    assert "2" not in node_errors(server, transition_graph())
+    plain = run_latent(server, transition_graph(patched=False))
+    unconditional = run_latent(server, transition_graph(positive_subset="", patched=False))
+    assert not torch.equal(plain, unconditional)
+    assert torch.equal(run_latent(server, transition_graph(transition_percent=1.0)), unconditional)
+    assert torch.equal(run_latent(server, transition_graph(transition_percent=0.0)), plain)
+    dynamic = run_latent(server, transition_graph(mode="dynamic", before_guidance="opposite", cap_percent=0.7))
+    assert torch.isfinite(dynamic).all() and not torch.equal(dynamic, plain)
+
+
+def test_server_rejects_bad_inputs_naming_them(server):
     errors = node_errors(server, transition_graph(cap_percent=0.2))
     assert "2" in errors and "cap_percent" in errors["2"] and "transition_percent" in errors["2"]
     errors = node_errors(server, transition_graph(before_guidance="opposite", opposite_scale=0.0))
