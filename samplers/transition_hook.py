@@ -9,8 +9,12 @@ rewrites the cond prediction so that the sampler's own combination yields the be
     D_c' = D_u + (g / cfg)·(D_c − D_u)   ⇒   D_u + cfg·(D_c' − D_u) = D_u + g·(D_c − D_u).
 
 Because ε = (x − D)/σ (EPS, and likewise the velocity of V-prediction and flow models) is affine in
-D, this is exactly ε̂ = ε_u + g·(ε_c − ε_u) (Algorithm 1 line 9; Eq. 5 for g = −λ). Samples after
-their transition are left untouched, so the sampler's cfg (and any cfg function) applies as usual.
+D, this is ε̂ = ε_u + g·(ε_c − ε_u) exactly in exact arithmetic (to float rounding in practice; g = 0 is
+bit-exact) (Algorithm 1 line 9; Eq. 5 for g = −λ). Samples after
+their transition are left untouched, so the sampler's cfg (and any cfg function) applies as usual. A
+cfg function that is not the plain linear combination (RescaleCFG) sees the rewritten cond before the
+transition, so it acts on the before-guidance as it would on normal CFG (RescaleCFG rescales to the
+std of the rewritten cond).
 At cfg = 0 both predictions of a not-yet-switched sample are replaced by the target (see
 `replacement_cond`). Consequence for later hooks: post-CFG functions see the rewritten
 `cond_denoised` (the real `uncond_denoised` is kept).
@@ -112,6 +116,13 @@ class TransitionRun:
         self.switched = switched
         return switched, counted
 
+    def counted_curves(self, key: str) -> list[list[float]]:
+        """Per sample, the values of `key` at the evaluations that counted as detector steps."""
+        return [
+            [step[key][sample] for step in self.record.steps if step["counted"][sample]]
+            for sample in range(self.batch_size or 0)
+        ]
+
     def finish(self) -> None:
         self.record.summary.update(
             mode=self.settings.mode,
@@ -120,6 +131,8 @@ class TransitionRun:
             switch_step=list(self.switch_step),
             switch_sigma=list(self.switch_sigma),
             never_switched=[sample for sample, step in enumerate(self.switch_step) if step is None],
+            d_t_curves=self.counted_curves("d_t"),
+            sigma_curves=self.counted_curves("sigma"),
         )
         self.record.finished = True
 
@@ -135,7 +148,7 @@ def missing_uncond_error() -> ValueError:
 def make_pre_cfg_function(holder: RunStateHolder):
     def transition_pre_cfg(args: dict) -> list:
         conds_out = args["conds_out"]
-        if args["conds"][1] is None:
+        if len(conds_out) < 2 or args["conds"][1] is None:
             raise missing_uncond_error()
         run: Optional[TransitionRun] = holder.current
         if run is None:

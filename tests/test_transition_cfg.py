@@ -127,6 +127,7 @@ def test_samples_of_a_batch_switch_at_their_own_first_minimum():
     assert len(set(switch_steps)) >= 2, switch_steps  # samples switch at different steps
     for sample, switch_step in enumerate(switch_steps):
         curve = [step["d_t"][sample] for step in record.steps if step["counted"][sample]]
+        assert record.summary["d_t_curves"][sample] == curve
         assert first_local_minimum_step(curve) == switch_step
         guidance = [step["guidance"][sample] for step in record.steps]
         assert guidance == [0.0] * switch_step + [3.0] * (len(guidance) - switch_step)
