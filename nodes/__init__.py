@@ -9,11 +9,13 @@ from .reference import ShieldMemorizerModel
 from .report import ShieldReport
 from .shield_sets import SHIELD_SET_NODES
 from .spell import SPELL_NODES
+from .transition_cfg import TransitionPointCFG
 
 NODE_LIST: list[type[io.ComfyNode]] = [
     ShieldInfo,
     *SHIELD_SET_NODES,
     *SPELL_NODES,
+    TransitionPointCFG,
     *PROCREATE_NODES,
     ShieldReport,
     ShieldMemorizerModel,

@@ -1,0 +1,187 @@
+"""Transition-point CFG inside ComfyUI's sampler: a pre-CFG list hook plus per-run state.
+
+How it plugs in. ComfyUI computes the cond and uncond *denoised* predictions D_c, D_u, passes them
+through every `sampler_pre_cfg_function`, then combines them with the sampler's cfg function
+(default `D_u + cfg·(D_c − D_u)`, or whatever occupies the single `sampler_cfg_function` slot, such as
+RescaleCFG). This hook does not take that slot. For each sample still before its transition it
+rewrites the cond prediction so that the sampler's own combination yields the before-guidance g:
+
+    D_c' = D_u + (g / cfg)·(D_c − D_u)   ⇒   D_u + cfg·(D_c' − D_u) = D_u + g·(D_c − D_u).
+
+Because ε = (x − D)/σ (EPS, and likewise the velocity of V-prediction and flow models) is affine in
+D, this is ε̂ = ε_u + g·(ε_c − ε_u) exactly in exact arithmetic (to float rounding in practice; g = 0 is
+bit-exact) (Algorithm 1 line 9; Eq. 5 for g = −λ). Samples after
+their transition are left untouched, so the sampler's cfg (and any cfg function) applies as usual. A
+cfg function that is not the plain linear combination (RescaleCFG) sees the rewritten cond before the
+transition, so it acts on the before-guidance as it would on normal CFG (RescaleCFG rescales to the
+std of the rewritten cond).
+At cfg = 0 both predictions of a not-yet-switched sample are replaced by the target (see
+`replacement_cond`). Consequence for later hooks: post-CFG functions see the rewritten
+`cond_denoised` (the real `uncond_denoised` is kept).
+
+d_t (Algorithm 1 line 5) is ‖ε_c − ε_u‖² per sample with ε = (x − D)/σ, i.e. ‖D_u − D_c‖²/σ².
+
+Which evaluations are steps: multistage samplers (heun, dpm_2, ...) call the model several times per
+step. An evaluation counts as a new detector step t only if its sigma is strictly below the sigma of
+the last counted step; repeated or higher sigmas (second stages at the same sigma, restarts) reuse
+the current switch state and leave the detector's history unchanged.
+
+No negative conditioning (e.g. BasicGuider): there is no unconditional prediction, so the
+transition cannot be detected nor the before-guidance applied. The hook raises a ValueError that says
+so, rather than silently sampling unguided.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Optional
+
+import torch
+
+from ..core.records import RECORDS, RunRecord
+from .run_state import RunContext, RunStateHolder, attach_run_state
+from .transition_math import TransitionDetector, guidance_distance, reached_sigma, replacement_cond
+
+logger = logging.getLogger(__name__)
+
+KIND = "transition_cfg"
+STATIC = "static"
+DYNAMIC = "dynamic"
+MODES = (STATIC, DYNAMIC)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransitionSettings:
+    """What one Transition-Point CFG patch does.
+
+    transition_sigma: static mode's point, in sigma (reached when σ ≤ it); unused in dynamic mode.
+    cap_sigma: guidance is forced on once σ ≤ cap_sigma (None: no cap).
+    before_scale: g before the transition (0 unconditional, 1 conditional, −λ opposite).
+    """
+
+    mode: str
+    before_guidance: str
+    before_scale: float
+    transition_sigma: float = 0.0
+    cap_sigma: Optional[float] = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+
+class TransitionRun:
+    """The state of one sampling run: the detector, the switch flags, and the run's record."""
+
+    def __init__(self, settings: TransitionSettings, record: RunRecord):
+        self.settings = settings
+        self.record = record
+        self.batch_size: Optional[int] = None
+        self.switch_step: list[Optional[int]] = []
+        self.switch_sigma: list[Optional[float]] = []
+
+    def _allocate(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.detector = TransitionDetector(batch_size)
+        self.switched = torch.zeros(batch_size, dtype=torch.bool)
+        self.last_counted_sigma = torch.full((batch_size,), math.inf, dtype=torch.float64)
+        self.steps_counted = torch.zeros(batch_size, dtype=torch.long)
+        self.switch_step: list[Optional[int]] = [None] * batch_size
+        self.switch_sigma: list[Optional[float]] = [None] * batch_size
+
+    def update(self, sigma: torch.Tensor, distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance by one model evaluation; returns (switched, counted) per sample."""
+        if self.batch_size is None:
+            self._allocate(sigma.shape[0])
+        elif sigma.shape[0] != self.batch_size:
+            raise ValueError(
+                f"Transition-Point CFG: the batch changed from {self.batch_size} to {sigma.shape[0]} samples "
+                "within one sampling run; this patch tracks each sample and needs a fixed batch"
+            )
+        counted = sigma < self.last_counted_sigma
+        self.last_counted_sigma = torch.where(counted, sigma, self.last_counted_sigma)
+        self.steps_counted += counted.long()
+        switched = self.switched.clone()
+        if self.settings.mode == DYNAMIC:
+            switched |= self.detector.observe(distance, counted)
+        else:
+            switched |= reached_sigma(sigma, self.settings.transition_sigma)
+        if self.settings.cap_sigma is not None:
+            switched |= reached_sigma(sigma, self.settings.cap_sigma)
+        for sample in torch.nonzero(switched & ~self.switched).flatten().tolist():
+            self.switch_step[sample] = int(self.steps_counted[sample]) - 1
+            self.switch_sigma[sample] = float(sigma[sample])
+        self.switched = switched
+        return switched, counted
+
+    def counted_curves(self, key: str) -> list[list[float]]:
+        """Per sample, the values of `key` at the evaluations that counted as detector steps."""
+        return [
+            [step[key][sample] for step in self.record.steps if step["counted"][sample]]
+            for sample in range(self.batch_size or 0)
+        ]
+
+    def finish(self) -> None:
+        self.record.summary.update(
+            mode=self.settings.mode,
+            before_guidance=self.settings.before_guidance,
+            before_scale=self.settings.before_scale,
+            switch_step=list(self.switch_step),
+            switch_sigma=list(self.switch_sigma),
+            never_switched=[sample for sample, step in enumerate(self.switch_step) if step is None],
+            d_t_curves=self.counted_curves("d_t"),
+            sigma_curves=self.counted_curves("sigma"),
+        )
+        self.record.finished = True
+
+
+def missing_uncond_error() -> ValueError:
+    return ValueError(
+        "Transition-Point CFG needs the unconditional (negative) prediction, but this sampler has no negative "
+        "conditioning (e.g. BasicGuider). Use KSampler or CFGGuider and connect a negative prompt "
+        "(an empty prompt works), or remove the Transition-Point CFG node."
+    )
+
+
+def make_pre_cfg_function(holder: RunStateHolder):
+    def transition_pre_cfg(args: dict) -> list:
+        conds_out = args["conds_out"]
+        if len(conds_out) < 2 or args["conds"][1] is None:
+            raise missing_uncond_error()
+        run: Optional[TransitionRun] = holder.current
+        if run is None:
+            raise RuntimeError(
+                "Transition-Point CFG: the model was evaluated outside a sampling run (no OUTER_SAMPLE wrapper "
+                "ran); sample it through a ComfyUI sampler node"
+            )
+        cond, uncond = conds_out[0], conds_out[1]
+        sigma = args["sigma"].detach().to("cpu", torch.float64).reshape(-1)
+        distance = guidance_distance(cond, uncond).cpu() / (sigma * sigma)  # ‖ε_c − ε_u‖², ε = (x − D)/σ
+        switched, counted = run.update(sigma, distance)
+        cfg = float(args["cond_scale"])
+        guidance = torch.where(switched, torch.tensor(cfg, dtype=torch.float64), run.settings.before_scale)
+        new_cond, new_uncond = replacement_cond(cond, uncond, guidance, cfg)
+        run.record.add_step(
+            sigma=sigma.tolist(),
+            d_t=distance.tolist(),
+            guidance=guidance.tolist(),
+            switched=switched.tolist(),
+            counted=counted.tolist(),
+            cfg=cfg,
+        )
+        return [new_cond, new_uncond] + list(conds_out[2:])
+
+    return transition_pre_cfg
+
+
+def apply_transition_cfg(model_patcher, settings: TransitionSettings, patch_id: str, label: str = "") -> None:
+    """Patch a (cloned) ModelPatcher in place: a pre-CFG list hook and a keyed per-run state wrapper."""
+
+    def new_run(context: RunContext) -> TransitionRun:
+        return TransitionRun(settings, RECORDS.start(KIND, patch_id, label))
+
+    holder = RunStateHolder(new_run, lambda run: run.finish())
+    attach_run_state(model_patcher, f"shield_transition_cfg_{patch_id}", holder)
+    model_patcher.set_model_sampler_pre_cfg_function(make_pre_cfg_function(holder), disable_cfg1_optimization=True)
