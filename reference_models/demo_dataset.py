@@ -24,7 +24,7 @@ SUPERSAMPLING = 4  # drawn at 4x, downsampled with LANCZOS: antialiased edges
 CLASS_NAMES = ("circle", "square", "triangle", "cross", "star", "ring", "digit", "letter")
 UNIQUE_PER_CLASS = 96
 DUPLICATED_PER_CLASS = 2
-DUPLICATE_COPIES = 48
+DUPLICATE_COPIES = 150
 DEFAULT_SEED = 20240601
 
 FOREGROUND_COLORS = (
