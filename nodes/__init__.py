@@ -3,10 +3,14 @@
 from comfy_api.v0_0_2 import ComfyExtension, io
 from typing_extensions import override
 
+from .demo_model import ShieldDemoConditioning, ShieldDemoModelLoader, ShieldDemoTrainingSet
 from .info import ShieldInfo
 
 NODE_LIST: list[type[io.ComfyNode]] = [
     ShieldInfo,
+    ShieldDemoModelLoader,
+    ShieldDemoConditioning,
+    ShieldDemoTrainingSet,
 ]
 
 
