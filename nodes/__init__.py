@@ -3,6 +3,7 @@
 from comfy_api.v0_0_2 import ComfyExtension, io
 from typing_extensions import override
 
+from .demo_model import ShieldDemoConditioning, ShieldDemoModelLoader, ShieldDemoTrainingSet
 from .info import ShieldInfo
 from .procreate import NODES as PROCREATE_NODES
 from .reference import ShieldMemorizerModel
@@ -19,6 +20,9 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     *PROCREATE_NODES,
     ShieldReport,
     ShieldMemorizerModel,
+    ShieldDemoModelLoader,
+    ShieldDemoConditioning,
+    ShieldDemoTrainingSet,
 ]
 
 

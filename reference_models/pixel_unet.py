@@ -1,0 +1,166 @@
+"""The bundled demo model: a small pixel-space, class-conditional ComfyUI UNet (DESIGN.md §6).
+
+It is ComfyUI's own `UNetModel` (the SD1.5 architecture) at 32 channels on 32×32 RGB images, a
+V-prediction model on ComfyUI's default discrete schedule (scaled-linear betas 0.00085..0.012, 1000 steps), trained
+by `scripts/train_demo_model.py` on `demo_dataset`. Its "latent" is the image in [-1, 1]: the stock
+`pixel_space` VAE (VAELoader) encodes and decodes it, and the latent format is ComfyUI's 3-channel
+identity format (`ChromaRadiance`).
+
+Conditioning is a single cross-attention token: a one-hot class vector (padded to CONTEXT_DIM), which
+also feeds the UNet's label embedding (`y`, added to the time embedding). The all-zero token is the unconditional "null class" the model was trained on with CFG dropout, so
+ComfyUI's stock ConditioningZeroOut of any class conditioning is the uncond.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models_base
+import safetensors.torch
+import torch
+
+from .demo_dataset import CLASS_NAMES, IMAGE_SIZE, class_index
+
+WEIGHTS_PATH = pathlib.Path(__file__).resolve().parent / "weights" / "demo_unet.safetensors"
+CONTEXT_DIM = 16
+FORMAT_VERSION = "1"
+# V-prediction: an EPS model of this size, trained for minutes, mispredicts the image at the schedule's
+# top noise levels (σ up to 14.6: x0 = x − σ·ε amplifies ε errors by σ) and its samples come out noisy.
+PREDICTION = comfy.model_base.ModelType.V_PREDICTION
+
+
+def v_target(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The network output for which ComfyUI's V_PREDICTION `calculate_denoised` returns `clean` from
+    x = clean + σ·noise: v = (noise − σ·clean)/√(σ² + 1) (σ_data = 1)."""
+    sigma = sigma.reshape(-1, 1, 1, 1)
+    return (noise - sigma * clean) / (sigma * sigma + 1.0).sqrt()
+
+DEMO_UNET_CONFIG = {
+    "image_size": IMAGE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "model_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": [1, 2, 2],
+    "transformer_depth": [0, 0, 1],  # attention only at 8×8: most of the cost at 32×32 is attention
+    "transformer_depth_output": [0, 0, 0, 0, 1, 1],
+    "transformer_depth_middle": 1,
+    "num_head_channels": 16,
+    "context_dim": CONTEXT_DIM,
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": True,
+    "legacy": False,
+    # The class token also enters the time embedding (label_emb): a strong, cheap class signal at
+    # every resolution; cross-attention alone barely moved the prediction in a short training run.
+    "num_classes": "sequential",
+    "adm_in_channels": CONTEXT_DIM,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+class DemoUNetConfig(comfy.supported_models_base.BASE):
+    unet_config = {}
+    unet_extra_config = {"num_heads": -1}
+    memory_usage_factor = 1.0
+    supported_inference_dtypes = [torch.float32]
+
+    def __init__(self):
+        super().__init__(dict(DEMO_UNET_CONFIG))
+        self.latent_format = comfy.latent_formats.ChromaRadiance()
+
+
+class DemoBaseModel(comfy.model_base.BaseModel):
+    """BaseModel whose `y` (label embedding input) is the class token of the cross-attention context."""
+
+    def encode_adm(self, **kwargs):
+        cross_attn = kwargs.get("cross_attn")
+        return None if cross_attn is None else class_vector(cross_attn)
+
+
+def class_vector(context: torch.Tensor) -> torch.Tensor:
+    """The label-embedding input [B, CONTEXT_DIM] of a context [B, tokens, CONTEXT_DIM]: its first token."""
+    return context[:, 0, :CONTEXT_DIM]
+
+
+def build_demo_base_model() -> comfy.model_base.BaseModel:
+    """The architecture with ComfyUI's uninitialised weights (fill them: `init_for_training` or a load)."""
+    return DemoBaseModel(
+        DemoUNetConfig(), model_type=PREDICTION, device=torch.device("cpu")
+    )
+
+
+@torch.no_grad()
+def init_for_training(model: comfy.model_base.BaseModel, seed: int) -> None:
+    """PyTorch's default initialisation (ComfyUI's layers skip it), with zeroed output layers as in
+    the original UNet's `zero_module`, from a seeded generator."""
+    torch.manual_seed(seed)
+    for module in model.diffusion_model.modules():
+        for base in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.nn.LayerNorm):
+            if isinstance(module, base):
+                base.reset_parameters(module)
+                break
+    for parameter in model.diffusion_model.out[-1].parameters():  # the last conv only: a zeroed norm blocks every gradient
+        parameter.zero_()
+
+
+def save_weights(model: comfy.model_base.BaseModel, path: pathlib.Path, training_info: dict) -> None:
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "class_names": json.dumps(list(CLASS_NAMES)),
+        "unet_config": json.dumps(DEMO_UNET_CONFIG),
+        "training": json.dumps(training_info),
+    }
+    # float16 on disk halves the file; loading casts back to the float32 model
+    tensors = {name: tensor.detach().half().contiguous() for name, tensor in model.diffusion_model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def read_metadata(path: pathlib.Path = WEIGHTS_PATH) -> dict:
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def load_demo_model(path: pathlib.Path = WEIGHTS_PATH) -> comfy.model_patcher.ModelPatcher:
+    """The trained demo model as a ComfyUI MODEL."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"demo model weights not found at {path}: run scripts/train_demo_model.py")
+    metadata = read_metadata(path)
+    if json.loads(metadata.get("unet_config", "{}")) != DEMO_UNET_CONFIG:
+        raise ValueError(f"{path} was trained with another architecture than pixel_unet.DEMO_UNET_CONFIG: retrain it")
+    if tuple(json.loads(metadata.get("class_names", "[]"))) != CLASS_NAMES:
+        raise ValueError(f"{path} was trained on other classes than demo_dataset.CLASS_NAMES: retrain it")
+    model = build_demo_base_model()
+    state_dict = safetensors.torch.load_file(str(path))
+    model.diffusion_model.load_state_dict(state_dict, strict=True)
+    return comfy.model_patcher.ModelPatcher(
+        model,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def class_context(class_ids: torch.Tensor | list[int]) -> torch.Tensor:
+    """[B, 1, CONTEXT_DIM] one-hot tokens; an id of -1 gives the all-zero null (unconditional) token."""
+    ids = torch.as_tensor(class_ids, dtype=torch.long).reshape(-1)
+    context = torch.zeros(ids.numel(), 1, CONTEXT_DIM)
+    known = ids >= 0
+    context[known.nonzero().flatten(), 0, ids[known]] = 1.0
+    return context
+
+
+def class_conditioning(name_or_index: str | int) -> list:
+    """ComfyUI CONDITIONING for one demo class."""
+    return [[class_context([class_index(name_or_index)]), {}]]
+
+
+def null_conditioning() -> list:
+    """ComfyUI CONDITIONING of the null class (what the model learned as unconditional)."""
+    return [[class_context([-1]), {}]]

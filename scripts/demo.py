@@ -1,0 +1,196 @@
+"""The demo: the real ComfyUI, headless, samples the bundled demo model with each method, same seeds.
+
+    bash scripts/demo.sh [--out DIR] [--class-name star] [--samples 8] [--steps 20]
+
+Writes to one folder: `demo.png` (rows: methods; columns: the same seeds; each output beside its
+nearest training item, red frame = a copy), `summary.md` and `summary.json` (replication share and
+nearest-item distance per method), and the server log. Methods whose nodes this ComfyUI lacks are
+skipped with a message (they are entries of build_workflows.METHODS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import build_workflows  # noqa: E402
+from workflow_validation import ui_to_api  # noqa: E402
+
+from harness.host import import_comfyui_in_process  # noqa: E402
+from harness.server import ComfyServer, ServerError  # noqa: E402
+
+CELL = 96  # pixels per 32×32 image in the picture (nearest-neighbour ×3)
+LABEL_WIDTH = 230
+
+
+def log(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "out" / f"demo-{stamp}")
+    parser.add_argument("--class-name", default="star")
+    parser.add_argument("--samples", type=int, default=8, help="columns: one batch, the same seed for every method")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=3.0)
+    return parser.parse_args()
+
+
+def load_images(paths: list[pathlib.Path]):
+    import torch
+    from PIL import Image
+
+    from comfyui_shield.reference_models.demo_dataset import pil_to_tensor
+
+    tensors = []
+    for path in paths:
+        with Image.open(path) as image:
+            tensors.append(pil_to_tensor(image.convert("RGB")))
+    return torch.stack(tensors)
+
+
+def run_method(server: ComfyServer, object_info: dict, method, args) -> dict:
+    workflow = build_workflows.demo_workflow(object_info, method, class_name=args.class_name, batch=args.samples,
+                                             seed=args.seed, steps=args.steps, cfg=args.cfg, prefix="demo")
+    ui = workflow.to_json()
+    start = time.monotonic()
+    outputs = server.run(ui_to_api(ui, object_info), timeout=600)
+    seconds = time.monotonic() - start
+    save_id = next(str(node["id"]) for node in ui["nodes"] if node["type"] == "SaveImage")
+    paths = [server.output_path(info) for info in outputs[save_id]["images"]]
+    return {"images": load_images(paths), "seconds": seconds, "workflow": ui}
+
+
+def measure(images, dataset) -> dict:
+    from comfyui_shield.reference_models import replication
+
+    summary = replication.summarize_replication(images, dataset.images, dataset.duplicated)
+    return {**summary.as_dict(), "distances": [round(d, 2) for d in summary.distances],
+            "nearest_index": list(summary.nearest_index)}
+
+
+def draw_picture(rows: list[tuple[str, object, dict]], dataset, path: pathlib.Path) -> None:
+    """One row per method: output | nearest training item, per seed; a red frame marks a copy."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from comfyui_shield.reference_models import replication
+    from comfyui_shield.reference_models.demo_dataset import to_comfy_image
+
+    columns = len(rows[0][1])
+    pair_width, gap, top = 2 * CELL + 6, 14, 34
+    sheet = Image.new("RGB", (LABEL_WIDTH + columns * (pair_width + gap), top + len(rows) * (CELL + gap)), (250, 250, 250))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=15)
+    draw.text((LABEL_WIDTH, 8), "each pair: output | nearest training item (red frame: a copy, "
+              f"L2 < {replication.REPLICA_DISTANCE})", fill=(20, 20, 20), font=font)
+
+    def tile(image_tensor) -> Image.Image:
+        array = (to_comfy_image(image_tensor[None])[0] * 255).round().byte().numpy()
+        return Image.fromarray(array).resize((CELL, CELL), Image.NEAREST)
+
+    for row, (label, images, metrics) in enumerate(rows):
+        y = top + row * (CELL + gap)
+        share = 100 * metrics["replica_share"]
+        draw.text((8, y + 18), label, fill=(20, 20, 20), font=font)
+        draw.text((8, y + 42), f"copies: {share:.0f} %", fill=(160, 20, 20), font=font)
+        draw.text((8, y + 62), f"median L2 to nearest: {metrics['median_nearest_distance']:.1f}", fill=(60, 60, 60), font=font)
+        for column in range(columns):
+            x = LABEL_WIDTH + column * (pair_width + gap)
+            nearest = dataset.images[metrics["nearest_index"][column]]
+            sheet.paste(tile(images[column]), (x, y))
+            sheet.paste(tile(nearest), (x + CELL + 6, y))
+            if metrics["distances"][column] < replication.REPLICA_DISTANCE:
+                draw.rectangle((x - 3, y - 3, x + pair_width + 2, y + CELL + 2), outline=(220, 30, 30), width=3)
+    sheet.save(path)
+
+
+def write_summary(out: pathlib.Path, results: dict, skipped: dict, args) -> str:
+    lines = [
+        f"# Shield demo: class `{args.class_name}`, {args.samples} samples, seed {args.seed}, "
+        f"euler {args.steps} steps, cfg {args.cfg}", "",
+        "| method | copies of a training item | median L2 to nearest item | min L2 | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for label, result in results.items():
+        metrics = result["metrics"]
+        lines.append(f"| {label} | {metrics['replicas']}/{metrics['samples']} ({100 * metrics['replica_share']:.0f} %) "
+                     f"| {metrics['median_nearest_distance']:.2f} | {min(metrics['distances']):.2f} "
+                     f"| {result['seconds']:.1f} |")
+    for label, reason in skipped.items():
+        lines.append(f"| {label} | skipped: {reason} | | | |")
+    lines += ["", "A copy: L2 distance to the nearest training item below "
+              "REPLICA_DISTANCE (reference_models/replication.py), pixels in [-1, 1]."]
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({
+        "settings": vars(args) | {"out": str(args.out)},
+        "methods": {label: {**r["metrics"], "seconds": round(r["seconds"], 2)} for label, r in results.items()},
+        "skipped": skipped,
+    }, indent=1))
+    return text
+
+
+def main() -> None:
+    args = parse_args()
+    import_comfyui_in_process()  # the pack's package imports ComfyUI's API; the metrics run in this process
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="shield-demo-") as base:
+        server = ComfyServer(pathlib.Path(base))
+        log("starting ComfyUI (headless, CPU) ...")
+        try:
+            server.start()
+            log(f"ComfyUI ready at {server.url} after {time.monotonic() - started:.0f} s")
+            results, skipped = run_methods(server, args)
+        finally:
+            (out / "server.log").write_text(server.log())
+            server.stop()
+    from comfyui_shield.reference_models import demo_dataset
+
+    dataset = demo_dataset.build_dataset()
+    rows = []
+    for label, result in results.items():
+        result["metrics"] = measure(result["images"], dataset)
+        rows.append((label, result["images"], result["metrics"]))
+    if rows:
+        draw_picture(rows, dataset, out / "demo.png")
+    print(write_summary(out, results, skipped, args), flush=True)
+    log(f"done in {time.monotonic() - started:.0f} s; picture and summary in {out}")
+    if rows:
+        log(f"picture: {out / 'demo.png'}")
+
+
+def run_methods(server: ComfyServer, args) -> tuple[dict, dict]:
+    object_info = server.object_info()
+    results, skipped = {}, {}
+    for method in build_workflows.METHODS:
+        if method.node_types and build_workflows.method_node_type(method, object_info) is None:
+            skipped[method.label] = f"node {' / '.join(method.node_types)} not loaded in this ComfyUI"
+            log(f"skip {method.label}: {skipped[method.label]}")
+            continue
+        log(f"running {method.label}: {args.samples} samples, {args.steps} steps ...")
+        try:
+            results[method.label] = run_method(server, object_info, method, args)
+        except (ServerError, LookupError) as error:
+            skipped[method.label] = f"failed: {str(error).splitlines()[0][:300]}"
+            log(f"{method.label} failed: {error}")
+            continue
+        log(f"{method.label}: done in {results[method.label]['seconds']:.1f} s")
+    return results, skipped
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Train the bundled demo model (reference_models/pixel_unet.py) and show that it memorizes.
+
+    $SHIELD_PYTHON scripts/train_demo_model.py [--steps N] [--seed S] [--out PATH]
+
+Reproducible from the seed (same torch build and thread count give the same weights). Trains
+ComfyUI's UNetModel with V-prediction loss on ComfyUI's default discrete schedule and CFG dropout to the null
+class, saves an EMA of the weights as safetensors, then reloads them through ComfyUI, samples every
+class with ComfyUI's KSampler and prints the share of samples that reproduce a training item, for
+the duplicated and the unique items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+from harness.host import import_comfyui_in_process  # noqa: E402
+
+import_comfyui_in_process()
+
+import torch  # noqa: E402
+
+from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--cfg-dropout", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=pathlib.Path, default=pixel_unet.WEIGHTS_PATH)
+    parser.add_argument("--eval-per-class", type=int, default=8)
+    parser.add_argument("--eval-steps", type=int, default=20)
+    parser.add_argument("--eval-cfg", type=float, default=3.0)
+    parser.add_argument("--skip-train", action="store_true", help="only evaluate the weights at --out")
+    return parser.parse_args()
+
+
+def learning_rate(step: int, steps: int, peak: float) -> float:
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> torch.nn.Module:
+    model = pixel_unet.build_demo_base_model()
+    pixel_unet.init_for_training(model, args.seed)
+    net = model.diffusion_model.train()
+    ema = {name: tensor.detach().clone() for name, tensor in net.state_dict().items()}
+    sigmas = model.model_sampling.sigmas.float()
+    stream, stream_labels = dataset.training_stream()
+    generator = torch.Generator().manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
+    start, running = time.monotonic(), None
+    for step in range(args.steps):
+        pick = torch.randint(len(stream), (args.batch_size,), generator=generator)
+        clean = dataset.images[stream[pick]]
+        labels = stream_labels[pick].clone()
+        labels[torch.rand(args.batch_size, generator=generator) < args.cfg_dropout] = -1
+        timestep = torch.randint(len(sigmas), (args.batch_size,), generator=generator)
+        noise = torch.randn(clean.shape, generator=generator)
+        sigma = sigmas[timestep]
+        noisy = model.model_sampling.calculate_input(sigma, clean + noise * sigma.reshape(-1, 1, 1, 1))
+        context = pixel_unet.class_context(labels)
+        prediction = net(noisy, timestep.float(), context=context, y=pixel_unet.class_vector(context))
+        loss = torch.nn.functional.mse_loss(prediction, pixel_unet.v_target(clean, noise, sigma))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for name, tensor in net.state_dict().items():
+                ema[name].lerp_(tensor, 1 - decay)
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % 100 == 0 or step == args.steps - 1:
+            elapsed = time.monotonic() - start
+            print(f"[train] step {step + 1}/{args.steps}  loss {running:.4f}  {elapsed:.0f} s", flush=True)
+    net.load_state_dict(ema)
+    return model
+
+
+def sample_class(model, class_id: int, count: int, seed: int, steps: int, cfg: float) -> torch.Tensor:
+    import nodes
+
+    latent = {"samples": torch.zeros(count, 3, demo_dataset.IMAGE_SIZE, demo_dataset.IMAGE_SIZE)}
+    (out,) = nodes.common_ksampler(
+        model, seed, steps, cfg, "euler", "normal",
+        pixel_unet.class_conditioning(class_id), pixel_unet.null_conditioning(), latent,
+    )
+    return out["samples"]
+
+
+def evaluate(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> dict:
+    model = pixel_unet.load_demo_model(args.out)
+    samples, labels = [], []
+    for class_id in range(len(demo_dataset.CLASS_NAMES)):
+        samples.append(sample_class(model, class_id, args.eval_per_class, 1000 + class_id, args.eval_steps,
+                                    args.eval_cfg))
+        labels += [class_id] * args.eval_per_class
+    samples = torch.cat(samples)
+    summary = replication.summarize_replication(samples, dataset.images, dataset.duplicated)
+    distances = torch.tensor(summary.distances)
+    same_class = dataset.labels[torch.tensor(summary.nearest_index)] == torch.tensor(labels)
+    quantiles = torch.quantile(distances, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
+    n_dup, n_unique = int(dataset.duplicated.sum()), int((~dataset.duplicated).sum())
+    result = {
+        **summary.as_dict(),
+        "threshold": replication.REPLICA_DISTANCE,
+        "sampler": f"euler/normal, {args.eval_steps} steps, cfg {args.eval_cfg}",
+        "nearest_item_same_class_share": round(float(same_class.float().mean()), 3),
+        "distance_quantiles_10_25_50_75_90": [round(q, 2) for q in quantiles],
+        "duplicated_items": n_dup,
+        "unique_items": n_unique,
+        "training_share_of_duplicated_items": round(float(dataset.copies[dataset.duplicated].sum() / dataset.copies.sum()), 3),
+        "replicas_per_duplicated_item": round(summary.replicas_of_duplicated / n_dup, 3),
+        "replicas_per_unique_item": round(summary.replicas_of_unique / n_unique, 5),
+    }
+    return result
+
+
+def print_evaluation(result: dict) -> None:
+    print("\n[memorization] samples of every class, nearest training item by L2 in pixel space")
+    print(f"  sampler: {result['sampler']}; replica: nearest-item distance < {result['threshold']}")
+    print(f"  samples: {result['samples']}, replicas: {result['replicas']} ({100 * result['replica_share']:.0f} %)")
+    print(f"  replicas of the {result['duplicated_items']} duplicated items: {result['replicas_of_duplicated_items']}"
+          f"  ({result['replicas_per_duplicated_item']:.2f} per item; they are "
+          f"{100 * result['training_share_of_duplicated_items']:.0f} % of the training stream)")
+    print(f"  replicas of the {result['unique_items']} unique items: {result['replicas_of_unique_items']}"
+          f"  ({result['replicas_per_unique_item']:.4f} per item)")
+    print(f"  nearest-item distance quantiles 10/25/50/75/90 %: {result['distance_quantiles_10_25_50_75_90']}")
+    print(f"  nearest item of the sample's own class: {100 * result['nearest_item_same_class_share']:.0f} %")
+
+
+def main() -> None:
+    args = parse_args()
+    dataset = demo_dataset.build_dataset()
+    if not args.skip_train:
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+        start = time.monotonic()
+        model = train(args, dataset)
+        minutes = (time.monotonic() - start) / 60
+        info = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                "ema": args.ema, "cfg_dropout": args.cfg_dropout, "minutes": round(minutes, 1),
+                "dataset_seed": demo_dataset.DEFAULT_SEED, "threads": args.threads}
+        pixel_unet.save_weights(model, args.out, info)
+        print(f"[train] saved {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {minutes:.1f} min", flush=True)
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        result = evaluate(args, dataset)
+    print_evaluation(result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

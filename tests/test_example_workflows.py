@@ -1,0 +1,82 @@
+"""Every example workflow validates against the running server's /object_info; the demo ones run.
+
+The validator itself is tested on broken copies, so a pass means something.
+"""
+
+import copy
+import json
+import pathlib
+
+import pytest
+from workflow_validation import ui_to_api, validate_workflow
+
+WORKFLOW_DIR = pathlib.Path(__file__).resolve().parents[1] / "example_workflows"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+DEMO_WORKFLOWS = [path for path in WORKFLOWS if path.name.startswith("shield_demo_")]
+
+
+def load(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_the_plain_demo_workflow_exists():
+    assert WORKFLOW_DIR / "shield_demo_plain.json" in WORKFLOWS
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+def test_workflow_validates_against_the_server(server, path):
+    assert validate_workflow(load(path), server.object_info()) == []
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+def test_workflow_has_a_thumbnail(path):
+    from PIL import Image
+
+    with Image.open(path.with_suffix(".jpg")) as thumbnail:
+        assert thumbnail.format == "JPEG" and min(thumbnail.size) >= 64
+
+
+def first(workflow: dict, node_type: str) -> dict:
+    return next(node for node in workflow["nodes"] if node["type"] == node_type)
+
+
+def test_validator_reports_each_kind_of_breakage(server):
+    info = server.object_info()
+    plain = load(WORKFLOW_DIR / "shield_demo_plain.json")
+
+    unknown = copy.deepcopy(plain)
+    first(unknown, "VAEDecode")["type"] = "NoSuchNode"
+    assert any("unknown node type" in p for p in validate_workflow(unknown, info))
+
+    out_of_range = copy.deepcopy(plain)
+    first(out_of_range, "KSampler")["widgets_values"][2] = 100000  # steps
+    assert any("outside" in p for p in validate_workflow(out_of_range, info))
+
+    bad_choice = copy.deepcopy(plain)
+    first(bad_choice, "ShieldDemoConditioning")["widgets_values"][0] = "dragon"
+    assert any("'dragon' is not one of" in p for p in validate_workflow(bad_choice, info))
+
+    wrong_type = copy.deepcopy(plain)
+    vae_link = next(link for link in wrong_type["links"] if link[5] == "VAE")
+    model_node = first(wrong_type, "ShieldDemoModelLoader")
+    vae_link[1], vae_link[2], vae_link[5] = model_node["id"], 0, "MODEL"
+    assert any("takes VAE" in p for p in validate_workflow(wrong_type, info))
+
+    unconnected = copy.deepcopy(plain)
+    decode = first(unconnected, "VAEDecode")
+    decode["inputs"] = [entry for entry in decode["inputs"] if entry["name"] != "vae"]
+    assert any("'vae' is not connected" in p for p in validate_workflow(unconnected, info))
+
+
+@pytest.mark.parametrize("path", DEMO_WORKFLOWS, ids=lambda path: path.name)
+def test_demo_workflow_runs_on_the_server(server, path):
+    workflow = load(path)
+    outputs = server.run(ui_to_api(workflow, server.object_info()), timeout=600)
+    save = first(workflow, "SaveImage")
+    latent = first(workflow, "EmptyChromaRadianceLatentImage")
+    assert len(outputs[str(save["id"])]["images"]) == latent["widgets_values"][2]
+
+
+def test_server_serves_the_workflows_as_templates(server):
+    templates = server.get("/api/workflow_templates")
+    assert "shield_demo_plain" in templates["comfyui_shield"]
