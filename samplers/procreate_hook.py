@@ -165,7 +165,13 @@ class ProCreateGuidance:
 
     # -- wiring ---------------------------------------------------------------------------------
     def attach(self, model_patcher) -> None:
-        model_patcher.set_model_sampler_post_cfg_function(self.post_cfg)
+        # A plain closure, not the bound method: clone() deep-copies model_options, and a deep copy of a
+        # bound method copies this object (and its run-state holder), so a patch stacked after this one
+        # would leave the hook reading a holder that the OUTER_SAMPLE wrapper never fills.
+        def procreate_post_cfg(args):
+            return self.post_cfg(args)
+
+        model_patcher.set_model_sampler_post_cfg_function(procreate_post_cfg)
         attach_run_state(model_patcher, f"{WRAPPER_KEY}:{self.patch_id}", self.holder)
 
     def _new_run(self, context: Optional[RunContext] = None) -> RunState:

@@ -26,14 +26,14 @@ from comfyui_shield.reference_models.tiny_unet import (
 )
 from comfyui_shield.samplers.embedders import CallableEmbedder
 from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateSettings
+from harness.procreate_parts import pooled_projection_embedder, rgb_items, to_images, write_random_dreamsim
 
 N_ITEMS, PROTECTED = 6, 3
 
 
 @pytest.fixture(scope="module")
 def items():
-    generator = torch.Generator().manual_seed(7)
-    return torch.rand(N_ITEMS, 3, 16, 16, generator=generator) * 2 - 1
+    return rgb_items(N_ITEMS)
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +43,7 @@ def vae():
 
 @pytest.fixture(scope="module")
 def embedder():
-    projection = torch.randn(3 * 8 * 8, 32, generator=torch.Generator().manual_seed(3))
-
-    def features(images):
-        return torch.nn.functional.avg_pool2d(images.movedim(-1, 1) - 0.5, 2).flatten(1) @ projection
-
-    return CallableEmbedder(features, "test/pooled-projection")
-
-
-def to_images(latents):
-    return ((latents + 1) / 2).clamp(0, 1).movedim(1, -1)
+    return pooled_projection_embedder()
 
 
 def reference_set(items, count=PROTECTED):
@@ -188,6 +179,15 @@ def test_guidance_lowers_similarity_to_the_references(items, vae, embedder, mode
     assert protected_hits(guided) < protected_hits(plain)
 
 
+def test_a_clone_of_the_patched_model_keeps_one_record_per_run(items, vae, embedder):
+    """Patches stacked later clone the model (deep-copying model_options): the hook must still see the run state."""
+    stacked_later = patched(build_memorizer(items, "eps"), vae, embedder, reference_set(items), gamma=30.0).clone()
+    before = len(RECORDS.runs("procreate", "test"))
+    run(stacked_later, noise_batch(2))
+    runs = RECORDS.runs("procreate", "test")[before:]
+    assert len(runs) == 1 and runs[0].finished and len(runs[0].steps) == 8 and runs[0].summary["guided_steps"] > 0
+
+
 def test_each_sample_is_pushed_from_its_own_nearest_reference(items, vae, embedder):
     model = build_memorizer(items, "eps")
     reference = reference_set(items, count=N_ITEMS)  # every item protected: nearest differs per sample
@@ -227,23 +227,6 @@ def test_bad_inputs(items, vae, embedder):
 
 
 # -- the real DreamSim package with random weights in its own file layout ---------------------------
-def write_random_dreamsim(folder):
-    """open_clip_vitb32 files as dreamsim 0.2.1 reads them (HOST.md), with random weights."""
-    from dreamsim.feature_extraction.vision_transformer import vit_base
-    from dreamsim.model import PerceptualModel
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    vit = vit_base(patch_size=32)
-    vit.pos_drop = torch.nn.LayerNorm(768)
-    state = dict(vit.state_dict(), proj=torch.randn(768, 512) / 30)
-    torch.save({"state_dict": state}, folder / "open_clip_vitb32_pretrain.pth.tar")
-    perceptual = PerceptualModel(model_type="open_clip_vitb32", feat_type="embedding", stride="32", lora=True,
-                                 load_dir=str(folder), device="cpu")
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", target_modules=["qkv"])
-    get_peft_model(perceptual, config).save_pretrained(str(folder / "open_clip_vitb32_single_lora"))
-
-
 @pytest.fixture
 def dreamsim_folder(tmp_path, monkeypatch):
     folder = tmp_path / "dreamsim"
