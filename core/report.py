@@ -68,6 +68,7 @@ class ProCreateCurves:
     similarity: Optional[np.ndarray]  # [steps, samples] cosine to the nearest reference, NaN where not measured
     guided: Optional[np.ndarray]  # [steps, samples] bool: the guidance moved this sample at this step
     sigma: Optional[np.ndarray]  # [steps]
+    references: Optional[int] = None  # how many references the run repelled from (a memory grows)
 
     def guided_samples(self) -> list[int]:
         return [] if self.guided is None else np.flatnonzero(self.guided.any(axis=0)).tolist()
@@ -248,6 +249,7 @@ def procreate_curves(record: Optional[RunRecord]) -> Optional[ProCreateCurves]:
         similarity=_step_matrix(record.steps, "similarity"),
         guided=None if guided is None else np.nan_to_num(guided) > 0,
         sigma=_sigma_column(record.steps),
+        references=record.summary.get("references"),
     )
 
 
@@ -305,7 +307,8 @@ def _transition_lines(curves: TransitionCurves) -> list[str]:
 
 def _procreate_lines(curves: ProCreateCurves) -> list[str]:
     head = f"procreate energy guidance (run #{curves.run_number}{', ' + curves.label if curves.label else ''}):"
-    lines = [f"{head} {curves.steps} steps recorded"]
+    references = "" if curves.references is None else f", {curves.references} references"
+    lines = [f"{head} {curves.steps} steps recorded{references}"]
     if curves.guided is not None:
         guided_steps = np.flatnonzero(curves.guided.any(axis=1))
         last = f", last at step {int(guided_steps[-1])}" if guided_steps.size else ""

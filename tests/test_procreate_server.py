@@ -2,6 +2,7 @@
 the stock pixel_space VAE, the memorizer as MODEL, and the Shield Report reading the run's record."""
 
 import re
+import uuid
 
 import torch
 
@@ -49,3 +50,23 @@ def test_procreate_with_real_dreamsim_runs_in_a_server_graph(server):
     assert re.search(r"procreate energy guidance \(run #\d+, dreamsim/open_clip_vitb32/\w+\): 4 steps recorded", text), text
     # a sample counts as guided only when its gradient through VAE decode + DreamSim was finite
     assert re.search(r"samples guided: \[0, 1\]", text), text
+
+
+def test_shield_memory_grows_the_reference_set_across_queued_runs(server):
+    """Run 1 (empty memory) samples plainly and is remembered; run 2 repels from run 1's outputs."""
+    write_random_dreamsim(server.base_dir / "models" / "dreamsim")
+    server.write_input_latent("procreate_items", rgb_items(6))
+    graph = procreate_graph()
+    del graph["protected"], graph["images"], graph["references"]
+    memory_id = f"procreate-server-{uuid.uuid4().hex[:8]}"
+    graph["memory"] = {"class_type": "ShieldMemory", "inputs": {"memory_id": memory_id, "reset": False}}
+    graph["procreate"]["inputs"].update(reference_set=["memory", 0], gradient_mode="fast")
+    first = server.run(graph, timeout=600)
+    first_text = "".join(first["report"]["text"])
+    assert re.search(r"4 steps recorded, 0 references\n  guided 0 step-samples", first_text), first_text
+    assert torch.equal(server.saved_latent(first, "save_guided"), server.saved_latent(first, "save_plain"))
+    second = server.run(graph, timeout=600)
+    second_text = "".join(second["report"]["text"])
+    assert re.search(r"4 steps recorded, 2 references\n.*samples guided: \[0, 1\]", second_text), second_text
+    guided, plain = server.saved_latent(second, "save_guided"), server.saved_latent(second, "save_plain")
+    assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
