@@ -27,13 +27,17 @@ from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateS
 
 
 def tiny_rgb_unet():
+    import comfy.latent_formats
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
 
     from comfyui_shield.reference_models.tiny_unet import TinyUNetConfig, fill_seeded, tiny_unet_config
 
-    model = comfy.model_base.BaseModel(TinyUNetConfig(tiny_unet_config(in_channels=3)), device=torch.device("cpu"))
+    config = TinyUNetConfig(tiny_unet_config(in_channels=3))
+    config.latent_format = comfy.latent_formats.LatentFormat()  # 3 channels, scale 1: what pixel_space decodes
+    config.latent_format.latent_channels = 3
+    model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
     fill_seeded(model.diffusion_model, 4)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
@@ -96,6 +100,31 @@ def main():
         for look_ahead in (0, 3):
             value = mean_max_similarity(patched(memorizer, gamma=100.0, look_ahead_steps=look_ahead, gradient_mode=mode))
             print(f"| {mode} | {look_ahead} | {value:.3f} |")
+    intra_batch_diversity(memorizer, items, images, embedder, vae, steps, size)
+
+
+def intra_batch_diversity(memorizer, items, images, embedder, vae, steps, size):
+    """Batch diversity with and without intra-batch repulsion: a 2-item prompt, batch 8, a far reference."""
+    batch_noise = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(4))
+    far = from_latents(-items[:1], "LatentFormat", images=((1 - items[:1]) / 2).movedim(1, -1))
+
+    def measure(intra_batch):
+        model = memorizer.clone()
+        settings = ProCreateSettings(gamma=100.0, gradient_mode="fast", intra_batch=intra_batch)
+        ProCreateGuidance(vae, embedder, far, settings, "bench-intra").attach(model)
+        out = comfy.sample.sample(model, batch_noise, steps, 2.0, "ddim", "ddim_uniform", subset_conditioning(6, [0, 1]),
+                                  subset_conditioning(6), torch.zeros_like(batch_noise), seed=0, disable_pbar=True)
+        unit = torch.nn.functional.normalize(embedder.embed(((out + 1) / 2).clamp(0, 1).movedim(1, -1)), dim=-1)
+        cosine = unit @ unit.T
+        mss = float((cosine.sum() - cosine.diagonal().sum()) / (len(unit) * (len(unit) - 1)))
+        distance = float(torch.pdist(out.flatten(1)).mean())
+        return mss, distance
+
+    print("\nmemorizer, positive = 2 of 6 items, batch 8, fast mode γ=100: batch diversity\n")
+    print("| intra_batch | mean pairwise cosine (embedder) | mean pairwise L2 (latent) |\n|---|---|---|")
+    for intra_batch in (False, True):
+        mss, distance = measure(intra_batch)
+        print(f"| {'on' if intra_batch else 'off'} | {mss:.3f} | {distance:.2f} |")
 
 
 if __name__ == "__main__":

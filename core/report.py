@@ -3,7 +3,8 @@
 Per output: L2 distance in latent space to the nearest shield (relative to the radius when one is
 given, SPELL section 4.6) and the embedder's cosine similarity to the nearest shield; for the batch:
 Vendi score and mean pairwise similarity (core/metrics.py); and, from the newest run records
-(core/records.py), the sparse-repellency intervention timeline and the transition-point d_t curves.
+(core/records.py), the sparse-repellency intervention timeline, the transition-point d_t curves and
+ProCreate's nearest-reference similarity per step and sample.
 
 Run records are read tolerantly: a step entry may hold a scalar or one value per sample, and any key
 may be missing; whatever is there is reported.
@@ -58,6 +59,22 @@ class TransitionCurves:
 
 
 @dataclasses.dataclass
+class ProCreateCurves:
+    """ProCreate energy guidance per step (rows) and sample (columns)."""
+
+    run_number: int
+    label: str
+    steps: int
+    similarity: Optional[np.ndarray]  # [steps, samples] cosine to the nearest reference, NaN where not measured
+    guided: Optional[np.ndarray]  # [steps, samples] bool: the guidance moved this sample at this step
+    sigma: Optional[np.ndarray]  # [steps]
+    references: Optional[int] = None  # how many references the run repelled from (a memory grows)
+
+    def guided_samples(self) -> list[int]:
+        return [] if self.guided is None else np.flatnonzero(self.guided.any(axis=0)).tolist()
+
+
+@dataclasses.dataclass
 class ReportData:
     count: int
     names: list[str]  # nearest shield name per output ("" without shields)
@@ -72,6 +89,7 @@ class ReportData:
     mss: float = float("nan")
     repellency: Optional[RepellencyTimeline] = None
     transition: Optional[TransitionCurves] = None
+    procreate: Optional[ProCreateCurves] = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -220,6 +238,21 @@ def transition_curves(record: Optional[RunRecord]) -> Optional[TransitionCurves]
     )
 
 
+def procreate_curves(record: Optional[RunRecord]) -> Optional[ProCreateCurves]:
+    if record is None or not record.steps:
+        return None
+    guided = _step_matrix(record.steps, "active")
+    return ProCreateCurves(
+        run_number=record.run_number,
+        label=record.label,
+        steps=len(record.steps),
+        similarity=_step_matrix(record.steps, "similarity"),
+        guided=None if guided is None else np.nan_to_num(guided) > 0,
+        sigma=_sigma_column(record.steps),
+        references=record.summary.get("references"),
+    )
+
+
 # -- text -------------------------------------------------------------------------------------------
 def _number(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
@@ -272,6 +305,26 @@ def _transition_lines(curves: TransitionCurves) -> list[str]:
     return lines
 
 
+def _procreate_lines(curves: ProCreateCurves) -> list[str]:
+    head = f"procreate energy guidance (run #{curves.run_number}{', ' + curves.label if curves.label else ''}):"
+    references = "" if curves.references is None else f", {curves.references} references"
+    lines = [f"{head} {curves.steps} steps recorded{references}"]
+    if curves.guided is not None:
+        guided_steps = np.flatnonzero(curves.guided.any(axis=1))
+        last = f", last at step {int(guided_steps[-1])}" if guided_steps.size else ""
+        lines.append(
+            f"  guided {int(curves.guided.sum())} step-samples in {guided_steps.size} steps{last}; "
+            f"samples guided: {curves.guided_samples()}"
+        )
+    similarity = curves.similarity
+    if similarity is not None and np.isfinite(similarity).any():
+        measured = [row for row in similarity if np.isfinite(row).any()]
+        first, last = np.nanmax(measured[0]), np.nanmax(measured[-1])
+        lines.append(f"  max nearest-reference similarity: first measured step {_number(float(first))}, "
+                     f"last {_number(float(last))}")
+    return lines
+
+
 def summary_text(report: ReportData) -> str:
     lines = [f"Shield Report: {report.count} output{'s' if report.count != 1 else ''}"]
     lines += [line for line in (_output_line(report, i) for i in range(report.count)) if line]
@@ -301,5 +354,7 @@ def summary_text(report: ReportData) -> str:
         lines += _repellency_lines(report.repellency)
     if report.transition is not None:
         lines += _transition_lines(report.transition)
+    if report.procreate is not None:
+        lines += _procreate_lines(report.procreate)
     lines += report.notes
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ..optional_deps import require
-from .report import RepellencyTimeline, ReportData, TransitionCurves
+from .report import ProCreateCurves, RepellencyTimeline, ReportData, TransitionCurves
 
 PANEL_SIZE = (6.0, 3.6)  # inches per panel
 DPI = 100
@@ -49,6 +49,9 @@ def _panels(report: ReportData) -> list:
     curves = report.transition
     if curves is not None and (curves.d_t is not None or curves.switched is not None):
         panels.append(lambda axes, figure: _draw_transition(axes, curves))
+    procreate = report.procreate
+    if procreate is not None and procreate.similarity is not None:
+        panels.append(lambda axes, figure: _draw_procreate(axes, procreate))
     return panels
 
 
@@ -73,6 +76,8 @@ def _draw_summary(axes, report: ReportData) -> None:
         steps = report.transition.switch_steps()
         if steps:
             lines.append(f"CFG switch steps: {steps}")
+    if report.procreate is not None and report.procreate.guided is not None:
+        lines.append(f"ProCreate guided {int(report.procreate.guided.sum())} step-samples")
     axes.text(0.0, 0.92, "\n".join(lines), va="top", ha="left", fontsize=12, transform=axes.transAxes, linespacing=1.6)
 
 
@@ -142,6 +147,24 @@ def _draw_transition(axes, curves: TransitionCurves) -> None:
     axes.set_xlabel("step (circle: switch to normal CFG)")
     _integer_ticks(axes.xaxis)
     axes.set_title(f"Transition-point CFG (run #{curves.run_number})")
+
+
+def _draw_procreate(axes, curves: ProCreateCurves) -> None:
+    """Nearest-reference similarity per step, one line per sample; filled dots where the guidance acted."""
+    similarity = curves.similarity
+    steps = np.arange(similarity.shape[0])
+    for sample in range(similarity.shape[1]):
+        (line,) = axes.plot(steps, similarity[:, sample], marker=".", label=f"sample {sample}")
+        if curves.guided is not None and sample < curves.guided.shape[1]:
+            guided = curves.guided[:, sample]
+            axes.plot(steps[guided], similarity[guided, sample], linestyle="none", marker="o", markersize=7,
+                      color=line.get_color())
+    axes.set_ylabel("cosine to nearest reference")
+    axes.set_xlabel("step (dot: guided)")
+    if similarity.shape[1] <= 8:
+        axes.legend(fontsize=8, loc="best")
+    _integer_ticks(axes.xaxis)
+    axes.set_title(f"ProCreate energy guidance (run #{curves.run_number})")
 
 
 def _output_ticks(axes, count: int) -> None:

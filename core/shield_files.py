@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .shield_set import FORMAT_VERSION, ShieldSet, ShieldSetError, from_latents, metadata_json
+from .shield_set import FORMAT_VERSION, ShieldSet, ShieldSetError, from_latents, hash_tensor, metadata_json
 
 EXTENSION = ".safetensors"
 EMBEDDING_PREFIX = "embedding."
@@ -127,12 +127,20 @@ class ShieldMemoryStore:
             )
         return current
 
-    def append(self, memory_id: str, latent_format: str, latents: torch.Tensor) -> None:
+    def append(self, memory_id: str, latent_format: str, latents: torch.Tensor) -> int:
+        """Add generations; a latent already remembered (same hash) is skipped, so two patches that share
+        one memory (Sparse Repellency and ProCreate on one model) remember each output once. Returns
+        how many were added."""
         with self._lock:
-            start = len(self._sets.get(memory_id, ())) if memory_id in self._sets else 0
+            current = self._sets.get(memory_id)
+            known = set(current.hashes) if current is not None else set()
+            fresh = [i for i, latent in enumerate(latents) if hash_tensor(latent) not in known]
+            if not fresh:
+                return 0
+            latents = latents[fresh]
+            start = len(current) if current is not None else 0
             names = [f"{memory_id} #{start + index}" for index in range(latents.shape[0])]
             added = from_latents(latents, latent_format, names=names, settings={"shield_memory_id": memory_id})
-            current = self._sets.get(memory_id)
             merged = added if current is None else current.concat(added)
             if len(merged) > self.max_items:  # keep the newest generations
                 keep = slice(len(merged) - self.max_items, None)
@@ -142,6 +150,7 @@ class ShieldMemoryStore:
                 )
             self._sets[memory_id] = merged
             self._versions[memory_id] = self._versions.get(memory_id, 0) + 1
+            return len(fresh)
 
 
 MEMORY = ShieldMemoryStore()

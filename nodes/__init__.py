@@ -6,7 +6,7 @@ from typing_extensions import override
 from .demo_model import ShieldDemoConditioning, ShieldDemoModelLoader, ShieldDemoTrainingSet
 from .info import ShieldInfo
 from .procreate import NODES as PROCREATE_NODES
-from .reference import ShieldMemorizerModel
+from .reference import REFERENCE_NODES
 from .report import ShieldReport
 from .shield_sets import SHIELD_SET_NODES
 from .spell import SPELL_NODES
@@ -19,7 +19,7 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     TransitionPointCFG,
     *PROCREATE_NODES,
     ShieldReport,
-    ShieldMemorizerModel,
+    *REFERENCE_NODES,
     ShieldDemoModelLoader,
     ShieldDemoConditioning,
     ShieldDemoTrainingSet,

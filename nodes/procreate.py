@@ -179,7 +179,8 @@ class ShieldProCreateGuidance(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to patch."),
                 io.Vae.Input("vae", tooltip="This model's VAE: decodes the predicted x̂0 for the embedder."),
                 EMBEDDER.Input("embedder", tooltip="DreamSim Loader or CLIP Vision Embedder."),
-                SHIELD_SET.Input("reference_set", tooltip="Reference images (with images or embeddings for this embedder); a Shield Memory makes it grow."),
+                SHIELD_SET.Input("reference_set", tooltip="Reference images (with images or embeddings for this embedder). A "
+                                 "Shield Memory makes it grow: each finished generation joins it (decoded with 'vae')."),
                 io.Float.Input("strength", default=100.0, min=0.0, max=10000.0, step=1.0,
                                tooltip="γ of the energy (paper 100–250). 0 turns the guidance off."),
                 io.Float.Input("element_clip", default=1.0, min=0.0, max=100.0, step=0.05,
@@ -197,6 +198,9 @@ class ShieldProCreateGuidance(io.ComfyNode):
                                "fast: gradient w.r.t. x̂0 only, no backward through the model."),
                 io.Float.Input("similarity_threshold", default=-1.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="Guide a sample only while its cosine similarity to the nearest reference is above this. -1 turns the threshold off."),
+                io.Boolean.Input("intra_batch", default=False, optional=True,
+                                 tooltip="Also push each sample away from the other samples of its batch (diversity). "
+                                 "Off (default) repels from the reference set only; needs batch size ≥ 2 to act."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model.")],
         )
@@ -211,11 +215,11 @@ class ShieldProCreateGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, embedder, reference_set, strength, element_clip, max_grad_norm, look_ahead_steps,
-                start_percent, end_percent, gradient_mode, similarity_threshold) -> io.NodeOutput:
+                start_percent, end_percent, gradient_mode, similarity_threshold, intra_batch=False) -> io.NodeOutput:
         settings = ProCreateSettings(
             gamma=strength, element_clip=element_clip, max_grad_norm=max_grad_norm, look_ahead_steps=look_ahead_steps,
             start_percent=start_percent, end_percent=end_percent, gradient_mode=gradient_mode,
-            similarity_threshold=similarity_threshold,
+            similarity_threshold=similarity_threshold, intra_batch=bool(intra_batch),
         )
         settings.validate()
         if strength == 0:

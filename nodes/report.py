@@ -13,7 +13,14 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..core.records import RECORDS
-from ..core.report import ReportData, measure_outputs, repellency_timeline, summary_text, transition_curves
+from ..core.report import (
+    ReportData,
+    measure_outputs,
+    procreate_curves,
+    repellency_timeline,
+    summary_text,
+    transition_curves,
+)
 from ..core.report_charts import render_report
 from ..core.shield_set import ShieldSet
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
@@ -31,7 +38,7 @@ class ShieldReport(io.ComfyNode):
             description=(
                 "Measures a batch of outputs: latent L2 distance and embedder cosine similarity to the "
                 "nearest shield, violations of the radius, batch diversity (Vendi score, mean pairwise "
-                "similarity), and the newest sparse-repellency and transition-point CFG run records."
+                "similarity), and the newest sparse-repellency, transition-point CFG and ProCreate run records."
             ),
             inputs=[
                 io.Image.Input(
@@ -60,7 +67,8 @@ class ShieldReport(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "include_run_records", default=True,
-                    tooltip="Add the newest sparse-repellency and transition-point CFG run records (timeline and d_t curves). Off: outputs only.",
+                    tooltip="Add the newest sparse-repellency, transition-point CFG and ProCreate run records (timeline, d_t "
+                    "curves, similarity per step). Off: outputs only.",
                 ),
             ],
             outputs=[
@@ -124,6 +132,7 @@ def build_report(
     if include_run_records:
         report.repellency = repellency_timeline(RECORDS.latest("sparse_repellency"))
         report.transition = transition_curves(RECORDS.latest("transition_cfg"))
+        report.procreate = procreate_curves(RECORDS.latest("procreate"))
     return report
 
 

@@ -25,10 +25,12 @@ import threading
 from typing import Any, Optional
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.samplers
 import torch
 
 from ..core.records import RECORDS, RunRecord
+from ..core.shield_files import MEMORY
 from ..core.shield_set import ShieldSet, ShieldSetError
 from . import procreate_math as pm
 from .embedders import Embedder, grad_capable
@@ -51,6 +53,7 @@ class ProCreateSettings:
     end_percent: float = 1.0
     gradient_mode: str = "exact"
     similarity_threshold: float = -1.0
+    intra_batch: bool = False
 
     def validate(self) -> None:
         if self.gamma < 0:
@@ -72,12 +75,16 @@ _EMBEDDING_CACHE_SIZE = 8192
 _cache_lock = threading.Lock()
 
 
-def reference_embeddings(reference: ShieldSet, embedder: Embedder, batch_size: int = 8) -> torch.Tensor:
-    """[K, D] embeddings of the set's images: from the set itself, the cache, or computed once."""
+def reference_embeddings(reference: ShieldSet, embedder: Embedder, batch_size: int = 8, decode=None) -> torch.Tensor:
+    """[K, D] embeddings of the set's items: from the set itself, the cache, or computed once.
+
+    Items without images (a Shield Memory holds only latents) are decoded with `decode(latents) -> IMAGE`
+    when it is given. The cache is keyed by (embedder, item hash), so a growing set embeds only its new items.
+    """
     stored = reference.embeddings.get(embedder.key)
     if stored is not None:
         return stored.float()
-    if reference.images is None:
+    if reference.images is None and decode is None:
         raise ShieldSetError(
             f"ProCreate Energy Guidance: the reference set ({reference.describe()}) has no images and no "
             f"embeddings for embedder {embedder.key!r}. Build it from images (Shield Reference Set from "
@@ -89,14 +96,65 @@ def reference_embeddings(reference: ShieldSet, embedder: Embedder, batch_size: i
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
         with torch.no_grad():
-            embedded = embedder.embed(reference.images[chunk]).float().cpu()
+            images = reference.images[chunk] if reference.images is not None else decode(reference.latents[chunk])
+            embedded = embedder.embed(images).float().cpu()
         with _cache_lock:
             for index, embedding in zip(chunk, embedded, strict=True):
                 _EMBEDDING_CACHE[(embedder.key, reference.hashes[index])] = embedding
                 cached[reference.hashes[index]] = embedding
                 while len(_EMBEDDING_CACHE) > _EMBEDDING_CACHE_SIZE:
                     _EMBEDDING_CACHE.popitem(last=False)
+    if not reference.hashes:
+        return torch.zeros(0, 0)
     return torch.stack([cached[h] for h in reference.hashes])
+
+
+def cached_embedding_count(embedder_key: str, hashes) -> int:
+    """How many of these items already have a cached embedding (for tests and logs)."""
+    with _cache_lock:
+        return sum((embedder_key, h) in _EMBEDDING_CACHE for h in hashes)
+
+
+def memory_id_of(reference: ShieldSet) -> str:
+    return str(reference.settings.get("shield_memory_id", ""))
+
+
+def check_model_compatibility(model_patcher, vae, reference: ShieldSet) -> None:
+    """Errors naming the input to fix when the VAE or the reference set belongs to another model family.
+
+    What can be told apart: latent channels and dimensions of the VAE vs the model's latent format
+    (an SD1.5/SDXL VAE on an SD3/Flux model, an image VAE on a video model) and the latent format
+    recorded in the reference set. Two VAEs of one architecture (SD1.5 vs SDXL, both 4-channel) differ
+    only in weights and scale, which nothing here can see: use the VAE of the checkpoint.
+    """
+    latent_format = model_patcher.get_model_object("latent_format")
+    format_name = type(latent_format).__name__
+    model_channels = int(getattr(latent_format, "latent_channels", 0) or 0)
+    vae_channels = int(getattr(vae, "latent_channels", model_channels))
+    if model_channels and vae_channels != model_channels:
+        raise ValueError(
+            f"ProCreate Energy Guidance: the 'vae' input works on {vae_channels}-channel latents but the model "
+            f"({format_name}) samples {model_channels}-channel latents. Connect the VAE that belongs to this model "
+            f"(e.g. the checkpoint's own VAE, not an SD1.5/SDXL VAE on an SD3/Flux model)."
+        )
+    model_dims = int(getattr(latent_format, "latent_dimensions", 2))
+    vae_dims = int(getattr(vae, "latent_dim", model_dims))
+    if vae_dims != model_dims:
+        raise ValueError(
+            f"ProCreate Energy Guidance: the 'vae' input makes {vae_dims}-D latents but the model ({format_name}) "
+            f"samples {model_dims}-D latents (image vs video). Connect the VAE that belongs to this model."
+        )
+    named_family = reference.latent_format and not reference.latent_format.startswith("VAE")
+    if len(reference) and named_family and reference.latent_format != format_name:
+        raise ShieldSetError(
+            f"ProCreate Energy Guidance: the 'reference_set' holds {reference.latent_format} latents but the model "
+            f"makes {format_name} latents. Rebuild the reference set with this model's VAE and model connected."
+        )
+    if len(reference) and model_channels and reference.latents.shape[1] != model_channels:
+        raise ShieldSetError(
+            f"ProCreate Energy Guidance: the 'reference_set' latents have {reference.latents.shape[1]} channels but "
+            f"the model ({format_name}) uses {model_channels}. Rebuild the reference set with this model's VAE."
+        )
 
 
 # -- pieces of one guidance step ------------------------------------------------------------------
@@ -142,6 +200,8 @@ class RunState:
     guided_steps: int = 0
     skipped_nonfinite: int = 0
     schedule: Optional[torch.Tensor] = None
+    references: Optional[torch.Tensor] = None  # [K, D] for this run (a memory grows between runs)
+    reference_count: int = 0
 
     def remaining_steps(self, sigma: float) -> Optional[int]:
         """Sampler steps left after the one at `sigma` (None outside a run: no cap)."""
@@ -160,23 +220,61 @@ class ProCreateGuidance:
         self.reference = reference
         self.settings = settings
         self.patch_id = patch_id
-        self.references = reference_embeddings(reference, embedder)
+        self.memory_id = memory_id_of(reference)
+        # a Shield Memory is read afresh at every run start; a fixed set is embedded once, here
+        self.references = None if self.memory_id else reference_embeddings(reference, embedder)
         self.holder: RunStateHolder[RunState] = RunStateHolder(self._new_run, self._finish_run)
+        self.latent_format = reference.latent_format
 
     # -- wiring ---------------------------------------------------------------------------------
     def attach(self, model_patcher) -> None:
-        model_patcher.set_model_sampler_post_cfg_function(self.post_cfg)
+        # Plain closures, not bound methods: clone() deep-copies model_options, and a deep copy of a
+        # bound method copies this object (and its run-state holder), so a patch stacked after this one
+        # would leave the hook reading a holder that the OUTER_SAMPLE wrapper never fills.
+        def procreate_post_cfg(args):
+            return self.post_cfg(args)
+
+        def procreate_memory_wrapper(executor, *args, **kwargs):
+            return self._remember_outputs(executor(*args, **kwargs))
+
+        check_model_compatibility(model_patcher, self.vae, self.reference)
+        self.latent_format = type(model_patcher.get_model_object("latent_format")).__name__
+        model_patcher.set_model_sampler_post_cfg_function(procreate_post_cfg)
         attach_run_state(model_patcher, f"{WRAPPER_KEY}:{self.patch_id}", self.holder)
+        if self.memory_id:  # outermost-first order does not matter: it only reads the final output
+            wrapper_type = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+            key = f"{WRAPPER_KEY}_memory:{self.patch_id}"
+            model_patcher.remove_wrappers_with_key(wrapper_type, key)
+            model_patcher.add_wrapper_with_key(wrapper_type, key, procreate_memory_wrapper)
+
+    def _remember_outputs(self, output):
+        """Add the run's final latents (LATENT space) to the Shield Memory: the growing reference set (§4)."""
+        if isinstance(output, torch.Tensor) and not output.is_nested:
+            MEMORY.append(self.memory_id, self.latent_format, output.detach().to("cpu", torch.float32))
+        return output
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(torch.float32))[..., :3].float().cpu()
+
+    def _run_references(self) -> torch.Tensor:
+        if not self.memory_id:
+            return self.references
+        snapshot = MEMORY.snapshot(self.memory_id)
+        return reference_embeddings(snapshot, self.embedder, decode=self._decode_latents)
 
     def _new_run(self, context: Optional[RunContext] = None) -> RunState:
         schedule = context.sigmas.detach().float().cpu().clone() if context is not None else None
-        return RunState(record=RECORDS.start("procreate", self.patch_id, label=self.embedder.key), schedule=schedule)
+        references = self._run_references()
+        state = RunState(record=RECORDS.start("procreate", self.patch_id, label=self.embedder.key), schedule=schedule)
+        state.references, state.reference_count = references, int(references.shape[0])
+        return state
 
     def _finish_run(self, state: RunState) -> None:
         state.record.summary.update(
             guided_steps=state.guided_steps,
             skipped_nonfinite=state.skipped_nonfinite,
-            references=len(self.reference),
+            references=state.reference_count,
+            memory_id=self.memory_id or None,
             embedder=self.embedder.key,
             settings=dataclasses.asdict(self.settings),
         )
@@ -219,12 +317,15 @@ class ProCreateGuidance:
         x, denoised = args["input"].clone().float(), args["denoised"].clone().float()
         sigma = args["sigma"].clone().float().reshape(-1).expand(x.shape[0]).contiguous()
         signal, noise = signal_and_noise_scale(model.model_sampling, sigma)
-        references = self.references.to(x.device)
-
+        if state.reference_count == 0 and not (settings.intra_batch and x.shape[0] > 1):
+            state.record.add_step(sigma=sigma.tolist(), active=[False] * x.shape[0], in_window=True, references=0)
+            return None
         first_stage = self._first_stage(state)
         with torch.no_grad():
             embeddings = self.embedder.embed(decode_images(self.vae, first_stage, model, denoised))
-            similarity, nearest = pm.nearest_reference(embeddings, references)
+        references = state.references.to(embeddings.device) if state.reference_count else embeddings.new_zeros(0, embeddings.shape[1])
+        with torch.no_grad():
+            similarity, nearest = pm.nearest_reference(embeddings, references, batch=settings.intra_batch)
         # a non-finite similarity goes on to the gradient, where it is skipped and reported
         above = (similarity > settings.similarity_threshold) | ~torch.isfinite(similarity)
         active = above & (signal > MIN_SIGNAL_SCALE)
@@ -266,7 +367,7 @@ class ProCreateGuidance:
 
         def energy_of(latent):
             embeddings = self.embedder.embed(decode_images(self.vae, first_stage, model, latent))
-            g, _ = pm.energy(embeddings, references, settings.gamma)
+            g, _ = pm.energy(embeddings, references, settings.gamma, batch=settings.intra_batch)
             return (g * mask).sum()
 
         if settings.gradient_mode == "fast":

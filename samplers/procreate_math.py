@@ -49,21 +49,53 @@ def cosine_to_references(embeddings: torch.Tensor, references: torch.Tensor) -> 
     return sample_unit @ reference_unit.T
 
 
-def nearest_reference(embeddings: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Highest cosine similarity of each sample to the references, and that reference's index (eq. 5's max)."""
-    similarity = cosine_to_references(embeddings.detach(), references)
+def _candidates(embeddings: torch.Tensor, references: torch.Tensor, batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vectors each sample is repelled from and its cosine to each [B, K(+B)].
+
+    With `batch`, the other samples' embeddings (detached: each sample moves only itself) join the
+    references, as the paper's growing reference set would hold them once generated (§4); a sample's
+    own column is masked out.
+    """
+    candidates = references.float().to(embeddings.device)
+    if batch and embeddings.shape[0] > 1:
+        candidates = torch.cat([candidates, embeddings.detach().float()])
+    similarity = cosine_to_references(embeddings, candidates) if candidates.shape[0] else embeddings.new_zeros(embeddings.shape[0], 0)
+    if batch and embeddings.shape[0] > 1:
+        own = torch.arange(embeddings.shape[0], device=embeddings.device)
+        similarity = similarity.clone()
+        similarity[own, references.shape[0] + own] = float("-inf")
+    return candidates, similarity
+
+
+def nearest_reference(
+    embeddings: torch.Tensor, references: torch.Tensor, batch: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Highest cosine similarity of each sample to the references, and that reference's index (eq. 5's max).
+
+    With `batch`, the other samples of the batch count as references too: an index ≥ K is sample index − K.
+    Without any candidate the similarity is −1 (nothing to repel from).
+    """
+    _, similarity = _candidates(embeddings.detach(), references, batch)
+    if similarity.shape[1] == 0:
+        return torch.full((embeddings.shape[0],), -1.0, device=embeddings.device), torch.zeros(
+            embeddings.shape[0], dtype=torch.long, device=embeddings.device
+        )
     best, index = similarity.max(dim=1)
     return best, index
 
 
-def energy(embeddings: torch.Tensor, references: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def energy(
+    embeddings: torch.Tensor, references: torch.Tensor, gamma: float, batch: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """g = γ·max_i cos(f(x̂0), f(ref_i)) per sample (eq. 5), differentiable w.r.t. `embeddings`.
 
     The nearest reference is picked without gradient, as the official code does; the gradient of the
-    max is the gradient at the arg-max anyway. Returns (g [B], nearest index [B]).
+    max is the gradient at the arg-max anyway. With `batch`, the other samples (detached) are candidates
+    too. Returns (g [B], nearest index [B]).
     """
-    _, index = nearest_reference(embeddings, references)
-    chosen = references.float().to(embeddings.device)[index]
+    candidates, _ = _candidates(embeddings, references, batch)
+    _, index = nearest_reference(embeddings, references, batch)
+    chosen = candidates[index]
     g = gamma * torch.nn.functional.cosine_similarity(embeddings.float(), chosen, dim=-1)
     return g, index
 

@@ -15,15 +15,14 @@ COMFYUI_ROOT = import_comfyui_in_process()
 
 BROKEN_PACK_SOURCE = 'raise RuntimeError("deliberately broken pack: the import-failure check must see this")\n'
 BROKEN_PACK_NAME = "shield_selftest_broken_pack"
-REFERENCE_MODELS_PACK = pathlib.Path(__file__).resolve().parent / "harness" / "reference_models_pack"
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> ComfyServer:
     """One real ComfyUI server for the session, with the pack and a deliberately broken pack beside it.
 
-    A test-only pack (tests/harness/reference_models_pack) adds `ShieldSelftestMemorizer` (MODEL) and
-    `ShieldSelftestSubsetConditioning` (CONDITIONING), so graphs can sample a real model.
+    Graphs sample real models without weight files through the pack's own Shield Memorizer Model and
+    Shield Memorizer Conditioning nodes (items written with `server.write_input_latent`).
     The broken pack proves that `import_failures()` sees a pack whose import raised (ComfyUI only
     logs it), so the tests that assert our pack has no import failure can fail.
     """
@@ -31,8 +30,6 @@ def server(tmp_path_factory) -> ComfyServer:
     broken = base_dir / "custom_nodes" / BROKEN_PACK_NAME
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text(BROKEN_PACK_SOURCE)
-    # real models without weight files: nodes that build the memorizer and its subset conditioning
-    (base_dir / "custom_nodes" / "shield_selftest_models").symlink_to(REFERENCE_MODELS_PACK, target_is_directory=True)
     comfy_server = ComfyServer(base_dir)
     try:
         comfy_server.start()

@@ -81,3 +81,22 @@ def test_memorizer_rejects_bad_items():
         build_memorizer(torch.zeros(0, 4, 8, 8))
     with pytest.raises(ValueError, match="prediction"):
         build_memorizer(torch.zeros(2, 4, 8, 8), "x0")
+
+
+def test_memorizer_conditioning_node_selects_a_subset(memorizer_items):
+    from comfyui_shield.nodes.reference import ShieldMemorizerConditioning, ShieldMemorizerModel
+
+    model, whole, n_items = ShieldMemorizerModel.execute({"samples": memorizer_items}, "eps").result
+    assert n_items == 6 and torch.equal(whole[0][0], subset_conditioning(6)[0][0])
+    (subset,) = ShieldMemorizerConditioning.execute("1, 4", n_items).result
+    assert torch.equal(subset[0][0], subset_conditioning(6, [1, 4])[0][0])
+    (everything,) = ShieldMemorizerConditioning.execute("", n_items).result
+    assert torch.equal(everything[0][0], whole[0][0])
+    # sampling with the subset lands on an item of the subset
+    latent = {"samples": torch.zeros(3, *memorizer_items.shape[1:])}
+    (out,) = comfy_nodes.common_ksampler(model, 2, 12, 1.0, "euler", "karras", subset, subset, latent)
+    assert set(nearest_item_distance(out["samples"], memorizer_items)[1].tolist()) <= {1, 4}
+    assert "'1,4'" in ShieldMemorizerConditioning.validate_inputs(subset="1;4")
+    assert ShieldMemorizerConditioning.validate_inputs(subset="0,5") is True
+    with pytest.raises(ValueError, match=r"\[6\] are outside 0..5"):
+        ShieldMemorizerConditioning.execute("2,6", 6)

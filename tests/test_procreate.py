@@ -4,6 +4,7 @@ The memorizer's items are 3-channel 16x16 "images" in [-1, 1], so ComfyUI's own 
 decodes them; the embedder is a small fixed differentiable feature map (or the real DreamSim).
 """
 
+import dataclasses
 import math
 
 import comfy.model_management
@@ -26,14 +27,14 @@ from comfyui_shield.reference_models.tiny_unet import (
 )
 from comfyui_shield.samplers.embedders import CallableEmbedder
 from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateSettings
+from harness.procreate_parts import pooled_projection_embedder, rgb_items, to_images, write_random_dreamsim
 
 N_ITEMS, PROTECTED = 6, 3
 
 
 @pytest.fixture(scope="module")
 def items():
-    generator = torch.Generator().manual_seed(7)
-    return torch.rand(N_ITEMS, 3, 16, 16, generator=generator) * 2 - 1
+    return rgb_items(N_ITEMS)
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +44,7 @@ def vae():
 
 @pytest.fixture(scope="module")
 def embedder():
-    projection = torch.randn(3 * 8 * 8, 32, generator=torch.Generator().manual_seed(3))
-
-    def features(images):
-        return torch.nn.functional.avg_pool2d(images.movedim(-1, 1) - 0.5, 2).flatten(1) @ projection
-
-    return CallableEmbedder(features, "test/pooled-projection")
-
-
-def to_images(latents):
-    return ((latents + 1) / 2).clamp(0, 1).movedim(1, -1)
+    return pooled_projection_embedder()
 
 
 def reference_set(items, count=PROTECTED):
@@ -67,10 +59,14 @@ def patched(model, vae, embedder, reference, **settings):
 
 def tiny_rgb_unet():
     """The tiny real UNet with 3 latent channels, so the pixel_space VAE decodes its latents."""
+    import comfy.latent_formats
     import comfy.model_base
     import comfy.model_patcher
 
-    model = comfy.model_base.BaseModel(TinyUNetConfig(tiny_unet_config(in_channels=3)), device=torch.device("cpu"))
+    config = TinyUNetConfig(tiny_unet_config(in_channels=3))
+    config.latent_format = comfy.latent_formats.LatentFormat()  # 3 channels, scale 1: what pixel_space decodes
+    config.latent_format.latent_channels = 3
+    model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
     fill_seeded(model.diffusion_model, 4)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
@@ -188,6 +184,15 @@ def test_guidance_lowers_similarity_to_the_references(items, vae, embedder, mode
     assert protected_hits(guided) < protected_hits(plain)
 
 
+def test_a_clone_of_the_patched_model_keeps_one_record_per_run(items, vae, embedder):
+    """Patches stacked later clone the model (deep-copying model_options): the hook must still see the run state."""
+    stacked_later = patched(build_memorizer(items, "eps"), vae, embedder, reference_set(items), gamma=30.0).clone()
+    before = len(RECORDS.runs("procreate", "test"))
+    run(stacked_later, noise_batch(2))
+    runs = RECORDS.runs("procreate", "test")[before:]
+    assert len(runs) == 1 and runs[0].finished and len(runs[0].steps) == 8 and runs[0].summary["guided_steps"] > 0
+
+
 def test_each_sample_is_pushed_from_its_own_nearest_reference(items, vae, embedder):
     model = build_memorizer(items, "eps")
     reference = reference_set(items, count=N_ITEMS)  # every item protected: nearest differs per sample
@@ -227,23 +232,6 @@ def test_bad_inputs(items, vae, embedder):
 
 
 # -- the real DreamSim package with random weights in its own file layout ---------------------------
-def write_random_dreamsim(folder):
-    """open_clip_vitb32 files as dreamsim 0.2.1 reads them (HOST.md), with random weights."""
-    from dreamsim.feature_extraction.vision_transformer import vit_base
-    from dreamsim.model import PerceptualModel
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    vit = vit_base(patch_size=32)
-    vit.pos_drop = torch.nn.LayerNorm(768)
-    state = dict(vit.state_dict(), proj=torch.randn(768, 512) / 30)
-    torch.save({"state_dict": state}, folder / "open_clip_vitb32_pretrain.pth.tar")
-    perceptual = PerceptualModel(model_type="open_clip_vitb32", feat_type="embedding", stride="32", lora=True,
-                                 load_dir=str(folder), device="cpu")
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", target_modules=["qkv"])
-    get_peft_model(perceptual, config).save_pretrained(str(folder / "open_clip_vitb32_single_lora"))
-
-
 @pytest.fixture
 def dreamsim_folder(tmp_path, monkeypatch):
     folder = tmp_path / "dreamsim"
@@ -279,3 +267,84 @@ def test_dreamsim_gradient_reaches_x_through_vae_decode(dreamsim_folder, items, 
     norms = [n for step in record.steps for n in step.get("grad_norm", [])]
     assert norms and all(math.isfinite(n) for n in norms) and max(norms) > 0
     assert record.summary["skipped_nonfinite"] == 0
+
+
+# -- VAE / model / reference set of different model families --------------------------------------------
+def test_mismatched_vae_and_reference_set_are_named(items, vae, embedder):
+    import copy
+
+    rgb_model = build_memorizer(items, "eps")
+    four_channel = build_memorizer(torch.randn(N_ITEMS, 4, 16, 16), "eps")
+    args = (embedder, reference_set(items), 50.0, 1.0, 0.5, 0, 0.0, 1.0, "fast", -1.0)
+    with pytest.raises(ValueError, match=r"'vae' input works on 3-channel latents but the model \(LatentFormat\) samples 4"):
+        ShieldProCreateGuidance.execute(four_channel, vae, *args)
+    video_vae = copy.copy(vae)
+    video_vae.latent_dim = 3
+    with pytest.raises(ValueError, match="'vae' input makes 3-D latents but the model .* 2-D"):
+        ShieldProCreateGuidance.execute(rgb_model, video_vae, *args)
+    sdxl_set = dataclasses.replace(reference_set(items), latent_format="SDXL")
+    with pytest.raises(ShieldSetError, match="'reference_set' holds SDXL latents but the model makes LatentFormat"):
+        ShieldProCreateGuidance.execute(rgb_model, vae, embedder, sdxl_set, *args[2:])
+    four_channel_set = from_latents(torch.randn(2, 4, 16, 16), "VAE4ch", images=to_images(items[:2]))
+    with pytest.raises(ShieldSetError, match="'reference_set' latents have 4 channels but the model"):
+        ShieldProCreateGuidance.execute(rgb_model, vae, embedder, four_channel_set, *args[2:])
+    (ok,) = ShieldProCreateGuidance.execute(rgb_model, vae, *args).result  # the matching family passes
+    assert ok is not rgb_model
+
+
+# -- a Shield Memory as the growing reference set ---------------------------------------------------------
+def test_shield_memory_reference_set_grows_with_every_run(items, vae, embedder):
+    from comfyui_shield.core.shield_files import MEMORY
+    from comfyui_shield.nodes.shield_sets import ShieldMemory
+    from comfyui_shield.samplers.procreate_hook import cached_embedding_count
+
+    (memory,) = ShieldMemory.execute("procreate-test", True).result
+    assert len(memory) == 0
+    model = build_memorizer(items, "eps")
+    guided = patched(model, vae, embedder, memory, gamma=100.0, gradient_mode="fast")
+    noise = noise_batch(3, seed=9)
+    first = run(guided, noise)
+    record = RECORDS.latest("procreate", "test")
+    assert record.summary["references"] == 0 and record.summary["guided_steps"] == 0
+    assert torch.equal(first, run(model, noise))  # nothing to repel from yet: plain sampling
+    remembered = MEMORY.snapshot("procreate-test")
+    assert len(remembered) == 3 and torch.equal(remembered.latents, first)
+    second = run(guided, noise)  # the same seed: plain sampling would copy run 1's outputs again
+    record = RECORDS.latest("procreate", "test")
+    assert record.summary["references"] == 3 and record.summary["guided_steps"] > 0
+    assert cached_embedding_count(embedder.key, remembered.hashes) == 3  # embedded once, from the decoded latents
+    run_one = embedder.embed(to_images(first))
+
+    def similarity_to_run_one(latents):
+        cosine = torch.nn.functional.cosine_similarity(embedder.embed(to_images(latents))[:, None], run_one[None], dim=-1)
+        return cosine.max(dim=1).values
+
+    assert similarity_to_run_one(second).mean() < similarity_to_run_one(first).mean() - 0.1
+    assert len(MEMORY.snapshot("procreate-test")) == 6
+    MEMORY.reset("procreate-test")
+
+
+# -- optional intra-batch repulsion ------------------------------------------------------------------------
+def test_intra_batch_repulsion_raises_batch_diversity(items, vae, embedder):
+    model = build_memorizer(items, "eps")
+    far = from_latents(-items[:1], "LatentFormat", images=to_images(-items[:1]))  # a reference nothing comes near
+    noise = noise_batch(6, seed=4)
+    positive, negative = subset_conditioning(N_ITEMS, [0, 1]), subset_conditioning(N_ITEMS)
+
+    def sample(intra_batch):
+        guided = patched(model, vae, embedder, far, gamma=100.0, gradient_mode="fast", intra_batch=intra_batch)
+        return comfy.sample.sample(guided, noise, 8, 2.0, "ddim", "ddim_uniform", positive, negative,
+                                   torch.zeros_like(noise), seed=0)
+
+    def mean_pairwise_similarity(latents):
+        unit = torch.nn.functional.normalize(embedder.embed(to_images(latents)), dim=-1)
+        cosine = unit @ unit.T
+        return float((cosine.sum() - cosine.diagonal().sum()) / (len(unit) * (len(unit) - 1)))
+
+    alone = sample(False)
+    assert RECORDS.latest("procreate", "test").summary["settings"]["intra_batch"] is False
+    together = sample(True)
+    record = RECORDS.latest("procreate", "test")
+    assert any(index >= 1 for step in record.steps for index in step.get("nearest", []))  # another sample was nearest
+    assert mean_pairwise_similarity(together) < mean_pairwise_similarity(alone) - 0.05
+    assert torch.cdist(together.flatten(1), together.flatten(1)).mean() > torch.cdist(alone.flatten(1), alone.flatten(1)).mean()

@@ -11,7 +11,7 @@ import torch
 
 from comfyui_shield.core import metrics
 from comfyui_shield.core.records import RECORDS
-from comfyui_shield.core.report import repellency_timeline, transition_curves
+from comfyui_shield.core.report import procreate_curves, repellency_timeline, transition_curves
 from comfyui_shield.core.shield_set import from_latents
 from comfyui_shield.nodes.report import ShieldReport
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
@@ -51,7 +51,10 @@ def run_report(**inputs):
 
 
 def sample_memorizer(items, batch, seed=11):
-    model = build_memorizer(items)
+    return sample_memorizer_model(build_memorizer(items), items, batch, seed)
+
+
+def sample_memorizer_model(model, items, batch, seed=11):
     conditioning = subset_conditioning(len(items))
     latent = torch.zeros(batch, *items.shape[1:])
     (out,) = comfy_nodes.common_ksampler(model, seed, 12, 1.0, "euler", "karras", conditioning, conditioning, {"samples": latent})
@@ -142,7 +145,47 @@ def test_run_records_become_a_timeline_and_curves():
     assert_chart_image(charts, min_height=600)  # summary + timeline + curves: two rows of panels
 
     _, without, _ = run_report(latent=latent, include_run_records=False)
-    assert "repellency" not in without and "transition" not in without
+    assert "repellency" not in without and "transition" not in without and "procreate" not in without
+
+
+def test_procreate_records_become_similarity_curves():
+    latent = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
+    bare_charts, bare_text, _ = run_report(latent=latent)
+    assert "procreate" not in bare_text
+    record = RECORDS.start("procreate", "pc-1", label="test/embedder")
+    record.add_step(sigma=[9.0, 9.0], active=[False, False], in_window=False)  # outside the window: nothing measured
+    for step, (first, second) in enumerate([(0.95, 0.4), (0.9, 0.42), (0.7, 0.41), (0.5, 0.4)]):
+        record.add_step(sigma=[4.0 / (step + 1)] * 2, similarity=[first, second], nearest=[0, 1],
+                        active=[first > 0.6, False], in_window=True)
+    curves = procreate_curves(record)
+    assert curves.similarity.shape == (5, 2) and np.isnan(curves.similarity[0]).all()
+    assert curves.guided[:, 0].tolist() == [False, True, True, True, False] and curves.guided_samples() == [0]
+    charts, text, _ = run_report(latent=latent)
+    assert "procreate energy guidance (run #" in text and ", test/embedder): 5 steps recorded" in text
+    assert "guided 3 step-samples in 3 steps, last at step 3; samples guided: [0]" in text
+    assert "max nearest-reference similarity: first measured step 0.95, last 0.5" in text
+    assert_chart_image(charts)
+    assert charts.shape[2] >= 2 * bare_charts.shape[2] - 10  # a second panel: the similarity curves
+
+
+def test_report_reads_a_real_procreate_run(memorizer_items):
+    import comfy.sd
+
+    from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateSettings
+    from harness.procreate_parts import pooled_projection_embedder, rgb_items, to_images
+
+    items = rgb_items(6)
+    model = build_memorizer(items).clone()
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    reference = from_latents(items[:3], "LatentFormat", images=to_images(items[:3]))
+    ProCreateGuidance(vae, pooled_projection_embedder(), reference, ProCreateSettings(gamma=80.0, gradient_mode="fast"),
+                      patch_id="report").attach(model)
+    out = sample_memorizer_model(model, items, batch=3)
+    _, text, _ = run_report(latent=out)
+    record = RECORDS.latest("procreate")
+    guided = sorted({i for step in record.steps for i, on in enumerate(step["active"]) if on})
+    assert guided and f"samples guided: {guided}" in text
+    assert f"{len(record.steps)} steps recorded" in text
 
 
 def test_records_with_missing_keys_scalars_and_index_lists_are_read():

@@ -1,7 +1,6 @@
 """Sparse Repellency nodes in a real ComfyUI server graph, with the memorizer model node."""
 
 import pytest
-import safetensors.torch
 import torch
 
 from comfyui_shield.reference_models.memorizer import minimum_item_spacing
@@ -11,14 +10,11 @@ RADIUS = 4.0
 
 
 def _write_items(server, items):
-    path = server.base_dir / "input" / "shield_items.latent"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({"latent_tensor": items.contiguous(), "latent_format_version_0": torch.tensor([])}, str(path))
+    server.write_input_latent("shield_items", items)
 
 
 def _saved_latent(server, outputs, node_id):
-    info = outputs[node_id]["latents"][0]
-    return safetensors.torch.load_file(str(server.output_path(info)))["latent_tensor"]
+    return server.saved_latent(outputs, node_id)
 
 
 def _graph(shield_source: dict, prefix: str) -> dict:

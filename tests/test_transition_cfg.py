@@ -8,7 +8,6 @@ import pytest
 import torch
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 from comfy_extras.nodes_model_advanced import RescaleCFG
-from safetensors.torch import load_file
 
 from comfyui_shield.core.records import RECORDS
 from comfyui_shield.nodes.transition_cfg import TransitionPointCFG, build_settings, check_settings
@@ -232,7 +231,10 @@ def test_cap_before_a_static_sigma_is_an_error(memorizer_items):
 
 
 def transition_graph(positive_subset="1,4", patched=True, **overrides):
-    """Memorizer (test-only server pack) → Transition-Point CFG → KSampler → SaveLatent."""
+    """LoadLatent → Shield Memorizer Model → Transition-Point CFG → KSampler → SaveLatent.
+
+    The items are the `memorizer_items` fixture, written by `write_items` as input/memorizer_items.latent.
+    """
     inputs = {
         "model": ["1", 0],
         "mode": "static",
@@ -244,7 +246,8 @@ def transition_graph(positive_subset="1,4", patched=True, **overrides):
     }
     inputs.update(overrides)
     return {
-        "1": {"class_type": "ShieldSelftestMemorizer", "inputs": {"prediction": "eps", "seed": 1234, "n_items": 6}},
+        "0": {"class_type": "LoadLatent", "inputs": {"latent": "memorizer_items.latent"}},
+        "1": {"class_type": "ShieldMemorizerModel", "inputs": {"latent": ["0", 0], "prediction": "eps"}},
         "2": {"class_type": "ShieldTransitionPointCFG", "inputs": inputs},
         "3": {"class_type": "KSampler", "inputs": {
             "model": ["2", 0] if patched else ["1", 0], "seed": 5, "steps": 6, "cfg": 3.0, "sampler_name": "euler",
@@ -252,14 +255,18 @@ def transition_graph(positive_subset="1,4", patched=True, **overrides):
             "denoise": 1.0}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
         "5": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "tpcfg"}},
-        "6": {"class_type": "ShieldSelftestSubsetConditioning", "inputs": {"n_items": 6, "subset": positive_subset}},
-        "7": {"class_type": "ShieldSelftestSubsetConditioning", "inputs": {"n_items": 6, "subset": ""}},
+        "6": {"class_type": "ShieldMemorizerConditioning", "inputs": {"n_items": ["1", 2], "subset": positive_subset}},
+        "7": {"class_type": "ShieldMemorizerConditioning", "inputs": {"n_items": ["1", 2], "subset": ""}},
     }
 
 
+@pytest.fixture
+def write_items(server, memorizer_items):
+    server.write_input_latent("memorizer_items", memorizer_items)
+
+
 def run_latent(server, graph) -> torch.Tensor:
-    outputs = server.run(graph)
-    return load_file(server.output_path(outputs["5"]["latents"][0]))["latent_tensor"]
+    return server.saved_latent(server.run(graph), "5")
 
 
 def node_errors(server, graph) -> dict:
@@ -272,7 +279,7 @@ def node_errors(server, graph) -> dict:
     raise AssertionError("the server accepted an invalid graph")
 
 
-def test_server_runs_the_node_in_a_graph(server):
+def test_server_runs_the_node_in_a_graph(server, write_items):
     info = server.object_info()["ShieldTransitionPointCFG"]
     assert info["category"].startswith("shield")
     assert set(info["input"]["required"]) >= {"mode", "before_guidance", "opposite_scale", "cap_percent"}
@@ -285,7 +292,7 @@ def test_server_runs_the_node_in_a_graph(server):
     assert torch.isfinite(dynamic).all() and not torch.equal(dynamic, plain)
 
 
-def test_server_rejects_bad_inputs_naming_them(server):
+def test_server_rejects_bad_inputs_naming_them(server, write_items):
     errors = node_errors(server, transition_graph(cap_percent=0.2))
     assert "2" in errors and "cap_percent" in errors["2"] and "transition_percent" in errors["2"]
     errors = node_errors(server, transition_graph(before_guidance="opposite", opposite_scale=0.0))

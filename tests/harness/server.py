@@ -154,3 +154,22 @@ class ComfyServer:
     def output_path(self, image_info: dict) -> pathlib.Path:
         folder = {"output": "output", "temp": "temp", "input": "input"}[image_info["type"]]
         return self.base_dir / folder / image_info.get("subfolder", "") / image_info["filename"]
+
+    # -- latent files ----------------------------------------------------------------------------
+    def write_input_latent(self, name: str, latents) -> str:
+        """Write `latents` [N, C, H, W] as input/<name>.latent for LoadLatent (unscaled: format version 0)."""
+        import safetensors.torch
+        import torch
+
+        path = self.base_dir / "input" / f"{name}.latent"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"latent_tensor": latents.detach().float().contiguous(), "latent_format_version_0": torch.tensor([])}
+        safetensors.torch.save_file(tensors, str(path))
+        return path.name
+
+    def saved_latent(self, outputs: dict, node_id: str, index: int = 0):
+        """The tensor a SaveLatent node `node_id` wrote in this run."""
+        import safetensors.torch
+
+        info = outputs[node_id]["latents"][index]
+        return safetensors.torch.load_file(str(self.output_path(info)))["latent_tensor"]
