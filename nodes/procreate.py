@@ -17,11 +17,12 @@ import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..core.shield_set import from_latents
 from ..optional_deps import require
 from ..samplers.embedders import ClipVisionEmbedder, DreamSimEmbedder
 from ..samplers.procreate_hook import GRADIENT_MODES, ProCreateGuidance, ProCreateSettings, reference_embeddings
+from ..samplers.spell_hook import latent_format_name
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
+from .shield_sets import encode_images
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +159,9 @@ class ShieldReferenceSetFromImages(io.ComfyNode):
     def execute(cls, images, vae, embedder, model=None) -> io.NodeOutput:
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"Reference Set from Images: 'images' must be a non-empty IMAGE batch, got {tuple(images.shape)}")
-        images = images[..., :3].float().cpu()
-        latents = vae.encode(images)
-        latent_format = type(model.model.latent_format).__name__ if model is not None else f"VAE{vae.latent_channels}ch"
-        names = [f"reference {index}" for index in range(images.shape[0])]
-        reference = from_latents(latents, latent_format, names=names, images=images)
+        latent_format = latent_format_name(model) if model is not None else f"VAE{vae.latent_channels}ch"
+        height, width = images.shape[1:3]
+        reference = encode_images(vae, images.cpu(), latent_format, width, height)
         return io.NodeOutput(reference.with_embeddings(embedder.key, reference_embeddings(reference, embedder)))
 
 
