@@ -2,9 +2,8 @@
 
 import importlib.util
 
-from harness.host import REPO_ROOT
-
 from comfyui_shield.nodes import NODE_LIST
+from harness.host import REPO_ROOT
 
 
 def load_generator():
