@@ -365,10 +365,14 @@ def card_jpg(title: str, workflow: dict) -> bytes:
     draw.rectangle((0, 0, 383, 52), fill=(52, 96, 150))
     draw.multiline_text((12, 8), textwrap.fill(title, 40), fill=(255, 255, 255), font=ImageFont.load_default(size=15))
     font = ImageFont.load_default(size=13)
-    for row, node in enumerate(workflow["nodes"][:16]):
+    for row, node in enumerate(workflow["nodes"][:14]):
         shield = node["type"].startswith("Shield")
-        draw.text((16, 64 + row * 19), ("◆ " if shield else "· ") + node["type"],
+        draw.text((16, 64 + row * 19), ("> " if shield else "- ") + node["type"],
                   fill=(255, 196, 80) if shield else (200, 205, 215), font=font)
+    files = [value for node in workflow["nodes"] for value in node["widgets_values"]
+             if isinstance(value, str) and value.endswith((".safetensors", ".ckpt"))]
+    draw.multiline_text((12, 340), textwrap.fill("needs: " + ", ".join(files), 52), fill=(150, 160, 175),
+                        font=ImageFont.load_default(size=11))
     return _jpeg(sheet)
 
 
