@@ -22,6 +22,7 @@ from ..optional_deps import require
 from ..samplers.embedders import ClipVisionEmbedder, DreamSimEmbedder, PixelEmbedder
 from ..samplers.procreate_hook import GRADIENT_MODES, ProCreateGuidance, ProCreateSettings, reference_embeddings
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
+from .run_summary import node_id_of, register_patch
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,7 @@ class ShieldProCreateGuidance(io.ComfyNode):
                                tooltip="Guide a sample only while its cosine similarity to the nearest reference is above this. -1 turns the threshold off."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -244,7 +246,9 @@ class ShieldProCreateGuidance(io.ComfyNode):
         if strength == 0:
             return io.NodeOutput(model.clone())
         patched = model.clone()
-        ProCreateGuidance(vae, embedder, reference_set, settings, patch_id=uuid.uuid4().hex[:12]).attach(patched)
+        patch_id = uuid.uuid4().hex[:12]
+        ProCreateGuidance(vae, embedder, reference_set, settings, patch_id=patch_id).attach(patched)
+        register_patch(patch_id, node_id_of(cls))
         return io.NodeOutput(patched)
 
 
