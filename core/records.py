@@ -10,9 +10,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+logger = logging.getLogger(__name__)
 
 _run_counter = itertools.count(1)
 
@@ -51,6 +54,24 @@ class RecordBook:
     def __init__(self, max_runs: int = 256):
         self._runs: collections.deque[RunRecord] = collections.deque(maxlen=max_runs)
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[RunRecord], None]] = []
+
+    def add_listener(self, listener: Callable[[RunRecord], None]) -> None:
+        """Call `listener(record)` whenever a run finishes (e.g. to tell the frontend); added once."""
+        with self._lock:
+            if listener not in self._listeners:
+                self._listeners.append(listener)
+
+    def finish(self, record: RunRecord) -> None:
+        """Mark a run finished and tell the listeners; a failing listener is logged, never raised."""
+        record.finished = True
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(record)
+            except Exception:  # a display problem must not fail the sampling run
+                logger.exception("Shield: run-record listener %r failed", listener)
 
     def start(self, kind: str, patch_id: str, label: str = "") -> RunRecord:
         record = RunRecord(kind=kind, patch_id=patch_id, label=label)
@@ -70,6 +91,35 @@ class RecordBook:
     def clear(self) -> None:
         with self._lock:
             self._runs.clear()
+
+
+def _touched_per_step(record: RunRecord) -> list[set[int]]:
+    """Per step, the samples the patch changed; each method records it in its own words."""
+    touched = []
+    for step in record.steps:
+        if "touched" in step:  # sparse repellency: indices of the samples it moved
+            touched.append(set(step["touched"]))
+        elif "switched" in step:  # transition-point CFG: samples still before their transition
+            touched.append({i for i, switched in enumerate(step["switched"]) if not switched})
+        elif "active" in step and isinstance(step["active"], list):  # ProCreate: samples it guided
+            touched.append({i for i, active in enumerate(step["active"]) if active})
+        else:
+            touched.append(set())
+    return touched
+
+
+def touched_summary(record: RunRecord) -> dict[str, Any]:
+    """How many samples and steps one run of a patch touched (changed), for the frontend and reports."""
+    touched = _touched_per_step(record)
+    samples = max((len(step.get("sigma", [])) for step in record.steps), default=0)
+    return {
+        "kind": record.kind,
+        "label": record.label,
+        "samples": samples,
+        "samples_touched": len(set().union(*touched)) if touched else 0,
+        "steps": len(record.steps),
+        "steps_touched": sum(1 for step in touched if step),
+    }
 
 
 RECORDS = RecordBook()

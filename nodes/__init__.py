@@ -8,6 +8,7 @@ from .info import ShieldInfo
 from .procreate import NODES as PROCREATE_NODES
 from .reference import REFERENCE_NODES
 from .report import ShieldReport
+from .run_summary import install as install_frontend_link
 from .shield_sets import SHIELD_SET_NODES
 from .spell import SPELL_NODES
 from .transition_cfg import TransitionPointCFG
@@ -33,4 +34,5 @@ class ShieldExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> ShieldExtension:
+    install_frontend_link()  # run summaries to the frontend, Shield Memory reset route
     return ShieldExtension()

@@ -1,4 +1,4 @@
-"""ProCreate nodes: DreamSim Loader, CLIP Vision Embedder, Reference Set from Images, Energy Guidance.
+"""ProCreate nodes: DreamSim Loader, CLIP Vision Embedder, Pixel Embedder, Reference Set from Images, Energy Guidance.
 
 Paper: "ProCreate, Don't Reproduce!" (https://arxiv.org/abs/2408.02226), §4 and §6.1.
 """
@@ -18,10 +18,11 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..optional_deps import require
-from ..samplers.embedders import ClipVisionEmbedder, DreamSimEmbedder
+from ..samplers.embedders import ClipVisionEmbedder, DreamSimEmbedder, PixelEmbedder
 from ..samplers.procreate_hook import GRADIENT_MODES, ProCreateGuidance, ProCreateSettings, reference_embeddings
 from ..samplers.spell_hook import latent_format_name
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
+from .run_summary import node_id_of, register_patch
 from .shield_sets import encode_images
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,29 @@ class ShieldClipVisionEmbedder(io.ComfyNode):
         return io.NodeOutput(ClipVisionEmbedder(clip_vision))
 
 
+class ShieldPixelEmbedder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldPixelEmbedder",
+            display_name="Pixel Embedder (Shield)",
+            category=f"{CATEGORY}/procreate",
+            description="Pixel space as the embedding: resize to size x size, flatten, normalise; cosine similarity "
+            "is then a pixel-space similarity (colour and layout, no learned features). Needs no weights: for small "
+            "images such as the demo model's, or to try ProCreate without DreamSim. For real images use DreamSim.",
+            inputs=[
+                io.Int.Input("size", default=16, min=2, max=256, step=1,
+                             tooltip="Side of the resized image that is compared (smaller = coarser, blur-tolerant "
+                             "similarity). There is no off value: leave the embedder out to turn ProCreate off."),
+            ],
+            outputs=[EMBEDDER.Output("embedder", tooltip="A differentiable pixel-space embedder.")],
+        )
+
+    @classmethod
+    def execute(cls, size) -> io.NodeOutput:
+        return io.NodeOutput(PixelEmbedder(size))
+
+
 class ShieldReferenceSetFromImages(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -177,7 +201,7 @@ class ShieldProCreateGuidance(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch."),
                 io.Vae.Input("vae", tooltip="This model's VAE: decodes the predicted x̂0 for the embedder."),
-                EMBEDDER.Input("embedder", tooltip="DreamSim Loader or CLIP Vision Embedder."),
+                EMBEDDER.Input("embedder", tooltip="DreamSim Loader, CLIP Vision Embedder or Pixel Embedder (small images)."),
                 SHIELD_SET.Input("reference_set", tooltip="Reference images (with images or embeddings for this embedder). A "
                                  "Shield Memory makes it grow: each finished generation joins it (decoded with 'vae')."),
                 io.Float.Input("strength", default=100.0, min=0.0, max=10000.0, step=1.0,
@@ -202,6 +226,7 @@ class ShieldProCreateGuidance(io.ComfyNode):
                                  "Off (default) repels from the reference set only; needs batch size ≥ 2 to act."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -224,8 +249,10 @@ class ShieldProCreateGuidance(io.ComfyNode):
         if strength == 0:
             return io.NodeOutput(model.clone())
         patched = model.clone()
-        ProCreateGuidance(vae, embedder, reference_set, settings, patch_id=uuid.uuid4().hex[:12]).attach(patched)
+        patch_id = uuid.uuid4().hex[:12]
+        ProCreateGuidance(vae, embedder, reference_set, settings, patch_id=patch_id).attach(patched)
+        register_patch(patch_id, node_id_of(cls))
         return io.NodeOutput(patched)
 
 
-NODES = [ShieldDreamSimLoader, ShieldClipVisionEmbedder, ShieldReferenceSetFromImages, ShieldProCreateGuidance]
+NODES = [ShieldDreamSimLoader, ShieldClipVisionEmbedder, ShieldPixelEmbedder, ShieldReferenceSetFromImages, ShieldProCreateGuidance]

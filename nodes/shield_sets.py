@@ -8,12 +8,13 @@ import logging
 import os
 import time
 import weakref
+from typing import Optional
 
 import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.v0_0_2 import io
+from comfy_api.v0_0_2 import io, ui
 
 from ..core.shield_files import MEMORY, load_shield_set, resolve_inside, save_shield_set
 from ..core.shield_set import ShieldSet, ShieldSetError, from_latents  # noqa: F401
@@ -65,6 +66,30 @@ def encode_images(vae, images: torch.Tensor, latent_format: str, width: int, hei
     return dataclasses.replace(shield_set, hashes=hashes)
 
 
+PREVIEW_ITEMS = 16
+PREVIEW_CELL = 96
+
+
+def preview_grid(images: torch.Tensor, columns: int = 4) -> torch.Tensor:
+    """Up to PREVIEW_ITEMS images [N, H, W, 3] as one IMAGE [1, rows*cell, columns*cell, 3] (nearest resize)."""
+    shown = images[:PREVIEW_ITEMS, ..., :3].float().clamp(0, 1)
+    tiles = torch.nn.functional.interpolate(shown.movedim(-1, 1), size=(PREVIEW_CELL, PREVIEW_CELL), mode="nearest")
+    columns = min(columns, tiles.shape[0])
+    rows = -(-tiles.shape[0] // columns)
+    grid = torch.zeros(3, rows * PREVIEW_CELL, columns * PREVIEW_CELL)
+    for index, tile in enumerate(tiles):
+        top, left = (index // columns) * PREVIEW_CELL, (index % columns) * PREVIEW_CELL
+        grid[:, top : top + PREVIEW_CELL, left : left + PREVIEW_CELL] = tile
+    return grid.movedim(0, -1)[None]
+
+
+def set_preview(cls, shield_set: ShieldSet) -> Optional[ui.PreviewImage]:
+    """Thumbnails of the set's images for the node (none for a latent-only set)."""
+    if shield_set.images is None or len(shield_set) == 0:
+        return None
+    return ui.PreviewImage(preview_grid(shield_set.images), cls=cls)
+
+
 class ShieldSetFromImages(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -98,7 +123,7 @@ class ShieldSetFromImages(io.ComfyNode):
             per_vae[key] = encode_images(vae, images, latent_format, width, height)
             while len(per_vae) > _ENCODE_CACHE_PER_VAE:
                 per_vae.pop(next(iter(per_vae)))
-        return io.NodeOutput(per_vae[key])
+        return io.NodeOutput(per_vae[key], ui=set_preview(cls, per_vae[key]))
 
 
 class ShieldSetFromLatents(io.ComfyNode):
@@ -191,7 +216,8 @@ class LoadShieldSet(io.ComfyNode):
         path = folder_paths.get_full_path(FOLDER, filename)
         if path is None:
             raise ShieldSetError(f"Load Shield Set: no file {filename!r} in models/shield_sets ({shield_folder()})")
-        return io.NodeOutput(load_shield_set(resolve_inside(os.path.dirname(path), os.path.basename(path), "Load Shield Set")))
+        shield_set = load_shield_set(resolve_inside(os.path.dirname(path), os.path.basename(path), "Load Shield Set"))
+        return io.NodeOutput(shield_set, ui=set_preview(cls, shield_set))
 
 
 class ShieldMemory(io.ComfyNode):
@@ -223,7 +249,9 @@ class ShieldMemory(io.ComfyNode):
     def execute(cls, memory_id, reset) -> io.NodeOutput:
         if reset:
             MEMORY.reset(memory_id)
-        return io.NodeOutput(MEMORY.snapshot(memory_id))
+        memory = MEMORY.snapshot(memory_id)
+        text = f"memory '{memory_id}': {len(memory)} earlier outputs remembered"
+        return io.NodeOutput(memory, ui={"text": [text]})
 
 
 class ShieldRadiusCalibration(io.ComfyNode):

@@ -14,6 +14,7 @@ from ..core.shield_set import ShieldSet, ShieldSetError
 from ..samplers.spell_hook import RepellencySettings, SparseRepellencyPatch
 from ..samplers.spell_math import SEARCH_METHODS
 from .common import CATEGORY, SHIELD_SET
+from .run_summary import node_id_of, register_patch
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def repellency_model(
     end_percent: float,
     search: str,
     label: str = "",
+    node_id: Optional[str] = None,
 ):
     """The patched clone, or the model itself when the settings turn the patch off."""
     message = validate_shield_settings(radius, radius_unit, start_percent, end_percent)
@@ -97,6 +99,7 @@ def repellency_model(
     )
     patch = SparseRepellencyPatch(sets, settings, on_output=_record_memory, label=label)
     patched = patch.patch(model)
+    register_patch(patch.patch_id, node_id)
     for s in sets:  # an empty memory learns its format from the model that first fills it
         if s.settings.get("shield_memory_id") and not len(s):
             _memory_format[str(s.settings["shield_memory_id"])] = patch.latent_format
@@ -115,6 +118,7 @@ class SparseRepellency(io.ComfyNode):
             "sampler node, sampler and scheduler, EPS/V/flow models.",
             inputs=[io.Model.Input("model", tooltip="The model to patch.")] + shield_inputs(),
             outputs=[io.Model.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -125,7 +129,8 @@ class SparseRepellency(io.ComfyNode):
     def execute(cls, model, radius, radius_unit, overcompensation, intra_batch, start_percent, end_percent, search,
                 shield_set=None, shield_set_2=None) -> io.NodeOutput:
         return io.NodeOutput(repellency_model(model, shield_set, shield_set_2, radius, radius_unit, overcompensation,
-                                              intra_batch, start_percent, end_percent, search))
+                                              intra_batch, start_percent, end_percent, search,
+                                              node_id=node_id_of(cls)))
 
 
 class SparseRepellencyKSampler(io.ComfyNode):
@@ -151,6 +156,7 @@ class SparseRepellencyKSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Amount of denoising (1 = full)."),
             ] + shield_inputs(),
             outputs=[io.Latent.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -162,7 +168,7 @@ class SparseRepellencyKSampler(io.ComfyNode):
                 radius, radius_unit, overcompensation, intra_batch, start_percent, end_percent, search,
                 shield_set=None, shield_set_2=None) -> io.NodeOutput:
         patched = repellency_model(model, shield_set, shield_set_2, radius, radius_unit, overcompensation, intra_batch,
-                                   start_percent, end_percent, search)
+                                   start_percent, end_percent, search, node_id=node_id_of(cls))
         (latent,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                                 latent_image, denoise=denoise)
         return io.NodeOutput(latent)

@@ -10,6 +10,7 @@ from comfy_api.v0_0_2 import io
 from ..samplers.transition_hook import DYNAMIC, MODES, STATIC, TransitionSettings, apply_transition_cfg
 from ..samplers.transition_math import BEFORE_GUIDANCE_CHOICES, OPPOSITE, UNCONDITIONAL, before_guidance_scale
 from .common import CATEGORY, NODE_ID_PREFIX
+from .run_summary import node_id_of, register_patch
 
 
 def check_settings(mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent):
@@ -95,6 +96,7 @@ class TransitionPointCFG(io.ComfyNode):
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The model with Transition-Point CFG attached.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -124,6 +126,7 @@ class TransitionPointCFG(io.ComfyNode):
         )
         patch_id = f"tpcfg-{uuid.uuid4().hex[:12]}"
         apply_transition_cfg(patched, settings, patch_id, label=f"{mode}, {before_guidance}")
+        register_patch(patch_id, node_id_of(cls))
         return io.NodeOutput(patched)
 
 

@@ -128,3 +128,27 @@ class CallableEmbedder:
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, "embedder")
         return self.function(images).reshape(images.shape[0], -1)
+
+
+class PixelEmbedder:
+    """Pixel space as an "embedding": resize to `size`×`size`, centre to [-1, 1], flatten, unit length.
+
+    Cosine similarity of these vectors is a plain pixel-space similarity: no learned features, so it sees
+    colour and layout, not meaning. It exists for images a few dozen pixels wide (the demo model) and
+    for users without DreamSim/CLIP weights; for real images DreamSim is the embedder ProCreate uses
+    (paper §4, §6.1). Differentiable: area resize (block means) and normalisation only.
+    """
+
+    def __init__(self, size: int = 16):
+        if not 2 <= size <= 256:
+            raise ValueError(f"Pixel Embedder: size must lie in [2, 256], got {size}")
+        self.size = size
+        self.key = f"pixels/{size}"
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, "Pixel embedder")
+        pixels = images[..., :3].movedim(-1, 1).float()
+        if pixels.shape[-2:] != (self.size, self.size):
+            pixels = torch.nn.functional.interpolate(pixels, size=(self.size, self.size), mode="area")
+        vectors = (2.0 * pixels - 1.0).flatten(1)
+        return torch.nn.functional.normalize(vectors, dim=1, eps=1e-8)

@@ -278,7 +278,7 @@ class ProCreateGuidance:
             embedder=self.embedder.key,
             settings=dataclasses.asdict(self.settings),
         )
-        state.record.finished = True
+        RECORDS.finish(state.record)
         state.diffusion_twin = state.vae_twin = None
 
     # -- the hook -------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ class SparseRepellencyPatch:
         }
         summary.update(_calibration(state.last_plain_x0, state.radius))
         state.record.summary.update(summary)
-        state.record.finished = True
+        RECORDS.finish(state.record)
 
     def _check_first_step(self, denoised: torch.Tensor, model) -> None:
         item_shape = tuple(denoised.shape[1:])

@@ -134,7 +134,7 @@ class TransitionRun:
             d_t_curves=self.counted_curves("d_t"),
             sigma_curves=self.counted_curves("sigma"),
         )
-        self.record.finished = True
+        RECORDS.finish(self.record)
 
 
 def missing_uncond_error() -> ValueError:

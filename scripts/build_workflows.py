@@ -16,6 +16,7 @@ import json
 import pathlib
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -107,6 +108,25 @@ def widget_default(spec: list):
     return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False}.get(spec_type(spec), "")
 
 
+# -- the demo model's classes (read from its weights, never hard-coded) -----------------------------
+DEMO_WEIGHTS = REPO_ROOT / "reference_models" / "weights" / "demo_unet.safetensors"
+
+
+def demo_class_names(path: pathlib.Path = DEMO_WEIGHTS) -> list[str]:
+    """The class names stored in the bundled weights' metadata, in class-id order."""
+    import safetensors
+
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        names = json.loads((handle.metadata() or {}).get("class_names", "[]"))
+    if not names:
+        raise ValueError(f"{path} has no class_names in its metadata: retrain it with scripts/train_demo_model.py")
+    return list(names)
+
+
+def default_demo_class() -> str:
+    return demo_class_names()[0]
+
+
 # -- the methods, one entry each -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Method:
@@ -114,18 +134,26 @@ class Method:
     label: str
     node_types: tuple[str, ...] = ()  # MODEL -> MODEL patch candidates, first available wins; () = plain
     widgets: dict = field(default_factory=dict)
+    setting: str = ""  # one line for the picture: what the row does
 
 
+# Settings for the 32x32 pixel-space demo model (D = 3*32*32 = 3072): a relative radius of 0.25 is an L2
+# of 13.9, about the distance between two distinct training items (median 13.6), far above a copy (< 4).
 METHODS = (
-    Method("plain", "Plain sampling"),
-    Method("spell", "Sparse Repellency (SPELL)", ("ShieldSparseRepellency",)),
-    Method("tpcfg", "Transition-Point CFG", ("ShieldTransitionPointCFG",)),
-    Method("procreate", "ProCreate", ("ShieldProCreate", "ShieldProCreateEnergyGuidance", "ShieldProCreateGuidance")),
+    Method("plain", "Plain sampling", setting="KSampler, no patch"),
+    Method("spell", "Sparse Repellency (SPELL)", ("ShieldSparseRepellency",),
+           {"radius": 0.25, "intra_batch": True}, "shield: the class's training set + intra-batch, r = 0.25 sqrt(D)"),
+    Method("tpcfg", "Transition-Point CFG", ("ShieldTransitionPointCFG",),
+           {"mode": "dynamic", "before_guidance": "opposite", "opposite_scale": 3.0},
+           "dynamic; opposite guidance (scale 3) before the transition"),
+    Method("procreate", "ProCreate", ("ShieldProCreateGuidance",),
+           {"strength": 30.0}, "pixel embedder, strength 30, refs: the class's training set"),
 )
 
 # Stock or pack nodes that can supply a socket type a patch node needs, with their widget overrides.
 PROVIDERS = {
     "SHIELD_SET": ("ShieldSetFromImages", {"width": IMAGE_SIZE, "height": IMAGE_SIZE}),
+    "SHIELD_EMBEDDER": ("ShieldPixelEmbedder", {}),
 }
 
 
@@ -156,31 +184,163 @@ def autowire(workflow: UIWorkflow, node_type: str, available: dict[str, Socket],
     return workflow.add(node_type, **values)
 
 
-def demo_workflow(object_info: dict, method: Method, class_name: str = "star", batch: int = 8, seed: int = 1,
-                  steps: int = 20, cfg: float = 3.0, prefix: str = "shield_demo") -> UIWorkflow:
-    """The demo model sampled with one method; the duplicated training items of the class beside it."""
+def demo_workflow(object_info: dict, method: Method, class_name: str | None = None, batch: int = 8, seed: int = 1,
+                  steps: int = 20, cfg: float = 3.0, prefix: str = "shield_demo", extra_shield: str = "") -> UIWorkflow:
+    """The demo model sampled with one method; the class's training items are the shield and the comparison.
+
+    extra_shield="memory" adds a Shield Memory as the patch's second shield set (repel from previous batches).
+    """
+    class_name = class_name or default_demo_class()
     workflow = UIWorkflow(object_info)
     (model,) = workflow.add("ShieldDemoModelLoader")
     positive, negative = workflow.add("ShieldDemoConditioning", class_name=class_name)
     (vae,) = workflow.add("VAELoader", vae_name="pixel_space")
-    shields, _ = workflow.add("ShieldDemoTrainingSet", items="duplicated", class_name=class_name)
+    shields, _ = workflow.add("ShieldDemoTrainingSet", items="all", class_name=class_name)
     node_type = method_node_type(method, object_info)
     if method.node_types and node_type is None:
         raise LookupError(f"{method.label}: none of the node types {method.node_types} is loaded")
     if node_type is not None:
         available = {"MODEL": model, "VAE": vae, "IMAGE": shields}
-        model = next(s for s in autowire(workflow, node_type, available, method.widgets) if s.type == "MODEL")
+        widgets = dict(method.widgets)
+        if extra_shield == "memory":
+            (widgets["shield_set_2"],) = workflow.add("ShieldMemory", memory_id=f"demo_{class_name}")
+        model = next(s for s in autowire(workflow, node_type, available, widgets) if s.type == "MODEL")
     (latent,) = workflow.add("EmptyChromaRadianceLatentImage", width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=batch)
     (samples,) = workflow.add("KSampler", model=model, positive=positive, negative=negative, latent_image=latent,
                               seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
     (images,) = workflow.add("VAEDecode", samples=samples, vae=vae)
     workflow.add("SaveImage", images=images, filename_prefix=f"{prefix}_{method.key}")
-    workflow.add("PreviewImage", images=shields)
     return workflow
+
+
+def protect_references_workflow(object_info: dict, class_name: str | None = None) -> UIWorkflow:
+    """Protect a set of reference images (here: the duplicated items of every class, the ones the model
+    copies) with Sparse Repellency and no intra-batch term: only the references repel."""
+    class_name = class_name or default_demo_class()
+    workflow = UIWorkflow(object_info)
+    (model,) = workflow.add("ShieldDemoModelLoader")
+    positive, negative = workflow.add("ShieldDemoConditioning", class_name=class_name)
+    (vae,) = workflow.add("VAELoader", vae_name="pixel_space")
+    references, _ = workflow.add("ShieldDemoTrainingSet", items="duplicated", class_name="all classes")
+    (shield_set,) = workflow.add("ShieldSetFromImages", images=references, vae=vae, model=model,
+                                 width=IMAGE_SIZE, height=IMAGE_SIZE)
+    (model,) = workflow.add("ShieldSparseRepellency", model=model, shield_set=shield_set, radius=0.25, intra_batch=False)
+    (latent,) = workflow.add("EmptyChromaRadianceLatentImage", width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=8)
+    (samples,) = workflow.add("KSampler", model=model, positive=positive, negative=negative, latent_image=latent,
+                              seed=1, steps=20, cfg=3.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    (images,) = workflow.add("VAEDecode", samples=samples, vae=vae)
+    workflow.add("SaveImage", images=images, filename_prefix="shield_demo_protect_references")
+    return workflow
+
+
+def demo_workflows(object_info: dict) -> dict[str, UIWorkflow]:
+    """Every runnable demo-model workflow by file name (a method whose node is missing is left out)."""
+    workflows = {}
+    for method in METHODS:
+        if method.node_types and method_node_type(method, object_info) is None:
+            print(f"[workflows] skipped {workflow_name(method)}: {method.node_types} not loaded", flush=True)
+            continue
+        workflows[workflow_name(method)] = demo_workflow(object_info, method)
+    spell = next(method for method in METHODS if method.key == "spell")
+    if method_node_type(spell, object_info) is not None:
+        workflows["shield_demo_memory"] = demo_workflow(object_info, spell, extra_shield="memory", prefix="shield_demo_memory")
+        workflows["shield_demo_protect_references"] = protect_references_workflow(object_info)
+    return workflows
 
 
 def workflow_name(method: Method) -> str:
     return f"shield_demo_{method.key}"
+
+
+# -- workflows for real checkpoints (they validate here; they run where the checkpoints exist) -----------
+def _text_prompts(workflow: UIWorkflow, clip: Socket, positive: str, negative: str = "") -> tuple[Socket, Socket]:
+    (pos,) = workflow.add("CLIPTextEncode", clip=clip, text=positive)
+    (neg,) = workflow.add("CLIPTextEncode", clip=clip, text=negative)
+    return pos, neg
+
+
+def _sample_and_save(workflow, model, positive, negative, latent, vae, prefix, steps=25, cfg=7.0,
+                     sampler="dpmpp_2m", scheduler="karras") -> None:
+    (samples,) = workflow.add("KSampler", model=model, positive=positive, negative=negative, latent_image=latent,
+                              seed=42, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler, denoise=1.0)
+    (images,) = workflow.add("VAEDecode", samples=samples, vae=vae)
+    workflow.add("SaveImage", images=images, filename_prefix=prefix)
+
+
+def sd15_spell(object_info: dict) -> UIWorkflow:
+    workflow = UIWorkflow(object_info)
+    model, clip, vae = workflow.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
+    (protected,) = workflow.add("ShieldLoadShieldSet", filename="my_protected_set.safetensors")
+    (memory,) = workflow.add("ShieldMemory", memory_id="sd15")
+    (model,) = workflow.add("ShieldSparseRepellency", model=model, shield_set=protected, shield_set_2=memory,
+                            radius=0.5, intra_batch=True)
+    positive, negative = _text_prompts(workflow, clip, "a watercolor lighthouse on a cliff at dawn", "blurry")
+    (latent,) = workflow.add("EmptyLatentImage", width=512, height=512, batch_size=4)
+    _sample_and_save(workflow, model, positive, negative, latent, vae, "shield_sd15_spell")
+    return workflow
+
+
+def sdxl_tpcfg(object_info: dict) -> UIWorkflow:
+    workflow = UIWorkflow(object_info)
+    model, clip, vae = workflow.add("CheckpointLoaderSimple", ckpt_name="sd_xl_base_1.0.safetensors")
+    (model,) = workflow.add("ShieldTransitionPointCFG", model=model, mode="dynamic", before_guidance="opposite",
+                            opposite_scale=6.0)
+    positive, negative = _text_prompts(workflow, clip, "the famous painting of a starry night over a village")
+    (latent,) = workflow.add("EmptyLatentImage", width=1024, height=1024, batch_size=2)
+    _sample_and_save(workflow, model, positive, negative, latent, vae, "shield_sdxl_tpcfg", steps=30, cfg=6.0)
+    return workflow
+
+
+def sd3_spell(object_info: dict) -> UIWorkflow:
+    workflow = UIWorkflow(object_info)
+    model, clip, vae = workflow.add("CheckpointLoaderSimple", ckpt_name="sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors")
+    (model,) = workflow.add("ModelSamplingSD3", model=model, shift=3.0)
+    (model,) = workflow.add("ShieldSparseRepellency", model=model, radius=0.5, intra_batch=True)
+    positive, negative = _text_prompts(workflow, clip, "a red fox in fresh snow, photograph")
+    (latent,) = workflow.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=4)
+    _sample_and_save(workflow, model, positive, negative, latent, vae, "shield_sd3_spell", steps=28, cfg=4.5,
+                     sampler="euler", scheduler="sgm_uniform")
+    return workflow
+
+
+def sd15_procreate(object_info: dict) -> UIWorkflow:
+    workflow = UIWorkflow(object_info)
+    model, clip, vae = workflow.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
+    (embedder,) = workflow.add("ShieldDreamSimLoader", variant="ensemble")
+    references, _ = workflow.add("LoadImage", image="reference.png")
+    (reference_set,) = workflow.add("ShieldReferenceSetFromImages", images=references, vae=vae, embedder=embedder, model=model)
+    (model,) = workflow.add("ShieldProCreateGuidance", model=model, vae=vae, embedder=embedder, reference_set=reference_set,
+                            strength=100.0, look_ahead_steps=0, gradient_mode="fast")
+    positive, negative = _text_prompts(workflow, clip, "a portrait in the style of the reference", "blurry")
+    (latent,) = workflow.add("EmptyLatentImage", width=512, height=512, batch_size=2)
+    _sample_and_save(workflow, model, positive, negative, latent, vae, "shield_sd15_procreate")
+    return workflow
+
+
+def unclip_variations(object_info: dict) -> UIWorkflow:
+    """Variations of an input image that never copy it (Semantica §7: variation models copy their input):
+    ComfyUI's core unCLIP graph, with the input image itself as the shield."""
+    workflow = UIWorkflow(object_info)
+    model, clip, vae, clip_vision = workflow.add("unCLIPCheckpointLoader", ckpt_name="sd21-unclip-h.ckpt")
+    image, _ = workflow.add("LoadImage", image="input.png")
+    (vision,) = workflow.add("CLIPVisionEncode", clip_vision=clip_vision, image=image, crop="center")
+    positive, negative = _text_prompts(workflow, clip, "")
+    (positive,) = workflow.add("unCLIPConditioning", conditioning=positive, clip_vision_output=vision,
+                               strength=1.0, noise_augmentation=0.0)
+    (shield_set,) = workflow.add("ShieldSetFromImages", images=image, vae=vae, model=model, width=768, height=768)
+    (model,) = workflow.add("ShieldSparseRepellency", model=model, shield_set=shield_set, radius=0.5, intra_batch=True)
+    (latent,) = workflow.add("EmptyLatentImage", width=768, height=768, batch_size=4)
+    _sample_and_save(workflow, model, positive, negative, latent, vae, "shield_unclip_variations", steps=25, cfg=6.0)
+    return workflow
+
+
+CHECKPOINT_WORKFLOWS = {
+    "shield_sd15_spell": (sd15_spell, "SD1.5 + Sparse Repellency: protected set + Shield Memory + intra-batch"),
+    "shield_sdxl_transition_cfg": (sdxl_tpcfg, "SDXL + Transition-Point CFG: dynamic, opposite guidance first"),
+    "shield_sd3_spell": (sd3_spell, "SD3.5 + Sparse Repellency: diverse batch (intra-batch)"),
+    "shield_sd15_procreate_dreamsim": (sd15_procreate, "SD1.5 + ProCreate with DreamSim: away from a reference"),
+    "shield_unclip_variations": (unclip_variations, "unCLIP image variations that never copy the input image"),
+}
 
 
 # -- thumbnails ------------------------------------------------------------------------------------
@@ -193,29 +353,58 @@ def thumbnail_jpg(paths: list[pathlib.Path], columns: int = 4, cell: int = 96) -
         with Image.open(path) as image:
             tile = image.convert("RGB").resize((cell, cell), Image.NEAREST)
         sheet.paste(tile, ((index % columns) * cell, (index // columns) * cell))
+    return _jpeg(sheet)
+
+
+def card_jpg(title: str, workflow: dict) -> bytes:
+    """A labeled card for a workflow that cannot run here: its title and its node chain."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    sheet = Image.new("RGB", (384, 384), (28, 32, 40))
+    draw = ImageDraw.Draw(sheet)
+    draw.rectangle((0, 0, 383, 52), fill=(52, 96, 150))
+    draw.multiline_text((12, 8), textwrap.fill(title, 40), fill=(255, 255, 255), font=ImageFont.load_default(size=15))
+    font = ImageFont.load_default(size=13)
+    for row, node in enumerate(workflow["nodes"][:14]):
+        shield = node["type"].startswith("Shield")
+        draw.text((16, 64 + row * 19), ("> " if shield else "- ") + node["type"],
+                  fill=(255, 196, 80) if shield else (200, 205, 215), font=font)
+    files = [value for node in workflow["nodes"] for value in node["widgets_values"]
+             if isinstance(value, str) and value.endswith((".safetensors", ".ckpt"))]
+    draw.multiline_text((12, 340), textwrap.fill("needs: " + ", ".join(files), 52), fill=(150, 160, 175),
+                        font=ImageFont.load_default(size=11))
+    return _jpeg(sheet)
+
+
+def _jpeg(image) -> bytes:
     buffer = bytes_io.BytesIO()
-    sheet.save(buffer, format="JPEG", quality=90)
+    image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 
+def write_workflow(out_dir: pathlib.Path, name: str, workflow: dict, thumbnail: bytes) -> None:
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(workflow, indent=1) + "\n")
+    path.with_suffix(".jpg").write_bytes(thumbnail)
+    print(f"[workflows] wrote {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}", flush=True)
+
+
 def build_all(server: ComfyServer, out_dir: pathlib.Path = WORKFLOW_DIR) -> list[str]:
+    """Runs every demo workflow on the server for its thumbnail; cards for the checkpoint workflows."""
     object_info = server.object_info()
     out_dir.mkdir(exist_ok=True)
     written = []
-    for method in METHODS:
-        try:
-            workflow = demo_workflow(object_info, method).to_json()
-        except LookupError as missing:
-            print(f"[workflows] skipped {workflow_name(method)}: {missing}", flush=True)
-            continue
-        path = out_dir / f"{workflow_name(method)}.json"
-        path.write_text(json.dumps(workflow, indent=1) + "\n")
+    for name, builder in demo_workflows(object_info).items():
+        workflow = builder.to_json()
         outputs = server.run(ui_to_api(workflow, object_info), timeout=600)
         save_id = next(str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveImage")
         images = [server.output_path(info) for info in outputs[save_id]["images"]]
-        path.with_suffix(".jpg").write_bytes(thumbnail_jpg(images))
-        written.append(path.name)
-        print(f"[workflows] wrote {path.relative_to(REPO_ROOT)} and its thumbnail", flush=True)
+        write_workflow(out_dir, name, workflow, thumbnail_jpg(images))
+        written.append(name)
+    for name, (build, title) in CHECKPOINT_WORKFLOWS.items():
+        workflow = build(object_info).to_json()
+        write_workflow(out_dir, name, workflow, card_jpg(title, workflow))
+        written.append(name)
     return written
 
 

@@ -3,8 +3,8 @@
     bash scripts/demo.sh [--out DIR] [--class-name star] [--samples 8] [--steps 20]
 
 Writes to one folder: `demo.png` (rows: methods; columns: the same seeds; each output beside its
-nearest training item, red frame = a copy), `summary.md` and `summary.json` (replication share and
-nearest-item distance per method), and the server log. Methods whose nodes this ComfyUI lacks are
+nearest training item, red frame = a copy), `summary.md` and `summary.json` (replication share,
+nearest-item distance and Vendi diversity per method), and the server log. Methods whose nodes this ComfyUI lacks are
 skipped with a message (they are entries of build_workflows.METHODS).
 """
 
@@ -16,6 +16,7 @@ import json
 import pathlib
 import sys
 import tempfile
+import textwrap
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ from harness.host import import_comfyui_in_process  # noqa: E402
 from harness.server import ComfyServer, ServerError  # noqa: E402
 
 CELL = 96  # pixels per 32×32 image in the picture (nearest-neighbour ×3)
-LABEL_WIDTH = 230
+LABEL_WIDTH = 250
 
 
 def log(message: str) -> None:
@@ -40,7 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "out" / f"demo-{stamp}")
-    parser.add_argument("--class-name", default="star")
+    parser.add_argument("--class-name", default=None,
+                        help="a class of the bundled model (its weights' metadata lists them); default: the first one")
     parser.add_argument("--samples", type=int, default=8, help="columns: one batch, the same seed for every method")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
@@ -70,49 +72,60 @@ def run_method(server: ComfyServer, object_info: dict, method, args) -> dict:
     seconds = time.monotonic() - start
     save_id = next(str(node["id"]) for node in ui["nodes"] if node["type"] == "SaveImage")
     paths = [server.output_path(info) for info in outputs[save_id]["images"]]
-    return {"images": load_images(paths), "seconds": seconds, "workflow": ui}
+    return {"images": load_images(paths), "seconds": seconds, "workflow": ui, "setting": method.setting}
 
 
 def measure(images, dataset) -> dict:
+    from comfyui_shield.core import metrics
     from comfyui_shield.reference_models import replication
 
     summary = replication.summarize_replication(images, dataset.images, dataset.duplicated)
     return {**summary.as_dict(), "distances": [round(d, 2) for d in summary.distances],
-            "nearest_index": list(summary.nearest_index)}
+            "nearest_index": list(summary.nearest_index),
+            # diversity of the batch: Vendi score of the cosine kernel on pixel vectors (1 = all alike, max = batch size)
+            "vendi": round(metrics.vendi_score(images.flatten(1).double()), 3)}
 
 
-def draw_picture(rows: list[tuple[str, object, dict]], dataset, path: pathlib.Path) -> None:
+def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathlib.Path, caption: str) -> None:
     """One row per method: output | nearest training item, per seed; a red frame marks a copy."""
     from PIL import Image, ImageDraw, ImageFont
 
     from comfyui_shield.reference_models import replication
     from comfyui_shield.reference_models.demo_dataset import to_comfy_image
 
-    columns = len(rows[0][1])
-    pair_width, gap, top = 2 * CELL + 6, 14, 34
-    sheet = Image.new("RGB", (LABEL_WIDTH + columns * (pair_width + gap), top + len(rows) * (CELL + gap)), (250, 250, 250))
+    columns = len(rows[0][2])
+    pair_width, gap, top = 2 * CELL + 6, 14, 64
+    width = LABEL_WIDTH + columns * (pair_width + gap)
+    sheet = Image.new("RGB", (width, top + len(rows) * (CELL + gap) + 8), (250, 250, 250))
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=15)
-    draw.text((LABEL_WIDTH, 8), "each pair: output | nearest training item (red frame: a copy, "
-              f"L2 < {replication.REPLICA_DISTANCE})", fill=(20, 20, 20), font=font)
+    font, small, title = (ImageFont.load_default(size=size) for size in (15, 12, 18))
+    draw.text((8, 8), caption, fill=(20, 20, 20), font=title)
+    draw.text((8, 34), "each pair: output | its nearest training item.  Red frame: a copy "
+              f"(L2 < {replication.REPLICA_DISTANCE}).  Column i starts from the same noise in every row.",
+              fill=(70, 70, 70), font=small)
 
     def tile(image_tensor) -> Image.Image:
         array = (to_comfy_image(image_tensor[None])[0] * 255).round().byte().numpy()
         return Image.fromarray(array).resize((CELL, CELL), Image.NEAREST)
 
-    for row, (label, images, metrics) in enumerate(rows):
+    for row, (label, setting, images, metrics) in enumerate(rows):
         y = top + row * (CELL + gap)
+        if row % 2:
+            draw.rectangle((0, y - gap // 2, width, y + CELL + gap // 2), fill=(238, 240, 244))
         share = 100 * metrics["replica_share"]
-        draw.text((8, y + 18), label, fill=(20, 20, 20), font=font)
-        draw.text((8, y + 42), f"copies: {share:.0f} %", fill=(160, 20, 20), font=font)
-        draw.text((8, y + 62), f"median L2 to nearest: {metrics['median_nearest_distance']:.1f}", fill=(60, 60, 60), font=font)
+        draw.text((8, y + 2), label, fill=(10, 10, 10), font=font)
+        draw.multiline_text((8, y + 21), textwrap.fill(setting, 34), fill=(90, 90, 90), font=small, spacing=1)
+        copy_colour = (190, 20, 20) if metrics["replicas"] else (20, 130, 40)
+        draw.text((8, y + 56), f"copies {metrics['replicas']}/{metrics['samples']} ({share:.0f} %)", fill=copy_colour, font=font)
+        draw.text((8, y + 76), f"nearest L2 {metrics['median_nearest_distance']:.1f} · Vendi {metrics['vendi']:.2f}",
+                  fill=(40, 40, 40), font=small)
         for column in range(columns):
             x = LABEL_WIDTH + column * (pair_width + gap)
             nearest = dataset.images[metrics["nearest_index"][column]]
             sheet.paste(tile(images[column]), (x, y))
             sheet.paste(tile(nearest), (x + CELL + 6, y))
             if metrics["distances"][column] < replication.REPLICA_DISTANCE:
-                draw.rectangle((x - 3, y - 3, x + pair_width + 2, y + CELL + 2), outline=(220, 30, 30), width=3)
+                draw.rectangle((x - 4, y - 4, x + pair_width + 3, y + CELL + 3), outline=(220, 30, 30), width=4)
     sheet.save(path)
 
 
@@ -120,23 +133,25 @@ def write_summary(out: pathlib.Path, results: dict, skipped: dict, args) -> str:
     lines = [
         f"# Shield demo: class `{args.class_name}`, {args.samples} samples, seed {args.seed}, "
         f"euler {args.steps} steps, cfg {args.cfg}", "",
-        "| method | copies of a training item | median L2 to nearest item | min L2 | seconds |",
-        "|---|---|---|---|---|",
+        "| method | setting | copies of a training item | median L2 to nearest item | min L2 | Vendi | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, result in results.items():
         metrics = result["metrics"]
-        lines.append(f"| {label} | {metrics['replicas']}/{metrics['samples']} ({100 * metrics['replica_share']:.0f} %) "
-                     f"| {metrics['median_nearest_distance']:.2f} | {min(metrics['distances']):.2f} "
-                     f"| {result['seconds']:.1f} |")
+        lines.append(f"| {label} | {result['setting']} | {metrics['replicas']}/{metrics['samples']} "
+                     f"({100 * metrics['replica_share']:.0f} %) | {metrics['median_nearest_distance']:.2f} "
+                     f"| {min(metrics['distances']):.2f} | {metrics['vendi']:.2f} | {result['seconds']:.1f} |")
     for label, reason in skipped.items():
-        lines.append(f"| {label} | skipped: {reason} | | | |")
-    lines += ["", "A copy: L2 distance to the nearest training item below "
-              "REPLICA_DISTANCE (reference_models/replication.py), pixels in [-1, 1]."]
+        lines.append(f"| {label} | skipped: {reason} | | | | | |")
+    lines += ["", "A copy: L2 distance to the nearest training item below REPLICA_DISTANCE "
+              "(reference_models/replication.py), pixels in [-1, 1]. Vendi: effective number of distinct "
+              f"images in the batch (cosine kernel on pixels; 1 = all alike, {args.samples} = all different)."]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({
         "settings": vars(args) | {"out": str(args.out)},
-        "methods": {label: {**r["metrics"], "seconds": round(r["seconds"], 2)} for label, r in results.items()},
+        "methods": {label: {**r["metrics"], "setting": r["setting"], "seconds": round(r["seconds"], 2)}
+                    for label, r in results.items()},
         "skipped": skipped,
     }, indent=1))
     return text
@@ -144,6 +159,10 @@ def write_summary(out: pathlib.Path, results: dict, skipped: dict, args) -> str:
 
 def main() -> None:
     args = parse_args()
+    classes = build_workflows.demo_class_names()
+    args.class_name = args.class_name or classes[0]
+    if args.class_name not in classes:
+        raise SystemExit(f"--class-name {args.class_name!r} is not a class of the bundled model: {', '.join(classes)}")
     import_comfyui_in_process()  # the pack's package imports ComfyUI's API; the metrics run in this process
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -164,9 +183,11 @@ def main() -> None:
     rows = []
     for label, result in results.items():
         result["metrics"] = measure(result["images"], dataset)
-        rows.append((label, result["images"], result["metrics"]))
+        rows.append((label, result["setting"], result["images"], result["metrics"]))
     if rows:
-        draw_picture(rows, dataset, out / "demo.png")
+        caption = (f"Shield demo: bundled model, class '{args.class_name}', {args.samples} samples, seed {args.seed}, "
+                   f"{args.steps} euler steps, cfg {args.cfg}")
+        draw_picture(rows, dataset, out / "demo.png", caption)
     print(write_summary(out, results, skipped, args), flush=True)
     log(f"done in {time.monotonic() - started:.0f} s; picture and summary in {out}")
     if rows:

@@ -48,3 +48,11 @@ def memorizer_items() -> torch.Tensor:
 @pytest.fixture
 def tmp_dir(tmp_path) -> pathlib.Path:
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def previews_in_tmp(tmp_path, monkeypatch):
+    """Node previews (ui images) of in-process tests go to the test's folder, not the host's ComfyUI/temp."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "comfy-temp"))

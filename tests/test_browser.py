@@ -1,16 +1,50 @@
-"""The pack in the real ComfyUI frontend, in headless Chromium: nodes registered, page renders."""
+"""The pack in the real ComfyUI frontend, in headless Chromium (playwright-core, Debian chromium).
+
+One browser session: every example workflow loads with no missing node; the Shield Memory reset
+button empties the memory through the server route; the SPELL demo workflow is queued from the UI and
+the per-node run summary and the shield-set thumbnails appear. A screenshot is saved (and copied to
+$SHIELD_BROWSER_SCREENSHOT when set).
+"""
+
+import os
+import pathlib
+import shutil
 
 from comfyui_shield.nodes import NODE_LIST
 from harness.browser import run_ui_check
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 
-def test_frontend_registers_pack_nodes(server, tmp_path):
+
+def test_frontend_shows_what_the_shield_did(server, tmp_path):
     screenshot = tmp_path / "frontend.png"
     result = run_ui_check(
         server.url,
         screenshot=str(screenshot),
         expectNodes=[node.GET_SCHEMA().node_id for node in NODE_LIST],
+        workflows=[str(path) for path in WORKFLOWS],
+        pressButton={
+            "workflow": str(REPO / "example_workflows" / "shield_demo_memory.json"), "nodeType": "ShieldMemory",
+            "widget": "shield_reset_memory", "expectSelector": ".shield-summary", "expectText": "emptied",
+        },
+        runWorkflow=str(REPO / "example_workflows" / "shield_demo_spell.json"),
+        waitForSelector=".shield-run-summary",
+        waitForText="touched",
+        waitForPreviewOf="SaveImage",
+        viewScale=0.62,
+        waitTimeout=120000,
     )
     assert result["registeredMissing"] == [], result
-    assert screenshot.stat().st_size > 10_000
+    assert "shield.ExecutedSummary" in result["extensions"]
+    assert len(result["workflows"]) == len(WORKFLOWS) >= 11
+    assert [w for w in result["workflows"] if w["missingTypes"]] == [], result["workflows"]
+    assert result["button"] == {"found": True, "label": "Reset memory now", "effect": True}, result["button"]
+    assert result["selectorFound"], result
+    assert "Sparse Repellency: touched" in result["selectorText"] and "/8 samples" in result["selectorText"]
+    assert result["previews"].get("ShieldSetFromImages", 0) >= 1, result["previews"]
+    assert result["previews"].get("SaveImage", 0) == 8, result["previews"]
     assert result["consoleErrors"] == [], result["consoleErrors"]
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get("SHIELD_BROWSER_SCREENSHOT"):  # keep a copy (e.g. for docs/)
+        shutil.copy(screenshot, os.environ["SHIELD_BROWSER_SCREENSHOT"])

@@ -19,8 +19,42 @@ def load(path: pathlib.Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_the_plain_demo_workflow_exists():
-    assert WORKFLOW_DIR / "shield_demo_plain.json" in WORKFLOWS
+EXPECTED = [
+    # the bundled demo model: these run here
+    "shield_demo_plain", "shield_demo_spell", "shield_demo_tpcfg", "shield_demo_procreate", "shield_demo_memory",
+    "shield_demo_protect_references",
+    # real checkpoints: validated against /object_info only
+    "shield_sd15_spell", "shield_sdxl_transition_cfg", "shield_sd3_spell", "shield_sd15_procreate_dreamsim",
+    "shield_unclip_variations",
+]
+
+
+def test_every_expected_workflow_exists():
+    assert sorted(path.stem for path in WORKFLOWS) == sorted(EXPECTED)
+
+
+def test_each_method_workflow_uses_its_node():
+    uses = {
+        "shield_demo_spell": "ShieldSparseRepellency", "shield_demo_tpcfg": "ShieldTransitionPointCFG",
+        "shield_demo_procreate": "ShieldProCreateGuidance", "shield_demo_memory": "ShieldMemory",
+        "shield_sd15_procreate_dreamsim": "ShieldDreamSimLoader", "shield_sdxl_transition_cfg": "ShieldTransitionPointCFG",
+    }
+    for name, node_type in uses.items():
+        assert node_type in {node["type"] for node in load(WORKFLOW_DIR / f"{name}.json")["nodes"]}, name
+
+
+def test_image_variations_shield_the_input_image_itself():
+    workflow = load(WORKFLOW_DIR / "shield_unclip_variations.json")
+    links = {link[0]: link for link in workflow["links"]}
+
+    def source_of(node_type: str, input_name: str) -> int:
+        entry = next(e for e in first(workflow, node_type)["inputs"] if e["name"] == input_name)
+        return links[entry["link"]][1]
+
+    load_image = first(workflow, "LoadImage")["id"]
+    assert source_of("CLIPVisionEncode", "image") == load_image
+    assert source_of("ShieldSetFromImages", "images") == load_image
+    assert source_of("ShieldSparseRepellency", "shield_set") == first(workflow, "ShieldSetFromImages")["id"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
@@ -70,11 +104,14 @@ def test_validator_reports_each_kind_of_breakage(server):
 
 @pytest.mark.parametrize("path", DEMO_WORKFLOWS, ids=lambda path: path.name)
 def test_demo_workflow_runs_on_the_server(server, path):
+    """The saved graph as it is, with fewer steps and samples so the suite stays fast."""
     workflow = load(path)
-    outputs = server.run(ui_to_api(workflow, server.object_info()), timeout=600)
-    save = first(workflow, "SaveImage")
-    latent = first(workflow, "EmptyChromaRadianceLatentImage")
-    assert len(outputs[str(save["id"])]["images"]) == latent["widgets_values"][2]
+    graph = ui_to_api(workflow, server.object_info())
+    save, latent, sampler = (str(first(workflow, kind)["id"]) for kind in ("SaveImage", "EmptyChromaRadianceLatentImage", "KSampler"))
+    graph[latent]["inputs"]["batch_size"] = 2
+    graph[sampler]["inputs"]["steps"] = 4
+    outputs = server.run(graph, timeout=600)
+    assert len(outputs[save]["images"]) == 2
 
 
 def test_server_serves_the_workflows_as_templates(server):

@@ -348,3 +348,32 @@ def test_intra_batch_repulsion_raises_batch_diversity(items, vae, embedder):
     assert any(index >= 1 for step in record.steps for index in step.get("nearest", []))  # another sample was nearest
     assert mean_pairwise_similarity(together) < mean_pairwise_similarity(alone) - 0.05
     assert torch.cdist(together.flatten(1), together.flatten(1)).mean() > torch.cdist(alone.flatten(1), alone.flatten(1)).mean()
+
+
+def test_pixel_embedder_is_pixel_cosine_and_differentiable():
+    from comfyui_shield.nodes.procreate import ShieldPixelEmbedder
+
+    (pixel,) = ShieldPixelEmbedder.execute(8).result
+    images = torch.rand(3, 16, 16, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    embedded = pixel.embed(images)
+    assert embedded.shape == (3, 3 * 8 * 8) and pixel.key == "pixels/8"
+    assert torch.allclose(embedded.norm(dim=1), torch.ones(3))
+    expected = torch.nn.functional.avg_pool2d(images.detach().movedim(-1, 1) * 2 - 1, 2).flatten(1)
+    assert torch.allclose(embedded.detach(), torch.nn.functional.normalize(expected, dim=1), atol=1e-5)
+    (embedded[0] @ embedded[1]).backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="size"):
+        ShieldPixelEmbedder.execute(1)
+
+
+def test_pixel_embedder_guidance_moves_samples_off_the_references(items, vae):
+    from comfyui_shield.samplers.embedders import PixelEmbedder
+
+    pixel = PixelEmbedder(16)
+    model = build_memorizer(items, "eps")
+    noise = noise_batch(8, seed=5)
+    protected_hits = lambda out: int((nearest_item_distance(out, items)[1] < PROTECTED).sum())  # noqa: E731
+    plain = run(model, noise)
+    guided = run(patched(model, vae, pixel, reference_set(items), gamma=100.0, gradient_mode="fast"), noise)
+    assert protected_hits(plain) > 0
+    assert protected_hits(guided) < protected_hits(plain)

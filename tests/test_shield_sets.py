@@ -111,3 +111,22 @@ def test_radius_calibration_reports_the_median_distance():
     assert relative == pytest.approx(2**0.5, rel=0.15) and "median pairwise distance" in text
     with pytest.raises(ValueError, match="at least 2"):
         ShieldRadiusCalibration.execute({"samples": batch[:1]}, model)
+
+
+def test_set_from_images_shows_thumbnails_and_memory_reports_its_size():
+    import comfy.sd
+
+    from comfyui_shield.nodes.shield_sets import PREVIEW_CELL, ShieldMemory, ShieldSetFromImages, preview_grid
+    from comfyui_shield.reference_models.memorizer import build_memorizer
+
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    model = build_memorizer(torch.zeros(2, 3, 8, 8), "eps")
+    images = torch.rand(5, 8, 8, 3, generator=torch.Generator().manual_seed(0))
+    output = ShieldSetFromImages.execute(images, vae, model, 16, 16)
+    (preview,) = output.ui.as_dict()["images"]
+    assert preview["type"] == "temp" and preview["filename"].endswith(".png")
+    grid = preview_grid(images)
+    assert grid.shape == (1, 2 * PREVIEW_CELL, 4 * PREVIEW_CELL, 3)
+    assert torch.equal(grid[0, :PREVIEW_CELL:12, :PREVIEW_CELL:12], images[0])  # nearest-neighbour tiles
+    memory = ShieldMemory.execute("thumbnails-test", True)
+    assert memory.ui["text"] == ["memory 'thumbnails-test': 0 earlier outputs remembered"]

@@ -13,6 +13,8 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 # Model-file choices depend on what a user has installed; a workflow may name a file this server lacks.
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+# Likewise an input image (LoadImage) is the user's own file.
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def input_specs(node_info: dict) -> list[tuple[str, list]]:
@@ -59,7 +61,7 @@ def check_widget_value(where: str, spec: list, value) -> list[str]:
         choices = combo_choices(spec)
         if value in choices:
             return []
-        if isinstance(value, str) and value.endswith(MODEL_FILE_SUFFIXES):
+        if isinstance(value, str) and value.lower().endswith(MODEL_FILE_SUFFIXES + IMAGE_FILE_SUFFIXES):
             return []
         return [f"{where}: {value!r} is not one of {choices[:12]}"]
     if kind in ("INT", "FLOAT"):

@@ -1,11 +1,23 @@
-// Shield for ComfyUI: shows, on every executed Shield node, the text of its UI output
-// (e.g. what a repellency/guidance node did, or Shield Info's status) as a read-only panel.
-// Current frontend API only: window.comfyAPI.app.app, node.addDOMWidget, node.onExecuted.
+// Shield for ComfyUI: what the shield did, visible in the graph.
+// - On every executed Shield node, the text of its UI output (Shield Info, Shield Memory, reports).
+// - On each repellency/guidance node, after a run: how many samples and steps it touched
+//   (the server sends "shield.run_summary" {node, kind, samples, samples_touched, steps, steps_touched}).
+// - On Shield Memory, a button that empties the memory now (POST /shield/memory/reset).
+// Shield sets built from images show their thumbnails through ComfyUI's own image preview.
+// Current frontend API only: window.comfyAPI.app.app, window.comfyAPI.api.api, node.addDOMWidget.
 
 const { app } = window.comfyAPI.app;
+const { api } = window.comfyAPI.api;
 
 const NODE_PREFIX = "Shield";
-const WIDGET_NAME = "shield_summary";
+const TEXT_WIDGET = "shield_summary";
+const RUN_WIDGET = "shield_run_summary";
+const RUN_EVENT = "shield.run_summary";
+const KIND_NAMES = {
+  sparse_repellency: "Sparse Repellency",
+  transition_cfg: "Transition-Point CFG",
+  procreate: "ProCreate",
+};
 
 function summaryText(message) {
   const text = message?.text;
@@ -13,12 +25,13 @@ function summaryText(message) {
   return typeof text === "string" ? text : "";
 }
 
-function summaryElement(node) {
-  const existing = node.widgets?.find((widget) => widget.name === WIDGET_NAME);
+function panel(node, name, className) {
+  const existing = node.widgets?.find((widget) => widget.name === name);
   if (existing) return existing.element;
   const element = document.createElement("pre");
-  element.className = "shield-summary";
+  element.className = className;
   element.dataset.shieldNode = node.type;
+  element.dataset.shieldNodeId = String(node.id);
   Object.assign(element.style, {
     margin: "0",
     padding: "4px 6px",
@@ -30,21 +43,66 @@ function summaryElement(node) {
     background: "var(--comfy-input-bg, #222)",
     borderRadius: "4px",
   });
-  node.addDOMWidget(WIDGET_NAME, "shield_summary", element, { serialize: false, hideOnZoom: false });
+  node.addDOMWidget(name, name, element, { serialize: false, hideOnZoom: false });
   return element;
+}
+
+function showText(node, name, className, text) {
+  panel(node, name, className).textContent = text;
+  node.setDirtyCanvas?.(true, true);
+}
+
+function findNode(id) {
+  const graph = app.graph;
+  return graph?.getNodeById?.(id) ?? graph?.getNodeById?.(Number(String(id).split(":").pop())) ?? null;
+}
+
+function runSummaryText(detail) {
+  const kind = KIND_NAMES[detail.kind] ?? detail.kind;
+  const samples = `${detail.samples_touched}/${detail.samples} samples`;
+  const steps = `${detail.steps_touched}/${detail.steps} steps`;
+  return `${kind}: touched ${samples}, ${steps}` + (detail.label ? `\n(${detail.label})` : "");
+}
+
+function onRunSummary(event) {
+  const detail = event.detail;
+  const node = detail && findNode(detail.node);
+  if (!node) return;
+  showText(node, RUN_WIDGET, "shield-run-summary", runSummaryText(detail));
+}
+
+async function resetMemory(node) {
+  const memoryId = node.widgets?.find((widget) => widget.name === "memory_id")?.value ?? "";
+  const response = await api.fetchApi("/shield/memory/reset", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ memory_id: memoryId }),
+  });
+  const answer = await response.json();
+  const text = response.ok ? `memory '${answer.memory_id}' emptied` : `reset failed: ${answer.error}`;
+  showText(node, TEXT_WIDGET, "shield-summary", text);
 }
 
 app.registerExtension({
   name: "shield.ExecutedSummary",
+  async setup() {
+    api.addEventListener(RUN_EVENT, onRunSummary);
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.startsWith(NODE_PREFIX)) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const text = summaryText(message);
-      if (!text) return;
-      summaryElement(this).textContent = text;
-      this.setDirtyCanvas?.(true, true);
+      if (text) showText(this, TEXT_WIDGET, "shield-summary", text);
+    };
+    if (nodeData.name !== "ShieldMemory") return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      onNodeCreated?.apply(this, arguments);
+      const button = this.addWidget("button", "shield_reset_memory", null, () => resetMemory(this));
+      button.label = "Reset memory now";
+      button.serialize = false;
     };
   },
 });

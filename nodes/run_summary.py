@@ -1,0 +1,109 @@
+"""What the frontend (web/shield.js) hears from the pack: run summaries and the Shield Memory reset route.
+
+- When a patch's sampling run ends, the record book calls `publish`, which sends the event
+  `shield.run_summary` {node, kind, label, samples, samples_touched, steps, steps_touched} to the client
+  that queued the prompt. `node` is the id of the graph node that made the patch: patch nodes
+  register it (their hidden `unique_id` input) with `register_patch` when they execute.
+- `POST /shield/memory/reset` {"memory_id": ...} empties a Shield Memory; `GET /shield/memory/{memory_id}`
+  reports its size.
+
+ComfyUI's `server` module is only looked up in `sys.modules`: in-process use (tests, scripts) has no
+PromptServer, and then nothing is sent or routed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+import threading
+from typing import Any, Optional
+
+from ..core.records import RECORDS, RunRecord, touched_summary
+from ..core.shield_files import MEMORY
+
+logger = logging.getLogger(__name__)
+
+EVENT = "shield.run_summary"
+_MAX_PATCHES = 1024
+_patch_nodes: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+_lock = threading.Lock()
+_routes_added = False
+
+
+def node_id_of(node_class) -> Optional[str]:
+    """The executing node's id (hidden `unique_id` input); None when called outside a prompt."""
+    hidden = getattr(node_class, "hidden", None)
+    unique_id = getattr(hidden, "unique_id", None)
+    return None if unique_id is None else str(unique_id)
+
+
+def register_patch(patch_id: str, node_id: Optional[str]) -> None:
+    """Remember which graph node made the patch `patch_id` (its runs are reported on that node)."""
+    if node_id is None:
+        return
+    with _lock:
+        _patch_nodes[patch_id] = node_id
+        _patch_nodes.move_to_end(patch_id)
+        while len(_patch_nodes) > _MAX_PATCHES:
+            _patch_nodes.popitem(last=False)
+
+
+def node_for_patch(patch_id: str) -> Optional[str]:
+    with _lock:
+        return _patch_nodes.get(patch_id)
+
+
+def run_message(record: RunRecord) -> Optional[dict[str, Any]]:
+    node_id = node_for_patch(record.patch_id)
+    if node_id is None:
+        return None
+    return {"node": node_id, "patch_id": record.patch_id, **touched_summary(record)}
+
+
+def prompt_server():
+    server_module = sys.modules.get("server")
+    return getattr(getattr(server_module, "PromptServer", None), "instance", None)
+
+
+def publish(record: RunRecord) -> None:
+    instance = prompt_server()
+    message = run_message(record)
+    if instance is None or message is None:
+        return
+    instance.send_sync(EVENT, message, getattr(instance, "client_id", None))
+
+
+def add_routes() -> None:
+    """The Shield Memory routes, once, on the running server (nothing without one)."""
+    global _routes_added
+    instance = prompt_server()
+    if instance is None or _routes_added:
+        return
+    from aiohttp import web
+
+    @instance.routes.post("/shield/memory/reset")
+    async def reset_memory(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        memory_id = str(body.get("memory_id", "")).strip() if isinstance(body, dict) else ""
+        if not memory_id:
+            return web.json_response({"error": "send {\"memory_id\": \"<name>\"} (Shield Memory's memory_id)"}, status=400)
+        MEMORY.reset(memory_id)
+        logger.info("Shield Memory %r reset from the frontend", memory_id)
+        return web.json_response({"memory_id": memory_id, "size": 0, "version": MEMORY.version(memory_id)})
+
+    @instance.routes.get("/shield/memory/{memory_id}")
+    async def memory_size(request):
+        memory_id = request.match_info["memory_id"]
+        return web.json_response({"memory_id": memory_id, "size": len(MEMORY.snapshot(memory_id)),
+                                  "version": MEMORY.version(memory_id)})
+
+    _routes_added = True
+
+
+def install() -> None:
+    RECORDS.add_listener(publish)
+    add_routes()
