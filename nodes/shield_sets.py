@@ -16,7 +16,14 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..core import image_folder
-from ..core.shield_files import MEMORY, load_shield_set, resolve_inside, save_shield_set
+from ..core.shield_files import (
+    INDEX_EXTENSION,
+    MEMORY,
+    STORAGE_DTYPES,
+    load_shield_set,
+    resolve_inside,
+    save_shield_set,
+)
 from ..core.shield_set import ShieldSet, ShieldSetError, from_latents  # noqa: F401
 from ..samplers import spell_math
 from ..samplers.spell_hook import latent_format_name
@@ -35,6 +42,11 @@ _ENCODE_CACHE_PER_VAE = 8
 
 def shield_folder() -> str:
     return folder_paths.get_folder_paths(FOLDER)[0]
+
+
+def shield_set_files() -> list[str]:
+    """The set files (search index files saved beside them are not sets)."""
+    return [name for name in folder_paths.get_filename_list(FOLDER) if not name.endswith(INDEX_EXTENSION)]
 
 
 # -- images -> latents -------------------------------------------------------------------------------
@@ -191,6 +203,9 @@ class SaveShieldSet(io.ComfyNode):
                                 "(.safetensors is added; sub-folders allowed, '..' and absolute paths are refused)."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name; off adds a "
                                  "number (_1, _2, ...) instead."),
+                io.Combo.Input("storage", options=list(STORAGE_DTYPES), default="float32", optional=True,
+                               tooltip="Latent precision on disk. float16 halves the file and the reads of large sets; the "
+                               "rounded values then ARE the shields (distances stay exact on them). float32 keeps them as made."),
             ],
             outputs=[io.String.Output("path", tooltip="Where the file was written.")],
             is_output_node=True,
@@ -205,14 +220,14 @@ class SaveShieldSet(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, shield_set, filename, overwrite) -> io.NodeOutput:
+    def execute(cls, shield_set, filename, overwrite, storage="float32") -> io.NodeOutput:
         path = resolve_inside(shield_folder(), filename, "Save Shield Set: filename")
         if not overwrite:
             stem, counter = path.with_suffix(""), 1
             while path.exists():
                 path = stem.with_name(f"{stem.name}_{counter}").with_suffix(".safetensors")
                 counter += 1
-        save_shield_set(shield_set, path)
+        save_shield_set(shield_set, path, storage)
         text = f"saved {shield_set.describe()} to {path}"
         logger.info(text)
         return io.NodeOutput(str(path), ui={"text": [text]})
@@ -226,8 +241,8 @@ class LoadShieldSet(io.ComfyNode):
             display_name="Load Shield Set",
             category=f"{CATEGORY}/sets",
             description="Loads a shield set saved by Save Shield Set (safetensors; nothing is unpickled).",
-            inputs=[io.Combo.Input("filename", options=folder_paths.get_filename_list(FOLDER),
-                                   tooltip="A file in models/shield_sets.")],
+            inputs=[io.Combo.Input("filename", options=shield_set_files(),
+                                   tooltip="A file in models/shield_sets. Its latents are memory-mapped, so large sets stay on disk.")],
             outputs=[SHIELD_SET.Output(display_name="shield_set")],
         )
 
