@@ -8,8 +8,12 @@ for a range search; SPELL's guarantee, appendix B, needs every shield within r t
 2. The codes are clustered (k-means in code space) into inverted lists L_j with centroid μ_j and radius
    R_j = max_{z ∈ L_j} ‖c_z − μ_j‖ (measured after assignment, so it holds whatever k-means did).
 3. For a query code q, every member of L_j has ‖q − c_z‖ ≥ ‖q − μ_j‖ − R_j (triangle inequality in
-   code space). A list is skipped only when that bound exceeds the scan's own acceptance threshold for
-   every member, so pruning drops exactly pairs the flat code scan would drop: none in radius.
+   code space). A list is skipped when that bound exceeds the scan's own acceptance threshold for
+   every member, so this pruning drops exactly pairs the flat code scan would drop: none in radius.
+   The same holds in the full space with the list's full-dimensional mean ν_j and radius
+   S_j = max ‖z − ν_j‖: ‖x − z‖ ≥ ‖x − ν_j‖ − S_j ≥ r proves every member out of range. The code-space
+   bound alone loses the directions P does not keep (at 1M shields in 250 clusters, m = 128 keeps about
+   half of the cluster-centre directions and almost nothing was pruned); the full-space bound does not.
 4. The surviving lists' codes are scanned like the flat filter; the candidates are re-checked against
    the full vectors (`spell_math._exact_recheck`, float64 near the boundary), which are read only for
    those candidates and may stay memory-mapped on disk in fp16.
@@ -55,6 +59,28 @@ def assign(codes: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> 
     return labels
 
 
+def full_space_lists(rows, labels: torch.Tensor, lists: int, chunk: int, on_chunk=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each list's mean ν_j in the full space [lists, D] and radius S_j = max ‖z − ν_j‖ (float64), from
+    two passes over the rows (labels in row order). The radius is measured on the float32 mean as
+    stored, so the pruning bound holds for exactly the tensors the search uses."""
+    total = len(rows)
+    sums = torch.zeros(lists, rows.shape[1], dtype=torch.float64)
+    for start, block in rows.chunks(chunk):
+        sums.index_add_(0, labels[start : start + block.shape[0]], block.double())
+        if on_chunk is not None:
+            on_chunk(min(total, start + chunk), total)
+    sizes = torch.bincount(labels, minlength=lists).clamp_min(1)
+    means = (sums / sizes[:, None]).float()
+    radius = torch.zeros(lists, dtype=torch.float64)
+    for start, block in rows.chunks(chunk):
+        block_labels = labels[start : start + block.shape[0]]
+        spread = (block.double() - means[block_labels].double()).norm(dim=1)
+        radius.scatter_reduce_(0, block_labels, spread, "amax")
+        if on_chunk is not None:
+            on_chunk(min(total, start + chunk), total)
+    return means, radius
+
+
 class ClusteredProjectionSearch:
     """Every shield within r; per step it reads only the codes of lists not proven out of reach.
 
@@ -70,8 +96,10 @@ class ClusteredProjectionSearch:
         self.basis, self.mean = state["basis"], state["mean"]
         self.codes, self.order, self.offsets = state["codes"], state["order"], state["offsets"]
         self.centroids, self.list_radius, self.list_max_norm = state["centroids"], state["list_radius"], state["list_max_norm"]
+        self.full_centroids, self.full_radius = state["full_centroids"], state["full_radius"]
         self.code_norms = self.codes.pow(2).sum(1)
         self.last_scanned = 0  # codes scanned by the last search (for benchmarks and reports)
+        self.last_candidates = 0  # pairs the last search re-checked against the full vectors
 
     @staticmethod
     def build_state(
@@ -96,12 +124,16 @@ class ClusteredProjectionSearch:
         list_radius = torch.zeros(centroids.shape[0], dtype=torch.float64).scatter_reduce_(0, labels, spread, "amax")
         norms = codes.double().pow(2).sum(1)
         list_max_norm = torch.zeros(centroids.shape[0], dtype=torch.float64).scatter_reduce_(0, labels, norms, "amax")
+        # float64 sums of a chunk: 4096 rows keeps the transient memory near 200 MB at d = 4096
+        full_centroids, full_radius = full_space_lists(rows, labels[torch.argsort(order)], centroids.shape[0], min(chunk, 4096), on_chunk)
         return {"basis": basis, "mean": mean, "codes": codes, "order": order, "offsets": offsets,
-                "centroids": centroids, "list_radius": list_radius, "list_max_norm": list_max_norm}
+                "centroids": centroids, "list_radius": list_radius, "list_max_norm": list_max_norm,
+                "full_centroids": full_centroids, "full_radius": full_radius}
 
     def state(self) -> dict:
         return {"basis": self.basis, "mean": self.mean, "codes": self.codes, "order": self.order, "offsets": self.offsets,
-                "centroids": self.centroids, "list_radius": self.list_radius, "list_max_norm": self.list_max_norm}
+                "centroids": self.centroids, "list_radius": self.list_radius, "list_max_norm": self.list_max_norm,
+                "full_centroids": self.full_centroids, "full_radius": self.full_radius}
 
     def __len__(self) -> int:
         return len(self.shields)
@@ -109,11 +141,19 @@ class ClusteredProjectionSearch:
     def index_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.state().values(), self.code_norms))
 
-    def surviving_lists(self, query_codes: torch.Tensor, radius: float) -> torch.Tensor:
-        """[B, lists] bool: False only where the triangle inequality proves every member fails the scan.
+    def surviving_lists(self, query_codes: torch.Tensor, radius: float, queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, lists] bool: False only where the triangle inequality proves every member out of reach.
 
-        The scan accepts z when ‖q − c_z‖² ≤ r² + s·(‖q‖² + ‖c_z‖²) + 1e-6 (s = FILTER_SLACK); with
-        ‖c_z‖² ≤ max_norm_j that is at most t_j², so ‖q − μ_j‖ − R_j > t_j rules out every member."""
+        Code space: the scan accepts z when ‖q − c_z‖² ≤ r² + s·(‖q‖² + ‖c_z‖²) + 1e-6 (s = FILTER_SLACK);
+        with ‖c_z‖² ≤ max_norm_j that is at most t_j², so ‖q − μ_j‖ − R_j > t_j rules out every member.
+        Full space (when `queries` [B, D] is given): ‖x − ν_j‖ − S_j > r rules out every member."""
+        alive = self._code_space_alive(query_codes, radius)
+        if queries is not None:
+            to_mean = torch.cdist(queries.double(), self.full_centroids.double())
+            alive &= to_mean - self.full_radius[None, :] <= radius * (1 + PRUNE_MARGIN) + PRUNE_MARGIN
+        return alive
+
+    def _code_space_alive(self, query_codes: torch.Tensor, radius: float) -> torch.Tensor:
         to_centroid = torch.cdist(query_codes.double(), self.centroids.double())
         query_norms = query_codes.double().pow(2).sum(1)
         threshold = (radius * radius + spell_math.FILTER_SLACK * (query_norms[:, None] + self.list_max_norm[None, :]) + 1e-6).sqrt()
@@ -123,7 +163,7 @@ class ClusteredProjectionSearch:
     def candidates(self, queries: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
         codes = spell_math.encode_codes(queries, self.basis, self.mean)
         query_norms = codes.pow(2).sum(1)
-        alive = self.surviving_lists(codes, radius)
+        alive = self.surviving_lists(codes, radius, queries)
         threshold = radius * radius
         found_q, found_s, scanned = [], [], 0
         for j in torch.nonzero(alive.any(0)).flatten().tolist():
@@ -139,6 +179,7 @@ class ClusteredProjectionSearch:
             found_s.append(self.order[start + s])
             scanned += end - start
         self.last_scanned = scanned
+        self.last_candidates = sum(int(q.numel()) for q in found_q)
         if not found_q:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         return torch.cat(found_q), torch.cat(found_s)

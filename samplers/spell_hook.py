@@ -218,7 +218,7 @@ class SparseRepellencyPatch:
         return self.sigma_end <= sigma <= self.sigma_start
 
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 def resolve_search_method(method: str, count: int) -> str:

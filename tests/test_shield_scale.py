@@ -67,7 +67,9 @@ def test_pruning_skips_lists_only_with_a_proof_and_does_skip_far_lists():
     assert _pairs(found) == _brute_force(query, shields, 6.0)
     assert search.last_scanned < len(shields) // 4  # far clusters were proven out of reach
     codes = spell_math.encode_codes(query, search.basis, search.mean)
-    alive = search.surviving_lists(codes, 6.0)[0]
+    code_alive = search.surviving_lists(codes, 6.0)[0]
+    alive = search.surviving_lists(codes, 6.0, query)[0]
+    assert bool((alive <= code_alive).all()) and int(alive.sum()) >= 1  # the full-space bound only prunes more
     for j in torch.nonzero(~alive).flatten().tolist():  # every skipped list really is out of reach
         members = search.order[int(search.offsets[j]) : int(search.offsets[j + 1])]
         assert float(torch.cdist(query.double(), shields[members].double()).min()) >= 6.0
