@@ -128,7 +128,7 @@ class SparseRepellencyPatch:
         method = resolve_search_method(self.settings.search_method, len(shield_set))
         if method != "clustered":
             return spell_math.build_range_search(rows, method)
-        dims = spell_math.default_projection_dims(len(shield_set))
+        dims = spell_math.default_projection_dims(len(shield_set), method)
         key = f"v{INDEX_VERSION}:{shield_set.content_hash}:{self.latent_format}:m{dims}"
         index_file = None if shield_set.source_path is None else shield_files.index_path_for(shield_set.source_path)
         state = shield_index.cached_state(
