@@ -3,8 +3,8 @@
 Run: $SHIELD_PYTHON bench/spell_bench.py [--quick]   (one thread; prints markdown tables)
 
 1. Overhead: a tiny real ComfyUI UNet (reference_models/tiny_unet.py), batch 4, 4x32x32 latents,
-   KSampler euler; median time per step unpatched vs patched with K = 0 (intra-batch only), 100, 10k
-   shields, ratios measured in the same run.
+   KSampler euler; time per step unpatched vs patched with K = 0 (intra-batch only), 100, 10k shields,
+   all variants interleaved round by round in one run; ratio = median of per-round ratios.
 2. Search: clustered data (d = 4096, fp16 storage), batch-4 near-duplicate queries, radius set so each
    query has several shields near the boundary. Exact chunked scan (ground truth), projection filter
    (torch and FAISS scans, m = 64/256), and the paper's IVF-Flat (nlist = sqrt K, nprobe 1 and 10).
@@ -34,7 +34,7 @@ import nodes as comfy_nodes  # noqa: E402
 from comfyui_shield.core.shield_set import from_latents  # noqa: E402
 from comfyui_shield.nodes.spell import repellency_model  # noqa: E402
 from comfyui_shield.reference_models.tiny_unet import build_tiny_unet, random_text_conditioning  # noqa: E402
-from comfyui_shield.samplers import spell_math  # noqa: E402
+from comfyui_shield.samplers import shield_index, spell_math  # noqa: E402
 
 faiss.omp_set_num_threads(1)
 
@@ -50,7 +50,10 @@ def median_time(fn, repeats: int) -> float:
 
 # -- 1. overhead -----------------------------------------------------------------------------------
 def overhead(quick: bool) -> None:
-    steps, repeats, shape = 6, (3 if quick else 5), (4, 4, 32, 32)
+    """Whole-sampler time per step, variants interleaved round by round (each round runs every variant
+    once, in a rotated order), so a load change on this shared machine hits all variants alike. The
+    ratio is the median over rounds of (variant / unpatched in the same round)."""
+    steps, rounds, shape = 6, (5 if quick else 15), (4, 4, 32, 32)
     model = build_tiny_unet("eps")
     positive, negative = random_text_conditioning(1), random_text_conditioning(2)
     latent = {"samples": torch.zeros(shape)}
@@ -58,30 +61,38 @@ def overhead(quick: bool) -> None:
     def run(m):
         comfy_nodes.common_ksampler(m, 0, steps, 5.0, "euler", "normal", positive, negative, latent)
 
-    rows = [("unpatched", model)]
+    variants = [("unpatched", model)]
     generator = torch.Generator().manual_seed(0)
+    latent_format = type(model.model.latent_format).__name__
     for count in (0, 100, 10_000):
-        shields = None
-        if count:
-            shields = from_latents(torch.randn(count, *shape[1:], generator=generator) * 3, "SD15")
-            shields = type(shields)(**{**shields.__dict__, "latent_format": type(model.model.latent_format).__name__})
-        rows.append((f"K={count}" + (" (intra-batch only)" if not count else ""),
-                     repellency_model(model, shields, None, 0.5, "relative", 1.6, True, 0.0, 1.0, "auto")))
-    run(model)  # warm-up
-    base = median_time(lambda: run(model), repeats) / steps
-    hook_rows = []
+        shields = from_latents(torch.randn(count, *shape[1:], generator=generator) * 3, latent_format) if count else None
+        name = f"K={count}" + (" (intra-batch only)" if not count else "")
+        variants.append((name, repellency_model(model, shields, None, 0.5, "relative", 1.6, True, 0.0, 1.0, "auto")))
+    for _, m in variants:  # warm-up; builds the K=10k index (lazily, at its first step) outside the timing
+        run(m)
+    times = {name: [] for name, _ in variants}
+    for round_index in range(rounds):
+        shift = round_index % len(variants)
+        for name, m in variants[shift:] + variants[:shift]:
+            start = time.perf_counter()
+            run(m)
+            times[name].append((time.perf_counter() - start) / steps)
+    base = times["unpatched"]
     x0 = torch.randn(shape, generator=generator)
-    for name, _model in rows[1:]:
-        count = int(name.split("=")[1].split(" ")[0])
-        searches = [spell_math.build_range_search(torch.randn(count, x0[0].numel(), generator=generator) * 3)] if count else []
-        radius = spell_math.absolute_radius(0.5, x0[0].numel(), True)
-        hook_rows.append(median_time(lambda s=searches, r=radius: spell_math.sparse_repellency_step(x0, s, r, 1.6, True), repeats * 3))
-    print(f"\n### Per-step overhead (tiny UNet, batch 4, latent 4x32x32, {steps} steps, median of {repeats})\n")
-    print("| patch | ms/step (whole sampler) | ratio vs unpatched | ms/step in the SPELL step alone |\n|---|---|---|---|")
-    for (name, m), hook in zip(rows, [None] + hook_rows, strict=True):
-        per_step = base if m is model else median_time(lambda m=m: run(m), repeats) / steps
-        alone = "-" if hook is None else f"{hook * 1e3:.2f}"
-        print(f"| {name} | {per_step * 1e3:.2f} | {per_step / base:.2f} | {alone} |")
+    radius = spell_math.absolute_radius(0.5, x0[0].numel(), True)
+    print(f"\n### Per-step overhead (tiny UNet, batch 4, latent 4x32x32, {steps} steps, cfg 5, euler; {rounds} interleaved rounds)\n")
+    print("| patch | ms/step (whole sampler, median) | ratio vs unpatched (median of per-round ratios) | ratio IQR | "
+          "ms/step in the SPELL step alone |\n|---|---|---|---|---|")
+    for name, _ in variants:
+        ratios = sorted(t / b for t, b in zip(times[name], base, strict=True))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        alone = "-"
+        if name != "unpatched":
+            count = int(name.split("=")[1].split(" ")[0])
+            searches = [spell_math.build_range_search(torch.randn(count, x0[0].numel(), generator=generator) * 3)] if count else []
+            alone = f"{median_time(lambda s=searches: spell_math.sparse_repellency_step(x0, s, radius, 1.6, True), rounds * 3) * 1e3:.2f}"
+        print(f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {statistics.median(ratios):.3f} | "
+              f"{quartiles[0]:.3f}–{quartiles[2]:.3f} | {alone} |", flush=True)
 
 
 # -- 2. search -------------------------------------------------------------------------------------
@@ -131,10 +142,12 @@ class IvfFlat:
 def index_bytes(search) -> int:
     if isinstance(search, IvfFlat):
         return search.index.ntotal * search.index.d * 4 + search.index.nlist * search.index.d * 4
+    full = search.shields.data.numel() * search.shields.data.element_size()
+    if isinstance(search, shield_index.ClusteredProjectionSearch):
+        return search.index_bytes() + full
     if isinstance(search, spell_math.ProjectionRangeSearch):
-        full = search.shields.numel() * search.shields.element_size()
         return search.codes.numel() * 4 + search.basis.numel() * 4 + full
-    return search.shields.numel() * search.shields.element_size()
+    return full
 
 
 def search_bench(quick: bool) -> None:
@@ -159,6 +172,7 @@ def search_rows(count: int, dim: int, batch: int, repeats: int) -> None:
     truth_pairs = set(zip(truth.query.tolist(), truth.shield.tolist(), strict=True))
     methods = [("exact (chunked torch)", lambda: exact)]
     for dims in (64, 256):
+        methods.append((f"clustered m={dims} (pruned lists, exact)", lambda d=dims: spell_math.build_range_search(shields, "clustered", d)))
         methods.append((f"projection m={dims} (torch scan)", lambda d=dims: spell_math.ProjectionRangeSearch(shields, d)))
         methods.append((f"projection m={dims} (faiss scan)", lambda d=dims: spell_math.ProjectionRangeSearch(shields, d, use_faiss=True)))
     for nprobe in (1, 10):

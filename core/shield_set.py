@@ -24,7 +24,8 @@ class ShieldSetError(ValueError):
 class ShieldSet:
     """K protected items.
 
-    latents: [K, C, H, W] (or [K, C, T, H, W] for video latents) in the model's latent space, float32.
+    latents: [K, C, H, W] (or [K, C, T, H, W] for video latents) in the model's latent space, float32,
+        or float16 memory-mapped from a file (Load Shield Set): call `.float()` on rows, not the whole set.
     latent_format: the name of the model family's latent format (ComfyUI's LatentFormat class name,
         e.g. "SD15", "SDXL", "Flux"); sets of two formats are never mixed.
     names, hashes: one per item (source file name or "image 3", sha256 of the source pixels/latent).
@@ -40,6 +41,9 @@ class ShieldSet:
     images: Optional[torch.Tensor] = None
     embeddings: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     settings: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    # The file the latents are memory-mapped from (Load Shield Set), so an index can be saved beside
+    # it; None for sets built in memory. Not part of the content (content_hash ignores it).
+    source_path: Optional[str] = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         count = self.latents.shape[0]
@@ -65,6 +69,8 @@ class ShieldSet:
     def content_hash(self) -> str:
         digest = hashlib.sha256(self.latent_format.encode())
         digest.update(str(self.item_shape).encode())
+        if self.latents.dtype != torch.float32:  # fp16 storage rounds the shields: another content
+            digest.update(str(self.latents.dtype).encode())
         for item_hash in self.hashes:
             digest.update(item_hash.encode())
         return digest.hexdigest()

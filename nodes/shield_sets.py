@@ -16,7 +16,15 @@ import folder_paths
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from ..core.shield_files import MEMORY, load_shield_set, resolve_inside, save_shield_set
+from ..core import image_folder
+from ..core.shield_files import (
+    INDEX_EXTENSION,
+    MEMORY,
+    STORAGE_DTYPES,
+    load_shield_set,
+    resolve_inside,
+    save_shield_set,
+)
 from ..core.shield_set import ShieldSet, ShieldSetError, from_latents  # noqa: F401
 from ..samplers import spell_math
 from ..samplers.spell_hook import latent_format_name
@@ -37,6 +45,11 @@ def shield_folder() -> str:
     return folder_paths.get_folder_paths(FOLDER)[0]
 
 
+def shield_set_files() -> list[str]:
+    """The set files (search index files saved beside them are not sets)."""
+    return [name for name in folder_paths.get_filename_list(FOLDER) if not name.endswith(INDEX_EXTENSION)]
+
+
 # -- images -> latents -------------------------------------------------------------------------------
 def cover_and_centre_crop(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """[B, H, W, C] -> [B, height, width, C]: scale (bilinear, antialiased) so the image covers the
@@ -51,7 +64,7 @@ def cover_and_centre_crop(images: torch.Tensor, width: int, height: int) -> torc
     return resized[:, top : top + height, left : left + width, :].clamp(0.0, 1.0)
 
 
-def encode_images(vae, images: torch.Tensor, latent_format: str, width: int, height: int) -> ShieldSet:
+def encode_images(vae, images: torch.Tensor, latent_format: str, width: int, height: int, names=None, source: str = "images") -> ShieldSet:
     pixels = cover_and_centre_crop(images[..., :3].float(), width, height)
     progress = comfy.utils.ProgressBar(pixels.shape[0])
     latents = []
@@ -59,8 +72,8 @@ def encode_images(vae, images: torch.Tensor, latent_format: str, width: int, hei
         comfy.model_management.throw_exception_if_processing_interrupted()
         latents.append(vae.encode(pixels[index : index + 1]).float().cpu())
         progress.update(1)
-    names = [f"image {index}" for index in range(pixels.shape[0])]
-    settings = {"width": width, "height": height, "resize": "cover+centre-crop, bilinear antialiased", "source": "images"}
+    names = list(names) if names is not None else [f"image {index}" for index in range(pixels.shape[0])]
+    settings = {"width": width, "height": height, "resize": "cover+centre-crop, bilinear antialiased", "source": source}
     shield_set = from_latents(torch.cat(latents), latent_format, names=names, images=pixels, settings=settings)
     hashes = tuple(hashlib.sha256(p.contiguous().numpy().tobytes()).hexdigest() for p in pixels)
     return dataclasses.replace(shield_set, hashes=hashes)
@@ -90,37 +103,89 @@ def set_preview(cls, shield_set: ShieldSet) -> Optional[ui.PreviewImage]:
     return ui.PreviewImage(preview_grid(shield_set.images), cls=cls)
 
 
+FROM_IMAGES = "Shield Set from Images"
+
+
+def read_input_folder(folder: str, width: int, height: int) -> tuple[torch.Tensor, list[str]]:
+    """The images of input/<folder>, each scaled to cover width x height and centre-cropped (as the IMAGE
+    path does, one image at a time so mixed sizes stack), and their relative names."""
+    where = f"{FROM_IMAGES}: folder"
+    root = image_folder.resolve_input_folder(folder_paths.get_input_directory(), folder, where)
+    listing = image_folder.list_image_folder(root, where)
+    progress = comfy.utils.ProgressBar(len(listing.images))
+
+    def before_each():
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        progress.update(1)
+
+    pixels = image_folder.read_folder_images(listing, where, lambda image: cover_and_centre_crop(image, width, height), before_each)
+    return pixels, [str(path.relative_to(root)) for path in listing.images]
+
+
 class ShieldSetFromImages(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ShieldSetFromImages",
-            display_name="Shield Set from Images",
+            display_name=FROM_IMAGES,
             category=f"{CATEGORY}/sets",
-            description="Encodes protected images to latents at the generation's size. Each image is scaled to cover "
-            "width x height (aspect kept) and centre-cropped. Results are cached by pixel hash per VAE.",
+            description="Encodes protected images (an IMAGE batch, or every image of a folder under ComfyUI's input "
+            "directory) to latents at the generation's size. Each image is scaled to cover width x height (aspect kept) "
+            "and centre-cropped. Results are cached by pixel hash per VAE.",
             inputs=[
-                io.Image.Input("images", tooltip="The images to protect (an IMAGE batch)."),
+                io.Image.Input("images", optional=True, tooltip="The images to protect (an IMAGE batch). Connect this or "
+                               "set folder, not both."),
                 io.Vae.Input("vae", tooltip="The VAE of the model you will generate with."),
                 io.Model.Input("model", tooltip="The model you will generate with; only its latent format is read, so "
                                "the set is never used with another model family."),
                 io.Int.Input("width", default=512, min=16, max=16384, step=8, tooltip="Generation width in pixels (Empty Latent Image's width)."),
                 io.Int.Input("height", default=512, min=16, max=16384, step=8, tooltip="Generation height in pixels (Empty Latent Image's height)."),
+                io.String.Input("folder", default="", optional=True, tooltip="A sub-folder of ComfyUI's input directory "
+                                "whose images (png, jpg, webp, bmp, gif, tif; sub-folders included) are protected. Empty "
+                                "uses the images input instead. Non-image files are skipped (logged); a corrupt image is an error."),
             ],
             outputs=[SHIELD_SET.Output(display_name="shield_set")],
         )
 
     @classmethod
-    def execute(cls, images, vae, model, width, height) -> io.NodeOutput:
+    def validate_inputs(cls, folder: str = "", **unused) -> bool | str:
+        if folder:
+            try:
+                image_folder.resolve_input_folder(folder_paths.get_input_directory(), folder, f"{FROM_IMAGES}: folder")
+            except ShieldSetError as error:
+                return str(error)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str = "", **unused) -> str:
+        # A folder is state outside the graph: re-run when its files change (the encode cache still
+        # skips the VAE when the pixels are the same).
+        if not folder:
+            return ""
+        try:
+            root = image_folder.resolve_input_folder(folder_paths.get_input_directory(), folder, FROM_IMAGES)
+            return image_folder.list_image_folder(root, FROM_IMAGES).fingerprint()
+        except ShieldSetError:
+            return f"invalid:{time.monotonic_ns()}"  # let execute raise the clear error
+
+    @classmethod
+    def execute(cls, images=None, vae=None, model=None, width=512, height=512, folder="") -> io.NodeOutput:
+        if (images is None) == (not folder):
+            raise ShieldSetError(f"{FROM_IMAGES}: connect the images input or set folder (exactly one of them)")
+        names, source = None, "images"
+        if folder:
+            images, names = read_input_folder(folder, width, height)
+            source = f"folder:{folder}"
         if images.shape[0] == 0:
-            raise ShieldSetError("Shield Set from Images: the images input is an empty batch")
+            raise ShieldSetError(f"{FROM_IMAGES}: the images input is an empty batch")
         if not torch.isfinite(images).all():
-            raise ShieldSetError("Shield Set from Images: the images contain NaN or inf")
+            raise ShieldSetError(f"{FROM_IMAGES}: the images contain NaN or inf")
         latent_format = latent_format_name(model)
-        key = (hashlib.sha256(images.float().contiguous().cpu().numpy().tobytes()).hexdigest(), width, height, latent_format)
+        key = (hashlib.sha256(images.float().contiguous().cpu().numpy().tobytes()).hexdigest(), width, height, latent_format, source,
+               tuple(names or ()))
         per_vae = _ENCODE_CACHE.setdefault(vae, {})
         if key not in per_vae:
-            per_vae[key] = encode_images(vae, images, latent_format, width, height)
+            per_vae[key] = encode_images(vae, images, latent_format, width, height, names, source)
             while len(per_vae) > _ENCODE_CACHE_PER_VAE:
                 per_vae.pop(next(iter(per_vae)))
         return io.NodeOutput(per_vae[key], ui=set_preview(cls, per_vae[key]))
@@ -163,6 +228,9 @@ class SaveShieldSet(io.ComfyNode):
                                 "(.safetensors is added; sub-folders allowed, '..' and absolute paths are refused)."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name; off adds a "
                                  "number (_1, _2, ...) instead."),
+                io.Combo.Input("storage", options=list(STORAGE_DTYPES), default="float32", optional=True,
+                               tooltip="Latent precision on disk. float16 halves the file and the reads of large sets; the "
+                               "rounded values then ARE the shields (distances stay exact on them). float32 keeps them as made."),
             ],
             outputs=[io.String.Output("path", tooltip="Where the file was written.")],
             is_output_node=True,
@@ -177,14 +245,14 @@ class SaveShieldSet(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, shield_set, filename, overwrite) -> io.NodeOutput:
+    def execute(cls, shield_set, filename, overwrite, storage="float32") -> io.NodeOutput:
         path = resolve_inside(shield_folder(), filename, "Save Shield Set: filename")
         if not overwrite:
             stem, counter = path.with_suffix(""), 1
             while path.exists():
                 path = stem.with_name(f"{stem.name}_{counter}").with_suffix(".safetensors")
                 counter += 1
-        save_shield_set(shield_set, path)
+        save_shield_set(shield_set, path, storage)
         text = f"saved {shield_set.describe()} to {path}"
         logger.info(text)
         return io.NodeOutput(str(path), ui={"text": [text]})
@@ -198,8 +266,8 @@ class LoadShieldSet(io.ComfyNode):
             display_name="Load Shield Set",
             category=f"{CATEGORY}/sets",
             description="Loads a shield set saved by Save Shield Set (safetensors; nothing is unpickled).",
-            inputs=[io.Combo.Input("filename", options=folder_paths.get_filename_list(FOLDER),
-                                   tooltip="A file in models/shield_sets.")],
+            inputs=[io.Combo.Input("filename", options=shield_set_files(),
+                                   tooltip="A file in models/shield_sets. Its latents are memory-mapped, so large sets stay on disk.")],
             outputs=[SHIELD_SET.Output(display_name="shield_set")],
         )
 

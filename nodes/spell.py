@@ -42,8 +42,9 @@ def shield_inputs() -> list:
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="End of the active window "
                        "(1 = last step). The guarantee that outputs end outside the shields needs end 1."),
         io.Combo.Input("search", options=list(SEARCH_METHODS), default="auto", tooltip="Shield range search: auto "
-                       "(exact below 4096 shields, else the projection filter), exact, projection, or faiss (projection "
-                       "filter scanned by FAISS). All return every shield within r."),
+                       "(exact below 4096 shields, else clustered), exact, clustered (projection codes in inverted lists, "
+                       "lists skipped only when provably out of reach; index cached beside the set file), projection "
+                       "(flat code scan), or faiss (flat code scan by FAISS). All return every shield within r."),
     ]
 
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import uuid
 from typing import Callable, Optional, Sequence
 
+import comfy.model_management
 import comfy.patcher_extension
+import comfy.utils
 import torch
 
+from ..core import shield_files
 from ..core.records import RECORDS, RunRecord
 from ..core.shield_set import ShieldSet, ShieldSetError
-from . import spell_math
+from . import shield_index, spell_math
 from .run_state import RunStateHolder, attach_run_state
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,8 @@ class SparseRepellencyPatch:
         self.patch_id = f"spell-{uuid.uuid4().hex[:12]}"
         self.holder: RunStateHolder[RunState] = RunStateHolder(self._start_run, self._finish_run)
         self.searches: list = []
+        self._searches_built = False
+        self._build_lock = threading.Lock()
         self.latent_format = ""
         self.sigma_start = float("inf")
         self.sigma_end = 0.0
@@ -84,7 +90,6 @@ class SparseRepellencyPatch:
         for shield_set in self.shield_sets:
             if len(shield_set):
                 shield_set.check_compatible(shield_set.item_shape, self.latent_format, WHERE)
-        self.searches = [self._build_search(model, s) for s in self.shield_sets if len(s)]
         model_sampling = model.get_model_object("model_sampling")
         self.sigma_start = float(model_sampling.percent_to_sigma(self.settings.start_percent))
         self.sigma_end = float(model_sampling.percent_to_sigma(self.settings.end_percent))
@@ -103,10 +108,36 @@ class SparseRepellencyPatch:
             model.add_wrapper_with_key(wrapper_type, f"shield_memory_{self.patch_id}", spell_memory_wrapper)
         return model
 
-    def _build_search(self, model, shield_set: ShieldSet):
+    def _ensure_searches(self, base_model) -> None:
+        """Build the searches at the first step that needs them (lazily: patching a model is free, and an
+        index is built once per set content, then cached in RAM and beside the set file)."""
+        with self._build_lock:
+            if not self._searches_built:
+                self.searches = [self._build_search(base_model, s) for s in self.shield_sets if len(s)]
+                self._searches_built = True
+
+    def _build_search(self, base_model, shield_set: ShieldSet):
         # Shields are stored as LATENT (what VAE Encode gives); the sampler works in the model's space.
-        latents = model.model.process_latent_in(shield_set.latents.clone()).float()
-        return spell_math.build_range_search(latents, self.settings.search_method)
+        # process_latent_in is per entry, so it is applied to the rows as they are read.
+        item_shape = shield_set.item_shape
+
+        def to_model_space(rows: torch.Tensor) -> torch.Tensor:
+            return base_model.process_latent_in(rows.reshape(-1, *item_shape)).reshape(rows.shape[0], -1).float()
+
+        rows = spell_math.ShieldRows(shield_set.latents, to_model_space)
+        method = resolve_search_method(self.settings.search_method, len(shield_set))
+        if method != "clustered":
+            return spell_math.build_range_search(rows, method)
+        dims = spell_math.default_projection_dims(len(shield_set), method)
+        key = f"v{INDEX_VERSION}:{shield_set.content_hash}:{self.latent_format}:m{dims}"
+        index_file = None if shield_set.source_path is None else shield_files.index_path_for(shield_set.source_path)
+        state = shield_index.cached_state(
+            key,
+            build=lambda: shield_index.ClusteredProjectionSearch.build_state(rows, dims, on_chunk=_progress_reporter()),
+            load=None if index_file is None else lambda: shield_files.load_index(index_file, key),
+            save=None if index_file is None else lambda built: _save_index_quietly(index_file, key, built),
+        )
+        return shield_index.ClusteredProjectionSearch(rows, state)
 
     def _memory_wrapper(self, executor, *args, **kwargs):
         output = executor(*args, **kwargs)
@@ -139,6 +170,7 @@ class SparseRepellencyPatch:
         RECORDS.finish(state.record)
 
     def _check_first_step(self, denoised: torch.Tensor, model) -> None:
+        self._ensure_searches(model)
         item_shape = tuple(denoised.shape[1:])
         latent_format = type(model.latent_format).__name__
         for shield_set in self.shield_sets:
@@ -184,6 +216,39 @@ class SparseRepellencyPatch:
 
     def _in_window(self, sigma: float) -> bool:
         return self.sigma_end <= sigma <= self.sigma_start
+
+
+INDEX_VERSION = 2
+
+
+def resolve_search_method(method: str, count: int) -> str:
+    """`auto`: exact below AUTO_PROJECTION_MIN_SHIELDS shields, else the clustered projection index."""
+    if method not in spell_math.SEARCH_METHODS:
+        raise ValueError(f"search method must be one of {spell_math.SEARCH_METHODS}, got {method!r}")
+    if method == "auto":
+        return "exact" if count < spell_math.AUTO_PROJECTION_MIN_SHIELDS else "clustered"
+    return method
+
+
+def _progress_reporter():
+    progress = None
+
+    def on_chunk(done: int, total: int) -> None:
+        nonlocal progress
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if progress is None:
+            progress = comfy.utils.ProgressBar(total)
+        progress.update_absolute(done, total)
+
+    return on_chunk
+
+
+def _save_index_quietly(path, key: str, state: dict) -> None:
+    """The index file is only a cache: a read-only folder must not stop the sampler."""
+    try:
+        shield_files.save_index(path, key, state)
+    except OSError as error:
+        logger.warning("could not save the shield index %s (%s); it will be rebuilt next time", path, error)
 
 
 def _memory_id(shield_set: ShieldSet) -> str:

@@ -28,7 +28,7 @@ import torch
 FILTER_SLACK = 1e-4
 EXACT_CHUNK_BYTES = 64 * 2**20
 AUTO_PROJECTION_MIN_SHIELDS = 4096  # bench: at 10k x 4096 the filter is ~100x faster than a scan
-SEARCH_METHODS = ("auto", "exact", "projection", "faiss")
+SEARCH_METHODS = ("auto", "exact", "clustered", "projection", "faiss")
 
 
 # -- radius --------------------------------------------------------------------------------------
@@ -118,6 +118,43 @@ def apply_repellency(x0: torch.Tensor, delta: torch.Tensor, overcompensation: fl
 
 
 # -- range search ---------------------------------------------------------------------------------
+class ShieldRows:
+    """The shields as rows [K, D], read on demand: `rows[idx]` gives float32 rows in the search's space.
+
+    `data` may be any tensor [K, ...] (float32 in RAM, or fp16 memory-mapped from a file), so only the
+    rows asked for are read; `transform` maps raw rows [n, D] to the search's space (the hook passes
+    the model's `process_latent_in`, which is per-entry, so it commutes with picking rows). Whatever
+    the storage dtype, the shield IS the stored value: fp16 storage rounds it once, and every distance
+    is computed from that rounded value.
+    """
+
+    def __init__(self, data: torch.Tensor, transform=None):
+        self.data = data.reshape(data.shape[0], -1)
+        self.transform = transform
+        self.shape = (self.data.shape[0], self.data.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor) and index.numel() > 1:
+            # sorted reads touch a memory-mapped file sequentially; undo the sort afterwards
+            order = torch.argsort(index)
+            rows = torch.empty(index.numel(), self.shape[1], dtype=torch.float32)
+            rows[order] = self.data[index[order]].float()
+        else:
+            rows = self.data[index].float()
+        return rows if self.transform is None else self.transform(rows)
+
+    def chunks(self, rows_per_chunk: int):
+        for start in range(0, len(self), rows_per_chunk):
+            yield start, self[start : start + rows_per_chunk]
+
+
+def as_rows(shields) -> ShieldRows:
+    return shields if isinstance(shields, ShieldRows) else ShieldRows(shields)
+
+
 def _exact_recheck(
     queries: torch.Tensor, shields: torch.Tensor, query_idx, shield_idx, radius: float, chunk: int = 2048
 ) -> Neighbours:
@@ -151,11 +188,11 @@ class ExactRangeSearch:
 
     name = "exact"
 
-    def __init__(self, shields: torch.Tensor, chunk_bytes: int = EXACT_CHUNK_BYTES):
-        self.shields = shields.flatten(1)
-        self.norms = self.shields.float().pow(2).sum(1)
+    def __init__(self, shields, chunk_bytes: int = EXACT_CHUNK_BYTES):
+        self.shields = as_rows(shields)
         row_bytes = self.shields.shape[1] * 4
         self.chunk = max(1, chunk_bytes // max(1, row_bytes))
+        self.norms = torch.cat([block.pow(2).sum(1) for _, block in self.shields.chunks(self.chunk)])
 
     def __len__(self) -> int:
         return self.shields.shape[0]
@@ -166,7 +203,7 @@ class ExactRangeSearch:
         threshold = radius * radius
         found_q, found_s = [], []
         for start in range(0, len(self), self.chunk):
-            block = self.shields[start : start + self.chunk].float()
+            block = self.shields[start : start + self.chunk]
             norms = self.norms[start : start + self.chunk]
             squared = query_norms[:, None] - 2.0 * queries @ block.T + norms[None, :]
             slack = FILTER_SLACK * (query_norms[:, None] + norms[None, :]) + 1e-6
@@ -197,18 +234,35 @@ def project_with_residual(v: torch.Tensor, basis: torch.Tensor, mean: torch.Tens
     return projected, residual
 
 
-def pca_basis(shields: torch.Tensor, dims: int, sample: int = 4096, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pca_basis(shields, dims: int, sample: int = 4096, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """An orthonormal basis [D, m] of the set's main directions (PCA of a subsample) and the mean.
 
     Any orthonormal basis keeps the bound exact; PCA only makes it tight (fewer candidates)."""
+    shields = as_rows(shields)
     generator = torch.Generator().manual_seed(seed)
-    rows = shields if shields.shape[0] <= sample else shields[torch.randperm(shields.shape[0], generator=generator)[:sample]]
-    rows = rows.float()
+    count = len(shields)
+    rows = shields[:] if count <= sample else shields[torch.randperm(count, generator=generator)[:sample]]
     mean = rows.mean(0)
     dims = max(1, min(dims, rows.shape[0], rows.shape[1]))
-    _, _, v = torch.pca_lowrank(rows - mean, q=dims, center=False, niter=2)
+    with torch.random.fork_rng(devices=[]):  # pca_lowrank draws from the global RNG: seed it, leave it unchanged
+        torch.manual_seed(seed)
+        _, _, v = torch.pca_lowrank(rows - mean, q=dims, center=False, niter=2)
     basis, _ = torch.linalg.qr(v)  # re-orthonormalise: the bound needs PᵀP = I
     return basis.contiguous(), mean
+
+
+def encode_codes(rows, basis: torch.Tensor, mean: torch.Tensor, chunk: int = 16384, on_chunk=None) -> torch.Tensor:
+    """[Pᵀ(z − μ), ρ_z] per row (float32 [K, m + 1]): the code whose L2 distance is `projection_lower_bound`.
+    `rows` is a tensor or ShieldRows, read chunk by chunk; `on_chunk(done, total)` reports progress."""
+    total = rows.shape[0]
+    codes = torch.empty(total, basis.shape[1] + 1, dtype=torch.float32)
+    for start in range(0, total, chunk):
+        projected, residual = project_with_residual(rows[start : start + chunk], basis, mean)
+        codes[start : start + projected.shape[0], :-1] = projected
+        codes[start : start + projected.shape[0], -1] = residual
+        if on_chunk is not None:
+            on_chunk(min(total, start + chunk), total)
+    return codes
 
 
 class ProjectionRangeSearch:
@@ -221,8 +275,8 @@ class ProjectionRangeSearch:
     search; otherwise a chunked torch scan.
     """
 
-    def __init__(self, shields: torch.Tensor, dims: int = 64, use_faiss: bool = False, chunk_rows: int = 262_144):
-        self.shields = shields.flatten(1)
+    def __init__(self, shields, dims: int = 64, use_faiss: bool = False, chunk_rows: int = 262_144):
+        self.shields = as_rows(shields)
         self.basis, self.mean = pca_basis(self.shields, dims)
         self.codes = self._encode(self.shields)
         self.chunk_rows = chunk_rows
@@ -236,12 +290,8 @@ class ProjectionRangeSearch:
             self.index.add(self.codes.numpy())
         self.code_norms = self.codes.pow(2).sum(1)
 
-    def _encode(self, rows: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-        codes = []
-        for start in range(0, rows.shape[0], chunk):
-            projected, residual = project_with_residual(rows[start : start + chunk], self.basis, self.mean)
-            codes.append(torch.cat([projected, residual[:, None]], dim=1))
-        return torch.cat(codes).contiguous()
+    def _encode(self, rows, chunk: int = 16384) -> torch.Tensor:
+        return encode_codes(rows, self.basis, self.mean, chunk)
 
     def __len__(self) -> int:
         return self.shields.shape[0]
@@ -273,23 +323,33 @@ class ProjectionRangeSearch:
         return _exact_recheck(queries, self.shields, query_idx, shield_idx, radius)
 
 
-def build_range_search(shields: torch.Tensor, method: str = "auto", projection_dims: Optional[int] = None):
-    """`auto`: exact below AUTO_PROJECTION_MIN_SHIELDS shields, else the projection filter (FAISS scan
-    when faiss imports). Every method returns every shield within r (see the classes). The projection
-    width defaults to 64 below 50k shields and 256 above (bench: 118 -> 20 ms per step at 100k x 4096)."""
-    if projection_dims is None:
-        projection_dims = 64 if shields.shape[0] < 50_000 else 256
+def default_projection_dims(count: int, method: str = "projection") -> int:
+    """Code width m. Flat scans: 64 below 50k shields, 256 above (bench: 118 -> 20 ms at 100k x 4096).
+    The clustered index prunes whole lists, so 128 above 50k suffices (bench/shield_scale_bench.py:
+    ~20-30 ms at 100k with m = 128 against 450 ms with m = 64) and halves the codes' RAM at 1M."""
+    if count < 50_000:
+        return 64
+    return 128 if method == "clustered" else 256
+
+
+def build_range_search(shields, method: str = "auto", projection_dims: Optional[int] = None):
+    """`auto`: exact below AUTO_PROJECTION_MIN_SHIELDS shields, else the clustered projection index
+    (`shield_index`: inverted lists over the codes, pruned by the triangle inequality). Every method
+    returns every shield within r (see the classes). `shields`: a tensor [K, ...] or ShieldRows; the
+    projection width defaults to `default_projection_dims`."""
+    count = shields.shape[0]
     if method not in SEARCH_METHODS:
         raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {method!r}")
     if method == "auto":
-        if shields.shape[0] < AUTO_PROJECTION_MIN_SHIELDS:
-            method = "exact"
-        else:
-            from ..optional_deps import is_available
-
-            method = "faiss" if is_available("faiss") else "projection"
+        method = "exact" if count < AUTO_PROJECTION_MIN_SHIELDS else "clustered"
+    if projection_dims is None:
+        projection_dims = default_projection_dims(count, method)
     if method == "exact":
         return ExactRangeSearch(shields)
+    if method == "clustered":
+        from .shield_index import ClusteredProjectionSearch
+
+        return ClusteredProjectionSearch(shields, ClusteredProjectionSearch.build_state(shields, projection_dims))
     return ProjectionRangeSearch(shields, dims=projection_dims, use_faiss=method == "faiss")
 
 

@@ -130,3 +130,84 @@ def test_set_from_images_shows_thumbnails_and_memory_reports_its_size():
     assert torch.equal(grid[0, :PREVIEW_CELL:12, :PREVIEW_CELL:12], images[0])  # nearest-neighbour tiles
     memory = ShieldMemory.execute("thumbnails-test", True)
     assert memory.ui["text"] == ["memory 'thumbnails-test': 0 earlier outputs remembered"]
+
+
+# -- Shield Set from Images: folder input ------------------------------------------------------------
+@pytest.fixture
+def input_folder(tmp_path, monkeypatch):
+    root = tmp_path / "input"
+    root.mkdir()
+    monkeypatch.setattr(folder_paths, "input_directory", str(root))
+    return root
+
+
+def _write_images(folder):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(folder / "a_red.png")  # wide
+    (folder / "b").mkdir(exist_ok=True)
+    Image.new("RGB", (12, 40), (0, 0, 255)).save(folder / "b" / "blue.jpg", quality=95)  # tall, other size
+    (folder / "notes.txt").write_text("not an image")
+
+
+def test_folder_input_reads_mixed_sizes_and_skips_non_images(input_folder, caplog):
+    _write_images(input_folder / "protected")
+    (vae,) = comfy_nodes.VAELoader().load_vae("pixel_space")
+    model = build_memorizer(torch.randn(2, 3, 16, 16))
+    with caplog.at_level("WARNING"):
+        shields = ShieldSetFromImages.execute(None, vae, model, 16, 16, folder="protected").result[0]
+    assert "notes.txt" in caplog.text  # the skipped file is listed
+    assert shields.names == ("a_red.png", "b/blue.jpg") and shields.latents.shape == (2, 3, 16, 16)
+    red, blue = shields.images
+    assert float(red[..., 0].min()) > 0.99 and float(red[..., 2].max()) < 0.01
+    assert float(blue[..., 2].mean()) > 0.9 and float(blue[..., 0].mean()) < 0.1  # JPEG: close, not exact
+    assert shields.settings["source"] == "folder:protected"
+    assert ShieldSetFromImages.fingerprint_inputs(folder="protected") == ShieldSetFromImages.fingerprint_inputs(folder="protected")
+    before = ShieldSetFromImages.fingerprint_inputs(folder="protected")
+    (input_folder / "protected" / "a_red.png").write_bytes((input_folder / "protected" / "b" / "blue.jpg").read_bytes())
+    assert ShieldSetFromImages.fingerprint_inputs(folder="protected") != before  # a rewritten file re-runs the node
+
+
+def test_folder_input_refuses_corrupt_empty_and_escaping_folders(input_folder):
+    from PIL import Image
+
+    (vae,) = comfy_nodes.VAELoader().load_vae("pixel_space")
+    model = build_memorizer(torch.randn(2, 3, 16, 16))
+    broken = input_folder / "broken"
+    _write_images(broken)
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(broken / "c_cut.png")
+    data = (broken / "c_cut.png").read_bytes()
+    (broken / "c_cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShieldSetError, match="c_cut.png.*corrupt or truncated"):
+        ShieldSetFromImages.execute(None, vae, model, 16, 16, folder="broken")
+    (input_folder / "empty").mkdir()
+    with pytest.raises(ShieldSetError, match="empty"):
+        ShieldSetFromImages.execute(None, vae, model, 16, 16, folder="empty")
+    (input_folder / "texts").mkdir()
+    (input_folder / "texts" / "a.txt").write_text("x")
+    with pytest.raises(ShieldSetError, match="no image files"):
+        ShieldSetFromImages.execute(None, vae, model, 16, 16, folder="texts")
+    for name in ("../outside", "/etc", "empty/../../outside"):
+        assert "outside ComfyUI's input directory" in ShieldSetFromImages.validate_inputs(folder=name)
+        with pytest.raises(ShieldSetError, match="outside"):
+            ShieldSetFromImages.execute(None, vae, model, 16, 16, folder=name)
+    assert ShieldSetFromImages.validate_inputs(folder="empty") is True
+    with pytest.raises(ShieldSetError, match="exactly one"):
+        ShieldSetFromImages.execute(torch.rand(1, 16, 16, 3), vae, model, 16, 16, folder="empty")
+    with pytest.raises(ShieldSetError, match="exactly one"):
+        ShieldSetFromImages.execute(None, vae, model, 16, 16, folder="")
+
+
+def test_folder_input_respects_interrupts(input_folder):
+    import comfy.model_management
+
+    _write_images(input_folder / "protected")
+    (vae,) = comfy_nodes.VAELoader().load_vae("pixel_space")
+    model = build_memorizer(torch.randn(2, 3, 16, 16))
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            ShieldSetFromImages.execute(None, vae, model, 16, 16, folder="protected")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)

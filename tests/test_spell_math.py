@@ -69,7 +69,7 @@ def test_projection_bound_never_exceeds_the_true_distance():
         assert float((bound / true.clamp_min(1e-9)).max()) > 0.5  # and it is not trivially zero
 
 
-@pytest.mark.parametrize("method", ["exact", "projection", "faiss"])
+@pytest.mark.parametrize("method", ["exact", "projection", "faiss", "clustered"])
 def test_every_search_returns_exactly_the_in_radius_shields(method):
     shields = _clustered(3000, 128, seed=1)
     generator = torch.Generator().manual_seed(2)
@@ -95,7 +95,7 @@ def test_exact_search_is_chunked_and_still_exact():
 def test_auto_picks_exact_for_small_and_projection_for_large(monkeypatch):
     assert sm.build_range_search(torch.randn(10, 8)).name == "exact"
     monkeypatch.setattr(sm, "AUTO_PROJECTION_MIN_SHIELDS", 5)
-    assert sm.build_range_search(torch.randn(10, 8), projection_dims=2).name in ("faiss", "projection")
+    assert sm.build_range_search(torch.randn(10, 8), projection_dims=2).name == "clustered"
     with pytest.raises(ValueError, match="search method"):
         sm.build_range_search(torch.randn(10, 8), "ivf")
 

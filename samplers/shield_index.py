@@ -1,0 +1,227 @@
+"""Exact range search over a million shields: projection codes in inverted lists, pruned by a proof.
+
+Plain torch (no ComfyUI import). Builds on `spell_math.ProjectionRangeSearch` (paper appendix I asks
+for a range search; SPELL's guarantee, appendix B, needs every shield within r to be found):
+
+1. Each shield z has a code c_z = [Pᵀ(z − μ), ρ_z] (m + 1 floats, P orthonormal from a PCA); the code
+   distance ‖c_x − c_z‖ is a lower bound of ‖x − z‖ (`spell_math.projection_lower_bound`).
+2. The codes are clustered (k-means in code space) into inverted lists L_j with centroid μ_j and radius
+   R_j = max_{z ∈ L_j} ‖c_z − μ_j‖ (measured after assignment, so it holds whatever k-means did).
+3. For a query code q, every member of L_j has ‖q − c_z‖ ≥ ‖q − μ_j‖ − R_j (triangle inequality in
+   code space). A list is skipped when that bound exceeds the scan's own acceptance threshold for
+   every member, so this pruning drops exactly pairs the flat code scan would drop: none in radius.
+   The same holds in the full space with the list's full-dimensional mean ν_j and radius
+   S_j = max ‖z − ν_j‖: ‖x − z‖ ≥ ‖x − ν_j‖ − S_j ≥ r proves every member out of range. The code-space
+   bound alone loses the directions P does not keep (at 1M shields in 250 clusters, m = 128 keeps about
+   half of the cluster-centre directions and almost nothing was pruned); the full-space bound does not.
+4. The surviving lists' codes are scanned like the flat filter; the candidates are re-checked against
+   the full vectors (`spell_math._exact_recheck`, float64 near the boundary), which are read only for
+   those candidates and may stay memory-mapped on disk in fp16.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from typing import Callable, Optional
+
+import torch
+
+from . import spell_math
+
+PRUNE_MARGIN = 1e-9  # relative: float64 rounding of ‖q − μ‖ and R_j
+
+
+def kmeans(codes: torch.Tensor, lists: int, iterations: int = 10, sample: int = 64, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means on a subsample (≤ `sample` points per list); returns centroids [lists, m + 1].
+    Only the pruning's speed depends on it: the list radii are measured on the final assignment."""
+    generator = torch.Generator().manual_seed(seed)
+    count = codes.shape[0]
+    lists = max(1, min(lists, count))
+    train = codes if count <= lists * sample else codes[torch.randperm(count, generator=generator)[: lists * sample]]
+    centroids = train[torch.randperm(train.shape[0], generator=generator)[:lists]].clone()
+    for _ in range(iterations):
+        labels = assign(train, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, train)
+        sizes = torch.bincount(labels, minlength=lists).float()
+        filled = sizes > 0
+        centroids[filled] = sums[filled] / sizes[filled, None]
+    return centroids
+
+
+def assign(codes: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    centroid_norms = centroids.pow(2).sum(1)
+    labels = torch.empty(codes.shape[0], dtype=torch.long)
+    for start in range(0, codes.shape[0], chunk):
+        block = codes[start : start + chunk]
+        labels[start : start + chunk] = (centroid_norms[None, :] - 2.0 * block @ centroids.T).argmin(1)
+    return labels
+
+
+def full_space_lists(rows, labels: torch.Tensor, lists: int, chunk: int, on_chunk=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each list's mean ν_j in the full space [lists, D] and radius S_j = max ‖z − ν_j‖ (float64), from
+    two passes over the rows (labels in row order). The radius is measured on the float32 mean as
+    stored, so the pruning bound holds for exactly the tensors the search uses."""
+    total = len(rows)
+    sums = torch.zeros(lists, rows.shape[1], dtype=torch.float64)
+    for start, block in rows.chunks(chunk):
+        sums.index_add_(0, labels[start : start + block.shape[0]], block.double())
+        if on_chunk is not None:
+            on_chunk(min(total, start + chunk), total)
+    sizes = torch.bincount(labels, minlength=lists).clamp_min(1)
+    means = (sums / sizes[:, None]).float()
+    radius = torch.zeros(lists, dtype=torch.float64)
+    for start, block in rows.chunks(chunk):
+        block_labels = labels[start : start + block.shape[0]]
+        spread = (block.double() - means[block_labels].double()).norm(dim=1)
+        radius.scatter_reduce_(0, block_labels, spread, "amax")
+        if on_chunk is not None:
+            on_chunk(min(total, start + chunk), total)
+    return means, radius
+
+
+class ClusteredProjectionSearch:
+    """Every shield within r; per step it reads only the codes of lists not proven out of reach.
+
+    RAM: (m + 1)·4 bytes per shield for the codes, 8 for the list order; the full vectors stay where
+    `shields` keeps them (a memory-mapped file for Load Shield Set). Build once per set (cached by the
+    caller, see `cached_index`); the tensors are in `state()` / `from_state()` for saving.
+    """
+
+    name = "clustered"
+
+    def __init__(self, shields, state: dict):
+        self.shields = spell_math.as_rows(shields)
+        self.basis, self.mean = state["basis"], state["mean"]
+        self.codes, self.order, self.offsets = state["codes"], state["order"], state["offsets"]
+        self.centroids, self.list_radius, self.list_max_norm = state["centroids"], state["list_radius"], state["list_max_norm"]
+        self.full_centroids, self.full_radius = state["full_centroids"], state["full_radius"]
+        self._centroids64 = self.centroids.double()
+        self._full_norms = self.full_centroids.double().pow(2).sum(1)
+        self.code_norms = self.codes.pow(2).sum(1)
+        self.last_scanned = 0  # codes scanned by the last search (for benchmarks and reports)
+        self.last_candidates = 0  # pairs the last search re-checked against the full vectors
+
+    @staticmethod
+    def build_state(
+        shields, dims: int = 64, lists: Optional[int] = None, chunk: int = 16384,
+        on_chunk: Optional[Callable[[int, int], None]] = None,
+    ) -> dict:
+        """PCA basis, codes sorted by list, list offsets, centroids, radii. `on_chunk(done, total)` runs
+        after every chunk read (progress, interrupts)."""
+        rows = spell_math.as_rows(shields)
+        count = len(rows)
+        basis, mean = spell_math.pca_basis(rows, dims)
+        codes = spell_math.encode_codes(rows, basis, mean, chunk, on_chunk)
+        lists = lists or max(1, int(math.sqrt(count)))
+        centroids = kmeans(codes, lists)
+        labels = assign(codes, centroids)
+        order = torch.argsort(labels, stable=True)
+        codes, labels = codes[order].contiguous(), labels[order]
+        sizes = torch.bincount(labels, minlength=centroids.shape[0])
+        offsets = torch.zeros(centroids.shape[0] + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(sizes, 0)
+        spread = (codes.double() - centroids.double()[labels]).norm(dim=1)
+        list_radius = torch.zeros(centroids.shape[0], dtype=torch.float64).scatter_reduce_(0, labels, spread, "amax")
+        norms = codes.double().pow(2).sum(1)
+        list_max_norm = torch.zeros(centroids.shape[0], dtype=torch.float64).scatter_reduce_(0, labels, norms, "amax")
+        # float64 sums of a chunk: 4096 rows keeps the transient memory near 200 MB at d = 4096
+        full_centroids, full_radius = full_space_lists(rows, labels[torch.argsort(order)], centroids.shape[0], min(chunk, 4096), on_chunk)
+        return {"basis": basis, "mean": mean, "codes": codes, "order": order, "offsets": offsets,
+                "centroids": centroids, "list_radius": list_radius, "list_max_norm": list_max_norm,
+                "full_centroids": full_centroids, "full_radius": full_radius}
+
+    def state(self) -> dict:
+        return {"basis": self.basis, "mean": self.mean, "codes": self.codes, "order": self.order, "offsets": self.offsets,
+                "centroids": self.centroids, "list_radius": self.list_radius, "list_max_norm": self.list_max_norm,
+                "full_centroids": self.full_centroids, "full_radius": self.full_radius}
+
+    def __len__(self) -> int:
+        return len(self.shields)
+
+    def index_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.state().values(), self.code_norms))
+
+    def surviving_lists(self, query_codes: torch.Tensor, radius: float, queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, lists] bool: False only where the triangle inequality proves every member out of reach.
+
+        Code space: the scan accepts z when ‖q − c_z‖² ≤ r² + s·(‖q‖² + ‖c_z‖²) + 1e-6 (s = FILTER_SLACK);
+        with ‖c_z‖² ≤ max_norm_j that is at most t_j², so ‖q − μ_j‖ − R_j > t_j rules out every member.
+        Full space (when `queries` [B, D] is given): ‖x − ν_j‖ − S_j > r rules out every member."""
+        alive = self._code_space_alive(query_codes, radius)
+        if queries is not None:
+            alive &= self._full_space_lower(queries) - self.full_radius[None, :] <= radius * (1 + PRUNE_MARGIN) + PRUNE_MARGIN
+        return alive
+
+    def _full_space_lower(self, queries: torch.Tensor) -> torch.Tensor:
+        """A lower bound of ‖x − ν_j‖ [B, lists]: ‖x‖² − 2x·ν + ‖ν‖² in float32 (a float64 cdist over
+        4096 dims cost ~7 ms per step at 100k shields), minus a slack that covers its rounding
+        (FILTER_SLACK relative to the norms, as in the code scan)."""
+        queries = queries.float()
+        query_norms = queries.double().pow(2).sum(1)
+        squared = query_norms[:, None] - 2.0 * (queries @ self.full_centroids.T).double() + self._full_norms[None, :]
+        slack = spell_math.FILTER_SLACK * (query_norms[:, None] + self._full_norms[None, :]) + 1e-6
+        return (squared - slack).clamp_min(0.0).sqrt()
+
+    def _code_space_alive(self, query_codes: torch.Tensor, radius: float) -> torch.Tensor:
+        to_centroid = torch.cdist(query_codes.double(), self._centroids64)
+        query_norms = query_codes.double().pow(2).sum(1)
+        threshold = (radius * radius + spell_math.FILTER_SLACK * (query_norms[:, None] + self.list_max_norm[None, :]) + 1e-6).sqrt()
+        lower = to_centroid - self.list_radius[None, :]
+        return lower <= threshold * (1 + PRUNE_MARGIN) + PRUNE_MARGIN
+
+    def candidates(self, queries: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = spell_math.encode_codes(queries, self.basis, self.mean)
+        query_norms = codes.pow(2).sum(1)
+        alive = self.surviving_lists(codes, radius, queries)
+        threshold = radius * radius
+        found_q, found_s, scanned = [], [], 0
+        for j in torch.nonzero(alive.any(0)).flatten().tolist():
+            start, end = int(self.offsets[j]), int(self.offsets[j + 1])
+            if end == start:
+                continue
+            rows = torch.nonzero(alive[:, j]).flatten()
+            block, norms = self.codes[start:end], self.code_norms[start:end]
+            squared = query_norms[rows, None] - 2.0 * codes[rows] @ block.T + norms[None, :]
+            slack = spell_math.FILTER_SLACK * (query_norms[rows, None] + norms[None, :]) + 1e-6
+            q, s = torch.nonzero(squared <= threshold + slack, as_tuple=True)
+            found_q.append(rows[q])
+            found_s.append(self.order[start + s])
+            scanned += end - start
+        self.last_scanned = scanned
+        self.last_candidates = sum(int(q.numel()) for q in found_q)
+        if not found_q:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.cat(found_q), torch.cat(found_s)
+
+    def search(self, queries: torch.Tensor, radius: float) -> spell_math.Neighbours:
+        queries = queries.flatten(1).to("cpu", torch.float32)
+        query_idx, shield_idx = self.candidates(queries, radius)
+        return spell_math._exact_recheck(queries, self.shields, query_idx, shield_idx, radius)
+
+
+# -- cache: one index per set content (and storage/transform), built lazily ------------------------
+_CACHE: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
+_CACHE_LOCK = threading.Lock()
+CACHE_ENTRIES = 4
+
+
+def cached_state(key: str, build: Callable[[], dict], load: Optional[Callable[[], Optional[dict]]] = None,
+                 save: Optional[Callable[[dict], None]] = None) -> dict:
+    """The index state for `key` (a set content hash plus index settings): from RAM, else from `load`
+    (a saved index file that still matches the key), else `build` it (and `save` it)."""
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    state = load() if load is not None else None
+    if state is None:
+        state = build()
+        if save is not None:
+            save(state)
+    with _CACHE_LOCK:
+        _CACHE[key] = state
+        while len(_CACHE) > CACHE_ENTRIES:
+            _CACHE.popitem(last=False)
+    return state
