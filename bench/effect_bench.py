@@ -217,7 +217,7 @@ def build_variants(setup: Setup, embedder, vae, spell_radii=SPELL_RADII, procrea
         return ShieldProCreateGuidance.execute(model, vae, embedder, references, gamma, 1.0, 0.5, 0, 0.0, 1.0, "fast",
                                                -1.0, False).result[0]
 
-    variants = [Variant("plain", "plain", "–", lambda m: m)]
+    variants = [Variant("plain", "plain", "–", lambda m: m.clone())]  # a clone, as every patched variant
     for factor in spell_radii:
         variants.append(Variant(f"SPELL r={factor:g}τ", "SPELL", f"r={factor:g}τ ({factor * setup.threshold:.2f})",
                                 lambda m, f=factor: spell(m, f), factor))
@@ -266,11 +266,15 @@ def measure(setup: Setup, variants: Sequence[Variant], embedder, progress: Calla
     results = [Result(v, torch.empty(0), torch.empty(0, dtype=torch.long), []) for v in variants]
     outputs: list[list[torch.Tensor]] = [[] for _ in variants]
     prompt_of: list[list[int]] = [[] for _ in variants]
+    rounds = 0
     for prompt_index, prompt in enumerate(setup.prompts):
         for repeat in range(setup.seeds_per_prompt):
             seed = 1000 * prompt_index + repeat
-            for index, model in enumerate(models):
-                latents, seconds = sample_once(setup, model, prompt, seed, setup.steps)
+            # each round starts at another variant: none is always first after the progress line or the switch
+            order = [(rounds + offset) % len(models) for offset in range(len(models))]
+            rounds += 1
+            for index in order:
+                latents, seconds = sample_once(setup, models[index], prompt, seed, setup.steps)
                 outputs[index].append(latents)
                 prompt_of[index] += [prompt_index] * latents.shape[0]
                 results[index].step_seconds.append(seconds / setup.steps)
@@ -373,6 +377,8 @@ def tradeoff_chart(per_setup: dict[str, tuple[Setup, list[Result]]], path: pathl
                     if family != "plain":
                         axis.annotate(r.variant.strength.split(" (")[0].split(",")[0], (x, y), fontsize=7,
                                       xytext=(3, 3), textcoords="offset points")
+            if key == "replication":
+                axis.set_ylim(-0.05, 1.05)
             axis.set_xlabel("Vendi score per prompt (diversity →)")
             axis.set_ylabel(label)
             axis.set_title(f"{name}: {label} vs diversity")
