@@ -1,0 +1,460 @@
+"""Effect tables: replication, nearest-training similarity, diversity and few-shot precision/recall of every
+Shield method (and one combination), each at more than one strength, on the closed-form memorizer and on the
+bundled demo model; one run, the same seeds for every variant.
+
+Run: $SHIELD_PYTHON bench/effect_bench.py [--quick] [--only memorizer|demo]   (one thread; prints markdown)
+
+- Memorizer: 16 items 3×8×8, uniform in [-1, 1] (3 channels so the stock pixel_space VAE decodes them for
+  ProCreate's embedder), exact optimal denoiser (reference_models/memorizer.py). Prompts select 1–2 items
+  ("memorized prompts"); the negative/uncond is the whole set.
+- Demo: the bundled pixel-space UNet through the pack's loader node, class conditioning through the demo
+  conditioning node, class names read from the weights' metadata at run time; training items rebuilt by the
+  dataset module with the seed recorded in the metadata.
+- Variants: plain; Sparse Repellency (shield = training items, intra-batch on) at r = ½τ, τ, 2τ, 4τ (τ = the
+  replication threshold); Transition-Point CFG static 50 % / dynamic / opposite+dynamic; ProCreate (fast
+  gradient, look-ahead 0, the bench's pixel embedder) at γ = 10, 30, 100; SPELL r=τ + TPCFG dynamic; SPELL r=τ with
+  the shields only (no intra-batch).
+- Metrics (core/metrics.py): replication share (nearest training item within τ, L2 in the model's latent
+  space), median nearest-training distance, 95th percentile of the nearest-training cosine similarity in the
+  embedder space (the transition-point paper's "Similarity (95pc)"), Vendi score per prompt (cosine kernel on
+  embeddings, mean over prompts), k-NN precision/recall (k = 3) against the training items, and the per-step
+  wall time of the variant divided by plain's, from calls interleaved in the same run (median over batches).
+- Writes the trade-off chart (replication and similarity vs Vendi per strength, as SPELL's Figure 4) to
+  bench/results/effect_tradeoff.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+import bench_common  # noqa: E402
+
+if "comfy.model_management" not in sys.modules:  # run alone: import ComfyUI in-process; under pytest: already done
+    bench_common.import_pack()
+
+import comfy.sd  # noqa: E402
+import nodes as comfy_nodes  # noqa: E402
+
+from comfyui_shield.core import metrics  # noqa: E402
+from comfyui_shield.core.shield_set import from_latents  # noqa: E402
+from comfyui_shield.nodes.demo_model import ShieldDemoConditioning, ShieldDemoModelLoader  # noqa: E402
+from comfyui_shield.nodes.procreate import ShieldProCreateGuidance  # noqa: E402
+from comfyui_shield.nodes.spell import SparseRepellency  # noqa: E402
+from comfyui_shield.nodes.transition_cfg import TransitionPointCFG  # noqa: E402
+from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication  # noqa: E402
+from comfyui_shield.reference_models.memorizer import build_memorizer, minimum_item_spacing, subset_conditioning  # noqa: E402
+from comfyui_shield.samplers.spell_hook import latent_format_name  # noqa: E402
+
+RESULTS_DIR = BENCH_DIR / "results"
+MEMORIZER_REPLICA_FRACTION = 0.25  # τ = ¼ of the smallest item spacing: a copy is unambiguous (see memorizer_setup)
+SPELL_RADII = (0.5, 1.0, 2.0, 4.0)  # in units of τ
+PROCREATE_STRENGTHS = (10.0, 30.0, 100.0)  # γ for the bench embedder; the paper's 100–250 are DreamSim values
+OVERCOMPENSATION = 1.6  # SPELL's λ (paper section 3)
+KNN_K = 3
+
+
+# -- the embedder ---------------------------------------------------------------------------------------
+class PixelEmbedder:
+    """A small differentiable image embedder: the image minus the training set's mean image, average-pooled
+    to at most 8×8 per channel. Cosine similarity in this space compares colour layouts; for the memorizer's
+    8×8 items it is the cosine of the (centred) latents themselves. The pack ships no pixel embedder
+    (DreamSim/CLIP need weights we cannot download), so the bench defines this one."""
+
+    def __init__(self, reference_images: torch.Tensor, key: str):
+        self.center = self._pool(reference_images).mean(dim=0, keepdim=True)
+        self.key = f"bench-pixel/{key}"
+
+    @staticmethod
+    def _pool(images: torch.Tensor) -> torch.Tensor:
+        pixels = images[..., :3].movedim(-1, 1).float()
+        if pixels.shape[-1] > 8 or pixels.shape[-2] > 8:
+            pixels = torch.nn.functional.adaptive_avg_pool2d(pixels, (8, 8))
+        return pixels.flatten(1)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self._pool(images) - self.center.to(images.device)
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Prompt:
+    label: str
+    positive: list
+    negative: list
+
+
+@dataclasses.dataclass
+class Setup:
+    """One model under test: its training items (in the sampler's latent space) and how to sample it."""
+
+    name: str
+    model: object
+    items: torch.Tensor  # [N, C, H, W]
+    item_images: torch.Tensor  # [N, H, W, 3] in [0, 1]
+    prompts: list[Prompt]
+    threshold: float  # τ: a sample within τ (L2) of a training item replicates it
+    threshold_note: str
+    steps: int
+    cfg: float
+    sampler: str = "euler"
+    scheduler: str = "karras"
+    batch: int = 8
+    seeds_per_prompt: int = 1
+    real_indices: Optional[torch.Tensor] = None  # the training items precision/recall compare with (None: all)
+    duplicated: Optional[torch.Tensor] = None  # [N] bool: items repeated in training
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    family: str  # plain, SPELL, TPCFG, ProCreate, SPELL+TPCFG: one trade-off line per family
+    strength: str
+    patch: Callable[[object], object]
+    strength_value: Optional[float] = None
+
+
+def pixel_vae():
+    return comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+
+
+def memorizer_setup(
+    n_items: int = 16, item_shape: Sequence[int] = (3, 8, 8), subsets: Optional[Sequence[Sequence[int]]] = None,
+    batch: int = 8, seeds_per_prompt: int = 1, steps: int = 16, cfg: float = 3.0, seed: int = 1234,
+) -> Setup:
+    generator = torch.Generator().manual_seed(seed)
+    items = torch.rand(n_items, *item_shape, generator=generator) * 2 - 1
+    spacing = minimum_item_spacing(items)
+    threshold = MEMORIZER_REPLICA_FRACTION * spacing
+    if subsets is None:
+        subsets = [(0,), (1, 2), (3,), (4, 5), (6,), (7, 8), (9,), (10, 11)]
+    everything = subset_conditioning(n_items)
+    prompts = [Prompt("items " + "+".join(map(str, s)), subset_conditioning(n_items, s), everything) for s in subsets]
+    note = (f"τ = {MEMORIZER_REPLICA_FRACTION} × the smallest distance between two items ({spacing:.2f}) = {threshold:.2f}: "
+            "a sample within τ of an item is nearer to it than to any other item by at least half the spacing, "
+            "so it is unambiguously that item's copy.")
+    return Setup(
+        name="memorizer", model=build_memorizer(items, "eps"), items=items,
+        item_images=demo_dataset.to_comfy_image(items), prompts=prompts, threshold=threshold, threshold_note=note,
+        steps=steps, cfg=cfg, batch=batch, seeds_per_prompt=seeds_per_prompt,
+    )
+
+
+def demo_dataset_for(metadata: dict) -> demo_dataset.DemoDataset:
+    """The training items the bundled weights were trained on, rebuilt from the settings their metadata records."""
+    training = json.loads(metadata.get("training", "{}") or "{}")
+    options = {"seed": int(training.get("dataset_seed", demo_dataset.DEFAULT_SEED))}
+    for key in ("unique_per_class", "duplicated_per_class", "duplicate_copies"):
+        if key in training:
+            options[key] = int(training[key])
+    return demo_dataset.build_dataset(**options)
+
+
+def demo_setup(classes: Optional[int] = None, batch: int = 8, seeds_per_prompt: int = 1, steps: int = 20,
+               cfg: float = 3.0) -> Setup:
+    (model,) = ShieldDemoModelLoader.execute().result
+    metadata = pixel_unet.read_metadata()
+    class_names = json.loads(metadata["class_names"])
+    dataset = demo_dataset_for(metadata)
+    duplicated_per_class = {
+        name: int((dataset.duplicated & (dataset.labels == index)).sum()) for index, name in enumerate(class_names)
+    }
+    # classes with the most duplicated (memorizable) items first; stable, so ties keep the metadata's order
+    ordered = sorted(class_names, key=lambda name: -duplicated_per_class[name])
+    chosen = ordered[: classes or len(ordered)]
+    prompts = []
+    for name in chosen:
+        positive, negative = ShieldDemoConditioning.execute(name).result
+        prompts.append(Prompt(name, positive, negative))
+    chosen_ids = torch.tensor([class_names.index(name) for name in chosen])
+    real = torch.isin(dataset.labels, chosen_ids).nonzero().flatten()
+    training = json.loads(metadata.get("training", "{}") or "{}")
+    notes = [
+        f"Classes (from the weights' metadata): {', '.join(class_names)}; sampled: {', '.join(chosen)}. "
+        f"Duplicated (memorizable) training items per class, from the dataset module: "
+        + ", ".join(f"{name} {count}" for name, count in duplicated_per_class.items()) + ".",
+        f"Weights: {pixel_unet.WEIGHTS_PATH.name}, training metadata: {json.dumps(training, sort_keys=True)}.",
+    ]
+    spacing = float(torch.cdist(dataset.images.flatten(1), dataset.images.flatten(1)).fill_diagonal_(float("inf")).min(1).values.median())
+    note = (f"τ = {replication.REPLICA_DISTANCE} (reference_models/replication.py: RMS pixel error "
+            f"{replication.REPLICA_DISTANCE / dataset.images[0].numel() ** 0.5:.3f} in [-1, 1], a visual copy); "
+            f"training items lie a median {spacing:.1f} from their nearest other item.")
+    return Setup(
+        name="demo", model=model, items=dataset.images, item_images=demo_dataset.to_comfy_image(dataset.images),
+        prompts=prompts, threshold=replication.REPLICA_DISTANCE, threshold_note=note, steps=steps, cfg=cfg,
+        batch=batch, seeds_per_prompt=seeds_per_prompt, real_indices=real, duplicated=dataset.duplicated, notes=notes,
+    )
+
+
+def build_variants(setup: Setup, embedder, vae, spell_radii=SPELL_RADII, procreate_strengths=PROCREATE_STRENGTHS,
+                   families: Optional[Sequence[str]] = None) -> list[Variant]:
+    """Every variant as a function of the base model, through the pack's nodes' execute paths."""
+    latent_format = latent_format_name(setup.model)
+    shields = from_latents(setup.items, latent_format)
+    references = from_latents(setup.items, latent_format, images=setup.item_images)
+
+    def spell(model, factor, intra_batch=True):
+        radius = factor * setup.threshold
+        return SparseRepellency.execute(model, radius, "absolute", OVERCOMPENSATION, intra_batch, 0.0, 1.0, "auto",
+                                        shield_set=shields).result[0]
+
+    def tpcfg(model, mode, before):
+        return TransitionPointCFG.execute(model, mode, 0.5, 0.0, before, 2.0, 1.0).result[0]
+
+    def procreate(model, gamma):
+        return ShieldProCreateGuidance.execute(model, vae, embedder, references, gamma, 1.0, 0.5, 0, 0.0, 1.0, "fast",
+                                               -1.0, False).result[0]
+
+    variants = [Variant("plain", "plain", "–", lambda m: m.clone())]  # a clone, as every patched variant
+    for factor in spell_radii:
+        variants.append(Variant(f"SPELL r={factor:g}τ", "SPELL", f"r={factor:g}τ ({factor * setup.threshold:.2f})",
+                                lambda m, f=factor: spell(m, f), factor))
+    variants.append(Variant("SPELL r=1τ, shields only", "SPELL (no intra-batch)", f"r=1τ ({setup.threshold:.2f})",
+                            lambda m: spell(m, 1.0, intra_batch=False), 1.0))
+    variants += [
+        Variant("TPCFG static 50%", "TPCFG", "static 50%", lambda m: tpcfg(m, "static", "unconditional"), 0.0),
+        Variant("TPCFG dynamic", "TPCFG", "dynamic", lambda m: tpcfg(m, "dynamic", "unconditional"), 1.0),
+        Variant("TPCFG opposite+dynamic", "TPCFG", "opposite λ=2, dynamic", lambda m: tpcfg(m, "dynamic", "opposite"), 2.0),
+    ]
+    for gamma in procreate_strengths:
+        variants.append(Variant(f"ProCreate γ={gamma:g}", "ProCreate", f"γ={gamma:g}, fast, look-ahead 0",
+                                lambda m, g=gamma: procreate(m, g), gamma))
+    variants.append(Variant("SPELL r=1τ + TPCFG dynamic", "SPELL+TPCFG", "r=1τ, dynamic",
+                            lambda m: spell(tpcfg(m, "dynamic", "unconditional"), 1.0), 1.0))
+    if families is not None:
+        variants = [v for v in variants if v.family in families]
+    return variants
+
+
+# -- measurement ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Result:
+    variant: Variant
+    latents: torch.Tensor
+    prompt_of: torch.Tensor  # [M] prompt index of each sample
+    step_seconds: list[float]
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def sample_once(setup: Setup, model, prompt: Prompt, seed: int, steps: int) -> tuple[torch.Tensor, float]:
+    latent = {"samples": torch.zeros(setup.batch, *setup.items.shape[1:])}
+    start = time.perf_counter()
+    (out,) = comfy_nodes.common_ksampler(model, seed, steps, setup.cfg, setup.sampler, setup.scheduler,
+                                         prompt.positive, prompt.negative, latent)
+    return out["samples"].float(), time.perf_counter() - start
+
+
+def measure(setup: Setup, variants: Sequence[Variant], embedder, progress: Callable[[str], None] = lambda s: None,
+            warmup: bool = True) -> list[Result]:
+    """Sample every variant on every (prompt, seed), interleaved so load drift hits all alike; then score."""
+    models = [variant.patch(setup.model) for variant in variants]
+    if warmup:  # first-call costs (reference embeddings, weight loading) out of the timings
+        for model in models:
+            sample_once(setup, model, setup.prompts[0], 0, 2)
+    results = [Result(v, torch.empty(0), torch.empty(0, dtype=torch.long), []) for v in variants]
+    outputs: list[list[torch.Tensor]] = [[] for _ in variants]
+    prompt_of: list[list[int]] = [[] for _ in variants]
+    rounds = 0
+    for prompt_index, prompt in enumerate(setup.prompts):
+        for repeat in range(setup.seeds_per_prompt):
+            seed = 1000 * prompt_index + repeat
+            # each round starts at another variant: none is always first after the progress line or the switch
+            order = [(rounds + offset) % len(models) for offset in range(len(models))]
+            rounds += 1
+            for index in order:
+                latents, seconds = sample_once(setup, models[index], prompt, seed, setup.steps)
+                outputs[index].append(latents)
+                prompt_of[index] += [prompt_index] * latents.shape[0]
+                results[index].step_seconds.append(seconds / setup.steps)
+            progress(f"{setup.name}: prompt {prompt.label}, seed {seed} done")
+    for index, result in enumerate(results):
+        result.latents = torch.cat(outputs[index])
+        result.prompt_of = torch.tensor(prompt_of[index])
+    score(setup, results, embedder)
+    return results
+
+
+def score(setup: Setup, results: Sequence[Result], embedder) -> None:
+    vae = pixel_vae()
+    item_features = metrics.as_matrix(embedder.embed(setup.item_images), "training items")
+    item_embeddings = metrics.normalize_rows(item_features)
+    # precision/recall on the raw features: k-NN balls in cosine space would accept a sample blown far out
+    # of the data range along an item's direction (CFG extrapolation) as that item
+    real = item_features if setup.real_indices is None else item_features[setup.real_indices]
+    plain_step = statistics.median(results[0].step_seconds)
+    for result in results:
+        images = vae.decode(result.latents).reshape(-1, *setup.item_images.shape[1:])
+        features = metrics.as_matrix(embedder.embed(images), "samples")
+        embeddings = metrics.normalize_rows(features)
+        distances, nearest = metrics.nearest_distance(result.latents, setup.items)
+        similarities, _ = metrics.nearest_similarity(embeddings, item_embeddings)
+        vendi = [metrics.vendi_score(embeddings[result.prompt_of == p]) for p in range(len(setup.prompts))]
+        k = min(KNN_K, features.shape[0] - 1, real.shape[0] - 1)
+        quality = metrics.precision_recall(real, features, k=k)
+        replicas = distances <= setup.threshold
+        result.metrics = {
+            "replication": metrics.share_within_radius(distances, setup.threshold),
+            "median_distance": float(distances.median()),
+            "min_distance": float(distances.min()),
+            "similarity_95pc": metrics.percentile(similarities, 95),
+            "vendi": statistics.mean(vendi),
+            "vendi_max": float(len(result.prompt_of) / len(setup.prompts)),
+            "precision": quality["precision"],
+            "recall": quality["recall"],
+            "step_ratio": statistics.median(result.step_seconds) / plain_step,
+            "ms_per_step": 1e3 * statistics.median(result.step_seconds),
+            "samples": int(result.latents.shape[0]),
+        }
+        if setup.duplicated is not None:
+            result.metrics["replicas_of_duplicated"] = int((replicas & setup.duplicated[nearest]).sum())
+
+
+# -- output -----------------------------------------------------------------------------------------------
+def table(setup: Setup, results: Sequence[Result]) -> str:
+    headers = ["variant", "strength", "replication (≤ τ)", "median nearest L2", "similarity 95pc", "Vendi / prompt",
+               "precision", "recall", "time / step × plain"]
+    if setup.duplicated is not None:
+        headers.insert(3, "copies of duplicated items")
+    rows = []
+    for result in results:
+        m = result.metrics
+        row = [result.variant.name, result.variant.strength, f"{m['replication']:.1%}", f"{m['median_distance']:.2f}",
+               f"{m['similarity_95pc']:.3f}", f"{m['vendi']:.2f}", f"{m['precision']:.2f}", f"{m['recall']:.2f}",
+               f"{m['step_ratio']:.2f}"]
+        if setup.duplicated is not None:
+            row.insert(3, str(m["replicas_of_duplicated"]))
+        rows.append(row)
+    return bench_common.markdown_table(headers, rows)
+
+
+def tradeoff_lines(results: Sequence[Result]) -> list[str]:
+    """One line per family: replication and Vendi at each strength (the text form of the chart)."""
+    plain = results[0].metrics
+    lines = [f"plain: replication {plain['replication']:.1%}, Vendi {plain['vendi']:.2f}, "
+             f"similarity 95pc {plain['similarity_95pc']:.3f}"]
+    families: dict[str, list[Result]] = {}
+    for result in results[1:]:
+        families.setdefault(result.variant.family, []).append(result)
+    for family, members in families.items():
+        points = "; ".join(f"{r.variant.strength}: {r.metrics['replication']:.1%} / {r.metrics['vendi']:.2f} / "
+                           f"{r.metrics['similarity_95pc']:.3f}" for r in members)
+        lines.append(f"{family} (replication / Vendi / similarity 95pc): {points}")
+    return lines
+
+
+def tradeoff_chart(per_setup: dict[str, tuple[Setup, list[Result]]], path: pathlib.Path) -> pathlib.Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, len(per_setup), figsize=(6 * len(per_setup), 8), squeeze=False)
+    for column, (name, (_setup, results)) in enumerate(per_setup.items()):
+        families: dict[str, list[Result]] = {}
+        for result in results:
+            families.setdefault(result.variant.family, []).append(result)
+        for row, (key, label) in enumerate((("replication", "replication share (≤ τ)"),
+                                            ("similarity_95pc", "nearest-training similarity, 95pc"))):
+            axis = axes[row][column]
+            for family, members in families.items():
+                xs = [r.metrics["vendi"] for r in members]
+                ys = [r.metrics[key] for r in members]
+                style = "*" if family == "plain" else "o-"
+                axis.plot(xs, ys, style, label=family, markersize=12 if family == "plain" else 6)
+                for r, x, y in zip(members, xs, ys, strict=True):
+                    if family != "plain":
+                        axis.annotate(r.variant.strength.split(" (")[0].split(",")[0], (x, y), fontsize=7,
+                                      xytext=(3, 3), textcoords="offset points")
+            if key == "replication":
+                axis.set_ylim(-0.05, 1.05)
+            axis.set_xlabel("Vendi score per prompt (diversity →)")
+            axis.set_ylabel(label)
+            axis.set_title(f"{name}: {label} vs diversity")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def report(setup: Setup, results: Sequence[Result]) -> str:
+    samples = results[0].metrics["samples"]
+    lines = [
+        f"### {setup.name}: {len(setup.prompts)} prompts × {setup.seeds_per_prompt} seed(s) × batch {setup.batch} = "
+        f"{samples} samples per variant, {setup.sampler} {setup.scheduler} {setup.steps} steps, cfg {setup.cfg}",
+        "",
+        *[f"- {note}" for note in setup.notes],
+        f"- Replication threshold: {setup.threshold_note}",
+        f"- Vendi per prompt is out of {setup.batch * setup.seeds_per_prompt} samples (1 = all alike). "
+        f"Plain sampling: {results[0].metrics['ms_per_step']:.1f} ms per step at batch {setup.batch}; the last "
+        "column is each variant's median per-step time over the same batches divided by plain's.",
+        "",
+        table(setup, results),
+        "",
+        "Trade-off per strength:",
+        "",
+        *[f"- {line}" for line in tradeoff_lines(results)],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer prompts and steps (about 3 minutes)")
+    parser.add_argument("--only", choices=["memorizer", "demo"], help="run one model")
+    parser.add_argument("--threads", type=int, default=1)
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[effect_bench {time.perf_counter() - started:.0f}s] {message}", file=sys.stderr, flush=True)
+
+    setups = []
+    if options.only in (None, "memorizer"):
+        setups.append(lambda: memorizer_setup(
+            subsets=[(0,), (1, 2), (3,), (4, 5)] if options.quick else None, seeds_per_prompt=1 if options.quick else 2,
+            steps=12 if options.quick else 16))
+    if options.only in (None, "demo"):
+        setups.append(lambda: demo_setup(classes=2 if options.quick else None, steps=10 if options.quick else 20))
+    print("## Effect tables: replication, similarity, diversity, precision/recall per method and strength\n")
+    print("Same seeds for every variant; every method through its node's execute path and `nodes.common_ksampler`, "
+          "one thread. SPELL shields every training item (intra-batch on, λ = 1.6); TPCFG switches from "
+          "unconditional (or opposite, λ = 2) guidance to the sampler's cfg; ProCreate uses the fast gradient, "
+          "look-ahead 0, the bench's pixel embedder (mean-centred pixels pooled to 8×8; cosine similarity), "
+          "reference set = the training items. Similarity, Vendi and precision/recall (k = 3) are computed in that "
+          "embedder's space; replication and distances in the model's latent space.\n")
+    per_setup = {}
+    for make in setups:
+        setup = make()
+        embedder = PixelEmbedder(setup.item_images, setup.name)
+        variants = build_variants(setup, embedder, pixel_vae())
+        progress(f"{setup.name}: {len(variants)} variants")
+        results = measure(setup, variants, embedder, progress)
+        per_setup[setup.name] = (setup, results)
+        print(report(setup, results), flush=True)
+    chart = tradeoff_chart(per_setup, RESULTS_DIR / "effect_tradeoff.png")
+    print(f"Trade-off chart: `{chart.relative_to(bench_common.REPO_ROOT)}` (gitignored; regenerate with the command). "
+          f"Wall time of this benchmark: {time.perf_counter() - started:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()

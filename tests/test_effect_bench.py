@@ -1,0 +1,76 @@
+"""The effect benchmark's measurement on a tiny memorizer config: plain replicates, SPELL stops it, metrics are sane."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+BENCH_FILE = pathlib.Path(__file__).resolve().parents[1] / "bench" / "effect_bench.py"
+
+
+@pytest.fixture(scope="module")
+def effect_bench():
+    spec = importlib.util.spec_from_file_location("effect_bench", BENCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["effect_bench"] = module  # dataclasses resolve their module's annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("effect_bench", None)
+
+
+@pytest.fixture(scope="module")
+def tiny_results(effect_bench):
+    setup = effect_bench.memorizer_setup(n_items=6, subsets=[(0,), (1, 2)], batch=4, steps=8)
+    embedder = effect_bench.PixelEmbedder(setup.item_images, "test")
+    variants = effect_bench.build_variants(setup, embedder, effect_bench.pixel_vae(), spell_radii=(1.0,),
+                                           procreate_strengths=(10.0,), families=["plain", "SPELL", "TPCFG"])
+    results = effect_bench.measure(setup, variants, embedder, warmup=False)
+    return setup, {result.variant.name: result for result in results}
+
+
+def test_plain_sampling_of_the_memorizer_replicates_its_prompt_items(tiny_results):
+    setup, results = tiny_results
+    plain = results["plain"]
+    assert plain.metrics["replication"] == 1.0
+    assert plain.metrics["median_distance"] < 1e-3
+    assert plain.metrics["similarity_95pc"] == pytest.approx(1.0, abs=1e-6)
+    # prompt {0}: every sample is item 0 (Vendi 1); prompt {1, 2}: two items at most
+    assert 1.0 <= plain.metrics["vendi"] <= 1.5 + 1e-6
+    nearest = torch.cdist(plain.latents.flatten(1), setup.items.flatten(1)).argmin(dim=1)
+    assert set(nearest[plain.prompt_of == 0].tolist()) == {0}
+    assert set(nearest[plain.prompt_of == 1].tolist()) <= {1, 2}
+
+
+def test_spell_at_the_replication_radius_removes_every_copy_and_adds_diversity(tiny_results):
+    setup, results = tiny_results
+    plain, shielded = results["plain"], results["SPELL r=1τ"]
+    assert shielded.metrics["replication"] == 0.0
+    assert shielded.metrics["min_distance"] >= setup.threshold  # SPELL's guarantee, radius r = τ
+    assert shielded.metrics["vendi"] > plain.metrics["vendi"]
+    assert shielded.metrics["similarity_95pc"] < plain.metrics["similarity_95pc"]
+
+
+def test_every_metric_lies_in_its_range_and_timings_are_ratios_to_plain(tiny_results):
+    setup, results = tiny_results
+    assert results["plain"].metrics["step_ratio"] == 1.0
+    for result in results.values():
+        m = result.metrics
+        assert m["samples"] == len(setup.prompts) * setup.batch
+        assert 0.0 <= m["replication"] <= 1.0
+        assert 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["recall"] <= 1.0
+        assert 1.0 - 1e-6 <= m["vendi"] <= setup.batch + 1e-6
+        assert -1.0 <= m["similarity_95pc"] <= 1.0 + 1e-6
+        assert m["step_ratio"] > 0
+
+
+def test_the_report_has_one_row_per_variant_and_the_chart_is_written(effect_bench, tiny_results, tmp_path):
+    setup, results = tiny_results
+    text = effect_bench.report(setup, list(results.values()))
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == list(results)
+    chart = effect_bench.tradeoff_chart({"memorizer": (setup, list(results.values()))}, tmp_path / "chart.png")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
