@@ -55,6 +55,7 @@ from comfyui_shield.nodes.spell import SparseRepellency  # noqa: E402
 from comfyui_shield.nodes.transition_cfg import TransitionPointCFG  # noqa: E402
 from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication  # noqa: E402
 from comfyui_shield.reference_models.memorizer import build_memorizer, minimum_item_spacing, subset_conditioning  # noqa: E402
+from comfyui_shield.samplers import embedders  # noqa: E402
 from comfyui_shield.samplers.spell_hook import latent_format_name  # noqa: E402
 
 RESULTS_DIR = BENCH_DIR / "results"
@@ -66,25 +67,17 @@ KNN_K = 3
 
 
 # -- the embedder ---------------------------------------------------------------------------------------
-class PixelEmbedder:
-    """A small differentiable image embedder: the image minus the training set's mean image, average-pooled
-    to at most 8×8 per channel. Cosine similarity in this space compares colour layouts; for the memorizer's
-    8×8 items it is the cosine of the (centred) latents themselves. The pack ships no pixel embedder
-    (DreamSim/CLIP need weights we cannot download), so the bench defines this one."""
+class CentredPixelEmbedder(embedders.PixelEmbedder):
+    """The pack's Pixel Embedder at 8×8, centred on the training set's mean embedding, so the cosine
+    compares colour layouts rather than the background every item shares."""
 
     def __init__(self, reference_images: torch.Tensor, key: str):
-        self.center = self._pool(reference_images).mean(dim=0, keepdim=True)
+        super().__init__(size=8)
+        self.center = super().embed(reference_images).mean(dim=0, keepdim=True)
         self.key = f"bench-pixel/{key}"
 
-    @staticmethod
-    def _pool(images: torch.Tensor) -> torch.Tensor:
-        pixels = images[..., :3].movedim(-1, 1).float()
-        if pixels.shape[-1] > 8 or pixels.shape[-2] > 8:
-            pixels = torch.nn.functional.adaptive_avg_pool2d(pixels, (8, 8))
-        return pixels.flatten(1)
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self._pool(images) - self.center.to(images.device)
+        return super().embed(images) - self.center.to(images.device)
 
 
 # -- configuration ----------------------------------------------------------------------------------------
@@ -445,7 +438,7 @@ def main() -> None:
     per_setup = {}
     for make in setups:
         setup = make()
-        embedder = PixelEmbedder(setup.item_images, setup.name)
+        embedder = CentredPixelEmbedder(setup.item_images, setup.name)
         variants = build_variants(setup, embedder, pixel_vae())
         progress(f"{setup.name}: {len(variants)} variants")
         results = measure(setup, variants, embedder, progress)
