@@ -6,7 +6,7 @@ to the nearest item is below REPLICA_DISTANCE = 6.0, i.e. a root-mean-square pix
 between two distinct training items of the demo dataset (6.36; median nearest-neighbour spacing
 17.0): a replica is closer to its item than any other training item is to any item. The bundled
 model's samples split far on either side of it (docs/demo_model.md): copies of memorized items at
-≈2–6, new images of the other classes at ≳15.
+≈2.5–6, samples of the other classes at ≳12.
 """
 
 from __future__ import annotations

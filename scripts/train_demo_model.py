@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema", type=float, default=0.995)
-    parser.add_argument("--cfg-dropout", type=float, default=0.1)
+    parser.add_argument("--cfg-dropout", type=float, default=0.25)
     # one thread: on a shared 2-core machine two threads stall each other (4x slower per step here)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", type=pathlib.Path, default=None, help="save the evaluation samples as a PNG grid")
