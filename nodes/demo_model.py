@@ -28,9 +28,10 @@ class ShieldDemoModelLoader(io.ComfyNode):
             category=DEMO_CATEGORY,
             description=(
                 "Loads the pack's bundled demo model: a small class-conditional pixel-space UNet trained on "
-                f"{demo_dataset.IMAGE_SIZE}×{demo_dataset.IMAGE_SIZE} shapes, with a few training items "
-                "duplicated so that it memorizes them. Sample on EmptyChromaRadianceLatentImage at 32×32 and "
-                "decode with the pixel_space VAE."
+                f"{demo_dataset.IMAGE_SIZE}×{demo_dataset.IMAGE_SIZE} shapes. The memorized classes "
+                f"({', '.join(demo_dataset.MEMORIZED_CLASSES)}) were trained on one image repeated many times, "
+                "and the model reproduces it; the other classes had many unique items. Sample on "
+                "EmptyChromaRadianceLatentImage at 32×32 and decode with the pixel_space VAE."
             ),
             inputs=[],
             outputs=[io.Model.Output("model", tooltip="The demo UNet (V-prediction, ComfyUI's default discrete schedule).")],
@@ -52,7 +53,8 @@ class ShieldDemoConditioning(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "class_name", options=list(demo_dataset.CLASS_NAMES), default="star",
-                    tooltip="Which class of the demo dataset to sample.",
+                    tooltip="Which class of the demo dataset to sample. Memorized classes ("
+                    f"{', '.join(demo_dataset.MEMORIZED_CLASSES)}) reproduce their training image without a shield.",
                 ),
             ],
             outputs=[
@@ -82,6 +84,12 @@ def select_training_items(
     if class_name != CLASS_FILTER_ALL:
         keep &= dataset.labels == demo_dataset.class_index(class_name)
     indices = keep.nonzero().flatten()
+    if len(indices) == 0:
+        raise ValueError(
+            f"Shield Demo Training Set: class {class_name!r} has no {selection} items: the memorized classes "
+            f"({', '.join(demo_dataset.MEMORIZED_CLASSES)}) hold only duplicated items, the other classes only "
+            "unique ones; set items to 'all' or pick a class_name of the other kind"
+        )
     names = [
         f"{dataset.class_names[int(dataset.labels[i])]}_{int(i):04d}{'_dup' if dataset.duplicated[i] else ''}"
         for i in indices
@@ -108,8 +116,8 @@ class ShieldDemoTrainingSet(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "items", options=list(ITEM_SELECTIONS), default="duplicated",
-                    tooltip="duplicated: the items repeated in training (the ones the model copies); unique: the "
-                    "items seen once; all: both.",
+                    tooltip="duplicated: the items repeated in training, one per memorized class (the ones the "
+                    "model copies); unique: the items seen once (the other classes); all: both.",
                 ),
                 io.Combo.Input(
                     "class_name", options=[CLASS_FILTER_ALL, *demo_dataset.CLASS_NAMES], default=CLASS_FILTER_ALL,

@@ -1,9 +1,11 @@
 """The demo dataset: small RGB images of shapes, digits and letters, rendered deterministically with PIL.
 
-Every class holds many unique items (each seen once per epoch) and a few duplicated items (each
-repeated many times), the setting in which diffusion models memorize: duplication in the training
-set (transition-point CFG paper, scenario 3) and few-image fine-tuning (ProCreate §5). Nothing is
-downloaded: shapes are drawn with ImageDraw and glyphs with Pillow's built-in font
+Two kinds of classes, the setting in which diffusion models memorize:
+- *memorized* classes (MEMORIZED_CLASSES): their training items are one image repeated many times,
+  the "memorized prompt" of the transition-point CFG paper (scenario 3: duplicated training images)
+  and of few-image fine-tuning (ProCreate §5);
+- the other classes hold many unique items, each seen once per epoch: the model generalizes there.
+Nothing is downloaded: shapes are drawn with ImageDraw and glyphs with Pillow's built-in font
 (`ImageFont.load_default(size=...)`).
 
 Images are float tensors [N, 3, H, W] in [-1, 1], the range of ComfyUI's `pixel_space` VAE latents.
@@ -22,16 +24,17 @@ from PIL import Image, ImageDraw, ImageFont
 IMAGE_SIZE = 32
 SUPERSAMPLING = 4  # drawn at 4x, downsampled with LANCZOS: antialiased edges
 CLASS_NAMES = ("circle", "square", "triangle", "cross", "star", "ring", "digit", "letter")
-UNIQUE_PER_CLASS = 96
-DUPLICATED_PER_CLASS = 2
-DUPLICATE_COPIES = 150
+MEMORIZED_CLASSES = ("star", "ring", "digit", "letter")
+UNIQUE_PER_CLASS = 48  # items of each other class, each once
+DUPLICATED_PER_CLASS = 1  # items of each memorized class ...
+DUPLICATE_COPIES = 100  # ... each repeated this often in the training stream
 DEFAULT_SEED = 20240601
 
 FOREGROUND_COLORS = (
     (230, 57, 70), (244, 162, 97), (233, 196, 106), (42, 157, 143),
     (69, 123, 157), (168, 218, 220), (181, 101, 167), (241, 250, 238),
 )
-BACKGROUND_COLORS = ((29, 53, 87), (38, 70, 83), (20, 20, 20), (64, 61, 88), (88, 50, 40), (45, 45, 45))
+BACKGROUND_COLORS = ((29, 53, 87), (20, 20, 20))  # two dark backgrounds: a simpler task for a minutes-long training
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class DemoDataset:
         """Indices and labels of the training set with its duplicates expanded."""
         indices = torch.repeat_interleave(torch.arange(len(self.labels)), self.copies)
         return indices, self.labels[indices]
+
+
+def is_memorized(name_or_index: str | int) -> bool:
+    return CLASS_NAMES[class_index(name_or_index)] in MEMORIZED_CLASSES
 
 
 def class_index(name_or_index: str | int) -> int:
@@ -132,14 +139,18 @@ def build_dataset(
     duplicated_per_class: int = DUPLICATED_PER_CLASS,
     duplicate_copies: int = DUPLICATE_COPIES,
 ) -> DemoDataset:
-    """The same dataset for the same arguments, on every machine (PIL rendering is deterministic)."""
+    """The same dataset for the same arguments, on every machine (PIL rendering is deterministic).
+
+    A memorized class holds `duplicated_per_class` items of `duplicate_copies` copies each; every other
+    class holds `unique_per_class` items of one copy."""
     images, labels, copies = [], [], []
-    for class_id in range(len(CLASS_NAMES)):
+    for class_id, name in enumerate(CLASS_NAMES):
         rng = random.Random(seed * 1000 + class_id)
-        for item in range(duplicated_per_class + unique_per_class):
+        memorized = name in MEMORIZED_CLASSES
+        for _ in range(duplicated_per_class if memorized else unique_per_class):
             images.append(pil_to_tensor(render_item(class_id, rng)))
             labels.append(class_id)
-            copies.append(duplicate_copies if item < duplicated_per_class else 1)
+            copies.append(duplicate_copies if memorized else 1)
     return DemoDataset(torch.stack(images), torch.tensor(labels), torch.tensor(copies))
 
 

@@ -33,12 +33,14 @@ from comfyui_shield.reference_models import demo_dataset, pixel_unet, replicatio
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema", type=float, default=0.995)
-    parser.add_argument("--cfg-dropout", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cfg-dropout", type=float, default=0.25)
+    # one thread: on a shared 2-core machine two threads stall each other (4x slower per step here)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--grid", type=pathlib.Path, default=None, help="save the evaluation samples as a PNG grid")
     parser.add_argument("--out", type=pathlib.Path, default=pixel_unet.WEIGHTS_PATH)
     parser.add_argument("--eval-per-class", type=int, default=8)
     parser.add_argument("--eval-steps", type=int, default=20)
@@ -73,7 +75,8 @@ def train(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> torch.
         timestep = torch.randint(len(sigmas), (args.batch_size,), generator=generator)
         noise = torch.randn(clean.shape, generator=generator)
         sigma = sigmas[timestep]
-        noisy = model.model_sampling.calculate_input(sigma, clean + noise * sigma.reshape(-1, 1, 1, 1))
+        noisy = pixel_unet.with_positions(
+            model.model_sampling.calculate_input(sigma, clean + noise * sigma.reshape(-1, 1, 1, 1)))
         context = pixel_unet.class_context(labels)
         prediction = net(noisy, timestep.float(), context=context, y=pixel_unet.class_vector(context))
         loss = torch.nn.functional.mse_loss(prediction, pixel_unet.v_target(clean, noise, sigma))
@@ -90,9 +93,32 @@ def train(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> torch.
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 100 == 0 or step == args.steps - 1:
             elapsed = time.monotonic() - start
-            print(f"[train] step {step + 1}/{args.steps}  loss {running:.4f}  {elapsed:.0f} s", flush=True)
+            errors = memorized_item_errors(model, dataset)
+            print(f"[train] step {step + 1}/{args.steps}  loss {running:.4f}  {elapsed:.0f} s  "
+                  f"memorized-item x0 RMS error at sigma 0.5/2/8: {errors}", flush=True)
     net.load_state_dict(ema)
     return model
+
+
+@torch.no_grad()
+def memorized_item_errors(model, dataset: demo_dataset.DemoDataset) -> str:
+    """RMS error of the class-conditional x0 prediction on the duplicated items: how far training
+    has come at memorizing them (≲0.07 means the denoiser returns the item)."""
+    net = model.diffusion_model
+    items, labels = dataset.images[dataset.duplicated], dataset.labels[dataset.duplicated]
+    noise = torch.randn(items.shape, generator=torch.Generator().manual_seed(0))
+    context = pixel_unet.class_context(labels)
+    errors = []
+    for value in (0.5, 2.0, 8.0):
+        sigma = torch.full((len(items),), value)
+        timestep = model.model_sampling.timestep(sigma).float()
+        noisy = items + noise * value
+        output = net(pixel_unet.with_positions(model.model_sampling.calculate_input(sigma, noisy)), timestep,
+                     context=context,
+                     y=pixel_unet.class_vector(context))
+        denoised = model.model_sampling.calculate_denoised(sigma, output, noisy)
+        errors.append(f"{float((denoised - items).pow(2).mean().sqrt()):.3f}")
+    return "/".join(errors)
 
 
 def sample_class(model, class_id: int, count: int, seed: int, steps: int, cfg: float) -> torch.Tensor:
@@ -114,11 +140,19 @@ def evaluate(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> dic
                                     args.eval_cfg))
         labels += [class_id] * args.eval_per_class
     samples = torch.cat(samples)
+    if args.grid is not None:
+        save_grid(samples, args.eval_per_class, args.grid)
     summary = replication.summarize_replication(samples, dataset.images, dataset.duplicated)
     distances = torch.tensor(summary.distances)
     same_class = dataset.labels[torch.tensor(summary.nearest_index)] == torch.tensor(labels)
     quantiles = torch.quantile(distances, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
     n_dup, n_unique = int(dataset.duplicated.sum()), int((~dataset.duplicated).sum())
+    replica = distances < replication.REPLICA_DISTANCE
+    per_class = {
+        name: round(float(replica[torch.tensor(labels) == class_id].float().mean()), 3)
+        for class_id, name in enumerate(demo_dataset.CLASS_NAMES)
+    }
+    memorized = torch.tensor([demo_dataset.is_memorized(label) for label in labels])
     result = {
         **summary.as_dict(),
         "threshold": replication.REPLICA_DISTANCE,
@@ -130,8 +164,31 @@ def evaluate(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> dic
         "training_share_of_duplicated_items": round(float(dataset.copies[dataset.duplicated].sum() / dataset.copies.sum()), 3),
         "replicas_per_duplicated_item": round(summary.replicas_of_duplicated / n_dup, 3),
         "replicas_per_unique_item": round(summary.replicas_of_unique / n_unique, 5),
+        "replica_share_per_class": per_class,
+        "replica_share_memorized_classes": round(float(replica[memorized].float().mean()), 3),
+        "replica_share_unique_classes": round(float(replica[~memorized].float().mean()), 3),
+        "nearest_neighbour_spacing_of_items_min_median": item_spacing(dataset),
     }
     return result
+
+
+def item_spacing(dataset: demo_dataset.DemoDataset) -> list[float]:
+    distances = torch.cdist(dataset.images.flatten(1), dataset.images.flatten(1))
+    nearest = distances.fill_diagonal_(float("inf")).min(dim=1).values
+    return [round(float(nearest.min()), 2), round(float(nearest.median()), 2)]
+
+
+def save_grid(samples: torch.Tensor, per_row: int, path: pathlib.Path) -> None:
+    """One row per class, in CLASS_NAMES order, shown 4× with nearest-neighbour upsampling."""
+    from PIL import Image
+
+    rows = samples.reshape(-1, per_row, *samples.shape[1:])
+    grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)
+    pixels = ((grid.permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).byte().numpy()
+    image = Image.fromarray(pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(path)
+    print(f"[memorization] samples grid (rows: {', '.join(demo_dataset.CLASS_NAMES)}): {path}")
 
 
 def print_evaluation(result: dict) -> None:
@@ -145,6 +202,12 @@ def print_evaluation(result: dict) -> None:
           f"  ({result['replicas_per_unique_item']:.4f} per item)")
     print(f"  nearest-item distance quantiles 10/25/50/75/90 %: {result['distance_quantiles_10_25_50_75_90']}")
     print(f"  nearest item of the sample's own class: {100 * result['nearest_item_same_class_share']:.0f} %")
+    print(f"  replica share, memorized classes ({', '.join(demo_dataset.MEMORIZED_CLASSES)}): "
+          f"{100 * result['replica_share_memorized_classes']:.0f} %; other classes: "
+          f"{100 * result['replica_share_unique_classes']:.0f} %")
+    print(f"  per class: {result['replica_share_per_class']}")
+    print(f"  nearest-neighbour spacing of the training items (min, median): "
+          f"{result['nearest_neighbour_spacing_of_items_min_median']}")
 
 
 def main() -> None:

@@ -9,7 +9,9 @@ def test_dataset_is_deterministic_and_in_range():
     first, second = demo_dataset.build_dataset(unique_per_class=4), demo_dataset.build_dataset(unique_per_class=4)
     assert torch.equal(first.images, second.images)
     size = demo_dataset.IMAGE_SIZE
-    assert first.images.shape == (len(demo_dataset.CLASS_NAMES) * 6, 3, size, size)
+    memorized = len(demo_dataset.MEMORIZED_CLASSES)
+    count = memorized * demo_dataset.DUPLICATED_PER_CLASS + (len(demo_dataset.CLASS_NAMES) - memorized) * 4
+    assert first.images.shape == (count, 3, size, size)
     assert first.images.min() >= -1.0 and first.images.max() <= 1.0
 
 
@@ -27,7 +29,9 @@ def test_every_item_is_distinct_and_duplicates_are_expanded_in_the_stream():
     indices, labels = dataset.training_stream()
     per_item = torch.bincount(indices, minlength=len(dataset.labels))
     assert torch.equal(per_item, dataset.copies)
-    assert int(dataset.duplicated.sum()) == demo_dataset.DUPLICATED_PER_CLASS * len(demo_dataset.CLASS_NAMES)
+    assert int(dataset.duplicated.sum()) == demo_dataset.DUPLICATED_PER_CLASS * len(demo_dataset.MEMORIZED_CLASSES)
+    memorized_labels = [demo_dataset.CLASS_NAMES.index(name) for name in demo_dataset.MEMORIZED_CLASSES]
+    assert torch.equal(dataset.duplicated, torch.isin(dataset.labels, torch.tensor(memorized_labels)))
     assert torch.equal(labels, dataset.labels[indices])
 
 
