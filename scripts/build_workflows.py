@@ -123,8 +123,13 @@ def demo_class_names(path: pathlib.Path = DEMO_WEIGHTS) -> list[str]:
     return list(names)
 
 
+# A memorized class: plain sampling copies its one training image, which is what the methods remove.
+DEFAULT_DEMO_CLASS = "ring"
+
+
 def default_demo_class() -> str:
-    return demo_class_names()[0]
+    names = demo_class_names()
+    return DEFAULT_DEMO_CLASS if DEFAULT_DEMO_CLASS in names else names[0]
 
 
 # -- the methods, one entry each -------------------------------------------------------------------
@@ -147,7 +152,7 @@ METHODS = (
            {"mode": "dynamic", "before_guidance": "opposite", "opposite_scale": 3.0},
            "dynamic; opposite guidance (scale 3) before the transition"),
     Method("procreate", "ProCreate", ("ShieldProCreateGuidance",),
-           {"strength": 30.0}, "pixel embedder, strength 30, refs: the class's training set"),
+           {"strength": 100.0}, "pixel embedder, strength 100, refs: the class's training set"),
 )
 
 # Stock or pack nodes that can supply a socket type a patch node needs, with their widget overrides.

@@ -160,7 +160,7 @@ def write_summary(out: pathlib.Path, results: dict, skipped: dict, args) -> str:
 def main() -> None:
     args = parse_args()
     classes = build_workflows.demo_class_names()
-    args.class_name = args.class_name or classes[0]
+    args.class_name = args.class_name or build_workflows.default_demo_class()
     if args.class_name not in classes:
         raise SystemExit(f"--class-name {args.class_name!r} is not a class of the bundled model: {', '.join(classes)}")
     import_comfyui_in_process()  # the pack's package imports ComfyUI's API; the metrics run in this process
