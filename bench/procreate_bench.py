@@ -22,25 +22,14 @@ import comfy.sd  # noqa: E402
 
 from comfyui_shield.core.shield_set import from_latents  # noqa: E402
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning  # noqa: E402
+from comfyui_shield.reference_models.tiny_unet import build_tiny_unet  # noqa: E402
 from comfyui_shield.samplers.embedders import CallableEmbedder  # noqa: E402
 from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateSettings  # noqa: E402
 
 
 def tiny_rgb_unet():
-    import comfy.latent_formats
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
-
-    from comfyui_shield.reference_models.tiny_unet import TinyUNetConfig, fill_seeded, tiny_unet_config
-
-    config = TinyUNetConfig(tiny_unet_config(in_channels=3))
-    config.latent_format = comfy.latent_formats.LatentFormat()  # 3 channels, scale 1: what pixel_space decodes
-    config.latent_format.latent_channels = 3
-    model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
-    fill_seeded(model.diffusion_model, 4)
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    """The tiny real UNet with 3 latent channels, so the pixel_space VAE decodes its latents."""
+    return build_tiny_unet("eps", seed=4, channels=3)
 
 
 def main():

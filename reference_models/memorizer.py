@@ -114,7 +114,7 @@ class OptimalDenoiserNet(torch.nn.Module):
         return mask | selects_nothing
 
 
-def _latent_format(channels: int) -> comfy.latent_formats.LatentFormat:
+def plain_latent_format(channels: int) -> comfy.latent_formats.LatentFormat:
     latent_format = comfy.latent_formats.LatentFormat()
     latent_format.latent_channels = channels
     return latent_format
@@ -137,7 +137,7 @@ def build_memorizer(
     if items.ndim != 4 or items.shape[0] == 0:
         raise ValueError(f"items must be a non-empty [N, C, H, W] latent batch, got shape {tuple(items.shape)}")
     config = MemorizerConfig({"items": items})
-    config.latent_format = _latent_format(items.shape[1])
+    config.latent_format = plain_latent_format(items.shape[1])
     if prediction == "flow":
         config.sampling_settings = {"shift": flow_shift, "multiplier": 1000}
     model = comfy.model_base.BaseModel(

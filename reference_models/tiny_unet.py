@@ -14,7 +14,7 @@ import comfy.model_patcher
 import comfy.supported_models_base
 import torch
 
-from .memorizer import PREDICTION_TYPES
+from .memorizer import PREDICTION_TYPES, plain_latent_format
 
 CONTEXT_DIM = 64
 
@@ -55,9 +55,14 @@ def fill_seeded(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None
         parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
-def build_tiny_unet(prediction: str = "eps", seed: int = 0, flow_shift: float = 1.0):
-    """A ComfyUI MODEL (ModelPatcher) around a tiny UNetModel with seeded weights."""
-    config = TinyUNetConfig(tiny_unet_config())
+def build_tiny_unet(prediction: str = "eps", seed: int = 0, flow_shift: float = 1.0, channels: int = 4):
+    """A ComfyUI MODEL (ModelPatcher) around a tiny UNetModel with seeded weights.
+
+    4 channels use SD1.5's latent format; any other count a plain scale-1 format (3 channels is what
+    the stock pixel_space VAE decodes)."""
+    config = TinyUNetConfig(tiny_unet_config(in_channels=channels))
+    if channels != 4:
+        config.latent_format = plain_latent_format(channels)
     if prediction == "flow":
         config.sampling_settings = {"shift": flow_shift, "multiplier": 1000}
     model = comfy.model_base.BaseModel(config, model_type=PREDICTION_TYPES[prediction], device=torch.device("cpu"))

@@ -19,12 +19,7 @@ from comfyui_shield.core.records import RECORDS
 from comfyui_shield.core.shield_set import ShieldSetError, from_latents
 from comfyui_shield.nodes.procreate import ShieldDreamSimLoader, ShieldProCreateGuidance
 from comfyui_shield.reference_models.memorizer import build_memorizer, nearest_item_distance, subset_conditioning
-from comfyui_shield.reference_models.tiny_unet import (
-    TinyUNetConfig,
-    fill_seeded,
-    random_text_conditioning,
-    tiny_unet_config,
-)
+from comfyui_shield.reference_models.tiny_unet import build_tiny_unet, random_text_conditioning
 from comfyui_shield.samplers.embedders import CallableEmbedder
 from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateSettings
 from harness.procreate_parts import pooled_projection_embedder, rgb_items, to_images, write_random_dreamsim
@@ -59,17 +54,7 @@ def patched(model, vae, embedder, reference, **settings):
 
 def tiny_rgb_unet():
     """The tiny real UNet with 3 latent channels, so the pixel_space VAE decodes its latents."""
-    import comfy.latent_formats
-    import comfy.model_base
-    import comfy.model_patcher
-
-    config = TinyUNetConfig(tiny_unet_config(in_channels=3))
-    config.latent_format = comfy.latent_formats.LatentFormat()  # 3 channels, scale 1: what pixel_space decodes
-    config.latent_format.latent_channels = 3
-    model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
-    fill_seeded(model.diffusion_model, 4)
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    return build_tiny_unet("eps", seed=4, channels=3)
 
 
 def conds_for(model, n_items=N_ITEMS):
