@@ -6,7 +6,7 @@
 # Environment:
 #   SHIELD_HOST_DIR     where the host lives (default ~/.cache/shield-host)
 #   SHIELD_COMFYUI_DIR  use this ComfyUI checkout instead of obtaining one
-# Prints nothing but progress; the last line is the path of host.env (source it to use the host).
+# Progress goes to stderr; stdout is only the path of host.env (source it to use the host).
 set -euo pipefail
 
 repo_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,8 +20,8 @@ stamps="$host_dir/stamps"
 pack_link_name=comfyui_shield
 mkdir -p "$host_dir" "$stamps"
 
-step() { printf '\n[bootstrap] %s\n' "$*"; }
-log() { printf '[bootstrap]   %s\n' "$*"; }
+step() { printf '\n[bootstrap] %s\n' "$*" >&2; }
+log() { printf '[bootstrap]   %s\n' "$*" >&2; }
 # A stamp is named after the step and a hash of everything the step depends on.
 stamp_for() { printf '%s/%s-%s' "$stamps" "$1" "$(cat "${@:2}" | sha256sum | cut -c1-16)"; }
 
