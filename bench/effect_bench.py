@@ -48,7 +48,7 @@ import comfy.sd  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 
 from comfyui_shield.core import metrics  # noqa: E402
-from comfyui_shield.core.shield_set import from_latents  # noqa: E402
+from comfyui_shield.core.shield_set import from_latents, latent_format_name  # noqa: E402
 from comfyui_shield.nodes.demo_model import ShieldDemoConditioning, ShieldDemoModelLoader  # noqa: E402
 from comfyui_shield.nodes.procreate import ShieldProCreateGuidance  # noqa: E402
 from comfyui_shield.nodes.spell import SparseRepellency  # noqa: E402
@@ -56,7 +56,6 @@ from comfyui_shield.nodes.transition_cfg import TransitionPointCFG  # noqa: E402
 from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication  # noqa: E402
 from comfyui_shield.reference_models.memorizer import build_memorizer, minimum_item_spacing, subset_conditioning  # noqa: E402
 from comfyui_shield.samplers import embedders  # noqa: E402
-from comfyui_shield.samplers.spell_hook import latent_format_name  # noqa: E402
 
 RESULTS_DIR = BENCH_DIR / "results"
 MEMORIZER_REPLICA_FRACTION = 0.25  # τ = ¼ of the smallest item spacing: a copy is unambiguous (see memorizer_setup)

@@ -31,7 +31,7 @@ import_comfyui_in_process()
 import faiss  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 
-from comfyui_shield.core.shield_set import from_latents  # noqa: E402
+from comfyui_shield.core.shield_set import from_latents, latent_format_name  # noqa: E402
 from comfyui_shield.nodes.spell import repellency_model  # noqa: E402
 from comfyui_shield.reference_models.tiny_unet import build_tiny_unet, random_text_conditioning  # noqa: E402
 from comfyui_shield.samplers import shield_index, spell_math  # noqa: E402
@@ -63,7 +63,7 @@ def overhead(quick: bool) -> None:
 
     variants = [("unpatched", model)]
     generator = torch.Generator().manual_seed(0)
-    latent_format = type(model.model.latent_format).__name__
+    latent_format = latent_format_name(model)
     for count in (0, 100, 10_000):
         shields = from_latents(torch.randn(count, *shape[1:], generator=generator) * 3, latent_format) if count else None
         name = f"K={count}" + (" (intra-batch only)" if not count else "")

@@ -120,6 +120,12 @@ class ShieldSet:
         return dataclasses.replace(self, embeddings={**self.embeddings, key: embeddings.float()})
 
 
+def latent_format_name(model_patcher) -> str:
+    """A model's latent format name as a shield set stores it (ComfyUI's LatentFormat class name, e.g.
+    "SD15", "SDXL", "Flux"). Reads the ModelPatcher's attribute only; nothing here imports ComfyUI."""
+    return type(model_patcher.get_model_object("latent_format")).__name__
+
+
 def _pixels_hint(shape: tuple[int, ...]) -> str:
     channels, *spatial = shape
     size = "x".join(str(s) for s in spatial)

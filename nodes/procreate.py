@@ -17,10 +17,10 @@ import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..core.shield_set import latent_format_name
 from ..optional_deps import require
 from ..samplers.embedders import ClipVisionEmbedder, DreamSimEmbedder, PixelEmbedder
 from ..samplers.procreate_hook import GRADIENT_MODES, ProCreateGuidance, ProCreateSettings, reference_embeddings
-from ..samplers.spell_hook import latent_format_name
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
 from .run_summary import node_id_of, register_patch
 from .shield_sets import encode_images

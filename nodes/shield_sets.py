@@ -25,9 +25,8 @@ from ..core.shield_files import (
     resolve_inside,
     save_shield_set,
 )
-from ..core.shield_set import ShieldSet, ShieldSetError, from_latents  # noqa: F401
+from ..core.shield_set import ShieldSet, ShieldSetError, from_latents, latent_format_name  # noqa: F401
 from ..samplers import spell_math
-from ..samplers.spell_hook import latent_format_name
 from .common import CATEGORY, SHIELD_SET
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import torch
 
 from ..core.records import RECORDS, RunRecord
 from ..core.shield_files import MEMORY
-from ..core.shield_set import ShieldSet, ShieldSetError
+from ..core.shield_set import ShieldSet, ShieldSetError, latent_format_name
 from . import procreate_math as pm
 from .embedders import Embedder, grad_capable
 from .run_state import RunContext, RunStateHolder, attach_run_state
@@ -238,7 +238,7 @@ class ProCreateGuidance:
             return self._remember_outputs(executor(*args, **kwargs))
 
         check_model_compatibility(model_patcher, self.vae, self.reference)
-        self.latent_format = type(model_patcher.get_model_object("latent_format")).__name__
+        self.latent_format = latent_format_name(model_patcher)
         model_patcher.set_model_sampler_post_cfg_function(procreate_post_cfg)
         attach_run_state(model_patcher, f"{WRAPPER_KEY}:{self.patch_id}", self.holder)
         if self.memory_id:  # outermost-first order does not matter: it only reads the final output

@@ -21,7 +21,7 @@ import torch
 
 from ..core import shield_files
 from ..core.records import RECORDS, RunRecord
-from ..core.shield_set import ShieldSet, ShieldSetError
+from ..core.shield_set import ShieldSet, ShieldSetError, latent_format_name
 from . import shield_index, spell_math
 from .run_state import RunStateHolder, attach_run_state
 
@@ -29,11 +29,6 @@ logger = logging.getLogger(__name__)
 
 RECORD_KIND = "sparse_repellency"
 WHERE = "Sparse Repellency: shield_set"
-
-
-def latent_format_name(model_patcher) -> str:
-    """The model family's latent format name, as stored in a ShieldSet (e.g. "SD15", "SDXL", "Flux")."""
-    return type(model_patcher.model.latent_format).__name__
 
 
 @dataclasses.dataclass(frozen=True)
