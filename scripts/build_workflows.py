@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io as bytes_io
 import json
+import logging
 import pathlib
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from workflow_validation import input_specs, is_widget, spec_options, spec_type,
 
 from harness.server import ComfyServer  # noqa: E402
 
+logger = logging.getLogger("build_workflows")
 WORKFLOW_DIR = REPO_ROOT / "example_workflows"
 IMAGE_SIZE = 32
 COLUMN_WIDTH, ROW_GAP = 330, 40
@@ -243,7 +245,7 @@ def demo_workflows(object_info: dict) -> dict[str, UIWorkflow]:
     workflows = {}
     for method in METHODS:
         if method.node_types and method_node_type(method, object_info) is None:
-            print(f"[workflows] skipped {workflow_name(method)}: {method.node_types} not loaded", flush=True)
+            logger.info("skipped %s: %s not loaded", workflow_name(method), method.node_types)
             continue
         workflows[workflow_name(method)] = demo_workflow(object_info, method)
     spell = next(method for method in METHODS if method.key == "spell")
@@ -391,7 +393,7 @@ def write_workflow(out_dir: pathlib.Path, name: str, workflow: dict, thumbnail: 
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(workflow, indent=1) + "\n")
     path.with_suffix(".jpg").write_bytes(thumbnail)
-    print(f"[workflows] wrote {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}", flush=True)
+    logger.info("wrote %s", path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
 
 
 def build_all(server: ComfyServer, out_dir: pathlib.Path = WORKFLOW_DIR) -> list[str]:
@@ -414,10 +416,11 @@ def build_all(server: ComfyServer, out_dir: pathlib.Path = WORKFLOW_DIR) -> list
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[workflows] %(message)s")
     with tempfile.TemporaryDirectory(prefix="shield-workflows-") as base:
         server = ComfyServer(pathlib.Path(base))
         try:
-            print("[workflows] starting ComfyUI", flush=True)
+            logger.info("starting ComfyUI")
             server.start()
             build_all(server)
         finally:
