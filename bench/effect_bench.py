@@ -123,8 +123,14 @@ def pixel_vae():
 
 
 def memorizer_setup(
-    n_items: int = 16, item_shape: Sequence[int] = (3, 8, 8), subsets: Optional[Sequence[Sequence[int]]] = None,
-    batch: int = 8, seeds_per_prompt: int = 1, steps: int = 16, cfg: float = 3.0, seed: int = 1234,
+    n_items: int = 16,
+    item_shape: Sequence[int] = (3, 8, 8),
+    subsets: Optional[Sequence[Sequence[int]]] = None,
+    batch: int = 8,
+    seeds_per_prompt: int = 1,
+    steps: int = 16,
+    cfg: float = 3.0,
+    seed: int = 1234,
 ) -> Setup:
     generator = torch.Generator().manual_seed(seed)
     items = torch.rand(n_items, *item_shape, generator=generator) * 2 - 1
@@ -134,13 +140,23 @@ def memorizer_setup(
         subsets = [(0,), (1, 2), (3,), (4, 5), (6,), (7, 8), (9,), (10, 11)]
     everything = subset_conditioning(n_items)
     prompts = [Prompt("items " + "+".join(map(str, s)), subset_conditioning(n_items, s), everything) for s in subsets]
-    note = (f"τ = {MEMORIZER_REPLICA_FRACTION} × the smallest distance between two items ({spacing:.2f}) = {threshold:.2f}: "
-            "a sample within τ of an item is nearer to it than to any other item by at least half the spacing, "
-            "so it is unambiguously that item's copy.")
+    note = (
+        f"τ = {MEMORIZER_REPLICA_FRACTION} × the smallest distance between two items ({spacing:.2f}) = {threshold:.2f}: "
+        "a sample within τ of an item is nearer to it than to any other item by at least half the spacing, "
+        "so it is unambiguously that item's copy."
+    )
     return Setup(
-        name="memorizer", model=build_memorizer(items, "eps"), items=items,
-        item_images=demo_dataset.to_comfy_image(items), prompts=prompts, threshold=threshold, threshold_note=note,
-        steps=steps, cfg=cfg, batch=batch, seeds_per_prompt=seeds_per_prompt,
+        name="memorizer",
+        model=build_memorizer(items, "eps"),
+        items=items,
+        item_images=demo_dataset.to_comfy_image(items),
+        prompts=prompts,
+        threshold=threshold,
+        threshold_note=note,
+        steps=steps,
+        cfg=cfg,
+        batch=batch,
+        seeds_per_prompt=seeds_per_prompt,
     )
 
 
@@ -154,8 +170,9 @@ def demo_dataset_for(metadata: dict) -> demo_dataset.DemoDataset:
     return demo_dataset.build_dataset(**options)
 
 
-def demo_setup(classes: Optional[int] = None, batch: int = 8, seeds_per_prompt: int = 1, steps: int = 20,
-               cfg: float = 3.0) -> Setup:
+def demo_setup(
+    classes: Optional[int] = None, batch: int = 8, seeds_per_prompt: int = 1, steps: int = 20, cfg: float = 3.0
+) -> Setup:
     (model,) = ShieldDemoModelLoader.execute().result
     metadata = pixel_unet.read_metadata()
     class_names = json.loads(metadata["class_names"])
@@ -176,22 +193,47 @@ def demo_setup(classes: Optional[int] = None, batch: int = 8, seeds_per_prompt: 
     notes = [
         f"Classes (from the weights' metadata): {', '.join(class_names)}; sampled: {', '.join(chosen)}. "
         f"Duplicated (memorizable) training items per class, from the dataset module: "
-        + ", ".join(f"{name} {count}" for name, count in duplicated_per_class.items()) + ".",
+        + ", ".join(f"{name} {count}" for name, count in duplicated_per_class.items())
+        + ".",
         f"Weights: {pixel_unet.WEIGHTS_PATH.name}, training metadata: {json.dumps(training, sort_keys=True)}.",
     ]
-    spacing = float(torch.cdist(dataset.images.flatten(1), dataset.images.flatten(1)).fill_diagonal_(float("inf")).min(1).values.median())
-    note = (f"τ = {replication.REPLICA_DISTANCE} (reference_models/replication.py: RMS pixel error "
-            f"{replication.REPLICA_DISTANCE / dataset.images[0].numel() ** 0.5:.3f} in [-1, 1], a visual copy); "
-            f"training items lie a median {spacing:.1f} from their nearest other item.")
+    spacing = float(
+        torch.cdist(dataset.images.flatten(1), dataset.images.flatten(1))
+        .fill_diagonal_(float("inf"))
+        .min(1)
+        .values.median()
+    )
+    note = (
+        f"τ = {replication.REPLICA_DISTANCE} (reference_models/replication.py: RMS pixel error "
+        f"{replication.REPLICA_DISTANCE / dataset.images[0].numel() ** 0.5:.3f} in [-1, 1], a visual copy); "
+        f"training items lie a median {spacing:.1f} from their nearest other item."
+    )
     return Setup(
-        name="demo", model=model, items=dataset.images, item_images=demo_dataset.to_comfy_image(dataset.images),
-        prompts=prompts, threshold=replication.REPLICA_DISTANCE, threshold_note=note, steps=steps, cfg=cfg,
-        batch=batch, seeds_per_prompt=seeds_per_prompt, real_indices=real, duplicated=dataset.duplicated, notes=notes,
+        name="demo",
+        model=model,
+        items=dataset.images,
+        item_images=demo_dataset.to_comfy_image(dataset.images),
+        prompts=prompts,
+        threshold=replication.REPLICA_DISTANCE,
+        threshold_note=note,
+        steps=steps,
+        cfg=cfg,
+        batch=batch,
+        seeds_per_prompt=seeds_per_prompt,
+        real_indices=real,
+        duplicated=dataset.duplicated,
+        notes=notes,
     )
 
 
-def build_variants(setup: Setup, embedder, vae, spell_radii=SPELL_RADII, procreate_strengths=PROCREATE_STRENGTHS,
-                   families: Optional[Sequence[str]] = None) -> list[Variant]:
+def build_variants(
+    setup: Setup,
+    embedder,
+    vae,
+    spell_radii=SPELL_RADII,
+    procreate_strengths=PROCREATE_STRENGTHS,
+    families: Optional[Sequence[str]] = None,
+) -> list[Variant]:
     """Every variant as a function of the base model, through the pack's nodes' execute paths."""
     latent_format = latent_format_name(setup.model)
     shields = from_latents(setup.items, latent_format)
@@ -199,32 +241,64 @@ def build_variants(setup: Setup, embedder, vae, spell_radii=SPELL_RADII, procrea
 
     def spell(model, factor, intra_batch=True):
         radius = factor * setup.threshold
-        return SparseRepellency.execute(model, radius, "absolute", OVERCOMPENSATION, intra_batch, 0.0, 1.0, "auto",
-                                        shield_set=shields).result[0]
+        return SparseRepellency.execute(
+            model, radius, "absolute", OVERCOMPENSATION, intra_batch, 0.0, 1.0, "auto", shield_set=shields
+        ).result[0]
 
     def tpcfg(model, mode, before):
         return TransitionPointCFG.execute(model, mode, 0.5, 0.0, before, 2.0, 1.0).result[0]
 
     def procreate(model, gamma):
-        return ShieldProCreateGuidance.execute(model, vae, embedder, references, gamma, 1.0, 0.5, 0, 0.0, 1.0, "fast",
-                                               -1.0, False).result[0]
+        return ShieldProCreateGuidance.execute(
+            model, vae, embedder, references, gamma, 1.0, 0.5, 0, 0.0, 1.0, "fast", -1.0, False
+        ).result[0]
 
     variants = [Variant("plain", "plain", "–", lambda m: m.clone())]  # a clone, as every patched variant
     for factor in spell_radii:
-        variants.append(Variant(f"SPELL r={factor:g}τ", "SPELL", f"r={factor:g}τ ({factor * setup.threshold:.2f})",
-                                lambda m, f=factor: spell(m, f), factor))
-    variants.append(Variant("SPELL r=1τ, shields only", "SPELL (no intra-batch)", f"r=1τ ({setup.threshold:.2f})",
-                            lambda m: spell(m, 1.0, intra_batch=False), 1.0))
+        variants.append(
+            Variant(
+                f"SPELL r={factor:g}τ",
+                "SPELL",
+                f"r={factor:g}τ ({factor * setup.threshold:.2f})",
+                lambda m, f=factor: spell(m, f),
+                factor,
+            )
+        )
+    variants.append(
+        Variant(
+            "SPELL r=1τ, shields only",
+            "SPELL (no intra-batch)",
+            f"r=1τ ({setup.threshold:.2f})",
+            lambda m: spell(m, 1.0, intra_batch=False),
+            1.0,
+        )
+    )
     variants += [
         Variant("TPCFG static 50%", "TPCFG", "static 50%", lambda m: tpcfg(m, "static", "unconditional"), 0.0),
         Variant("TPCFG dynamic", "TPCFG", "dynamic", lambda m: tpcfg(m, "dynamic", "unconditional"), 1.0),
-        Variant("TPCFG opposite+dynamic", "TPCFG", "opposite λ=2, dynamic", lambda m: tpcfg(m, "dynamic", "opposite"), 2.0),
+        Variant(
+            "TPCFG opposite+dynamic", "TPCFG", "opposite λ=2, dynamic", lambda m: tpcfg(m, "dynamic", "opposite"), 2.0
+        ),
     ]
     for gamma in procreate_strengths:
-        variants.append(Variant(f"ProCreate γ={gamma:g}", "ProCreate", f"γ={gamma:g}, fast, look-ahead 0",
-                                lambda m, g=gamma: procreate(m, g), gamma))
-    variants.append(Variant("SPELL r=1τ + TPCFG dynamic", "SPELL+TPCFG", "r=1τ, dynamic",
-                            lambda m: spell(tpcfg(m, "dynamic", "unconditional"), 1.0), 1.0))
+        variants.append(
+            Variant(
+                f"ProCreate γ={gamma:g}",
+                "ProCreate",
+                f"γ={gamma:g}, fast, look-ahead 0",
+                lambda m, g=gamma: procreate(m, g),
+                gamma,
+            )
+        )
+    variants.append(
+        Variant(
+            "SPELL r=1τ + TPCFG dynamic",
+            "SPELL+TPCFG",
+            "r=1τ, dynamic",
+            lambda m: spell(tpcfg(m, "dynamic", "unconditional"), 1.0),
+            1.0,
+        )
+    )
     if families is not None:
         variants = [v for v in variants if v.family in families]
     return variants
@@ -243,13 +317,19 @@ class Result:
 def sample_once(setup: Setup, model, prompt: Prompt, seed: int, steps: int) -> tuple[torch.Tensor, float]:
     latent = {"samples": torch.zeros(setup.batch, *setup.items.shape[1:])}
     start = time.perf_counter()
-    (out,) = comfy_nodes.common_ksampler(model, seed, steps, setup.cfg, setup.sampler, setup.scheduler,
-                                         prompt.positive, prompt.negative, latent)
+    (out,) = comfy_nodes.common_ksampler(
+        model, seed, steps, setup.cfg, setup.sampler, setup.scheduler, prompt.positive, prompt.negative, latent
+    )
     return out["samples"].float(), time.perf_counter() - start
 
 
-def measure(setup: Setup, variants: Sequence[Variant], embedder, progress: Callable[[str], None] = lambda s: None,
-            warmup: bool = True) -> list[Result]:
+def measure(
+    setup: Setup,
+    variants: Sequence[Variant],
+    embedder,
+    progress: Callable[[str], None] = lambda s: None,
+    warmup: bool = True,
+) -> list[Result]:
     """Sample every variant on every (prompt, seed), interleaved so load drift hits all alike; then score."""
     models = [variant.patch(setup.model) for variant in variants]
     if warmup:  # first-call costs (reference embeddings, weight loading) out of the timings
@@ -315,16 +395,33 @@ def score(setup: Setup, results: Sequence[Result], embedder) -> None:
 
 # -- output -----------------------------------------------------------------------------------------------
 def table(setup: Setup, results: Sequence[Result]) -> str:
-    headers = ["variant", "strength", "replication (≤ τ)", "median nearest L2", "similarity 95pc", "Vendi / prompt",
-               "precision", "recall", "time / step × plain"]
+    headers = [
+        "variant",
+        "strength",
+        "replication (≤ τ)",
+        "median nearest L2",
+        "similarity 95pc",
+        "Vendi / prompt",
+        "precision",
+        "recall",
+        "time / step × plain",
+    ]
     if setup.duplicated is not None:
         headers.insert(3, "copies of duplicated items")
     rows = []
     for result in results:
         m = result.metrics
-        row = [result.variant.name, result.variant.strength, f"{m['replication']:.1%}", f"{m['median_distance']:.2f}",
-               f"{m['similarity_95pc']:.3f}", f"{m['vendi']:.2f}", f"{m['precision']:.2f}", f"{m['recall']:.2f}",
-               f"{m['step_ratio']:.2f}"]
+        row = [
+            result.variant.name,
+            result.variant.strength,
+            f"{m['replication']:.1%}",
+            f"{m['median_distance']:.2f}",
+            f"{m['similarity_95pc']:.3f}",
+            f"{m['vendi']:.2f}",
+            f"{m['precision']:.2f}",
+            f"{m['recall']:.2f}",
+            f"{m['step_ratio']:.2f}",
+        ]
         if setup.duplicated is not None:
             row.insert(3, str(m["replicas_of_duplicated"]))
         rows.append(row)
@@ -334,14 +431,19 @@ def table(setup: Setup, results: Sequence[Result]) -> str:
 def tradeoff_lines(results: Sequence[Result]) -> list[str]:
     """One line per family: replication and Vendi at each strength (the text form of the chart)."""
     plain = results[0].metrics
-    lines = [f"plain: replication {plain['replication']:.1%}, Vendi {plain['vendi']:.2f}, "
-             f"similarity 95pc {plain['similarity_95pc']:.3f}"]
+    lines = [
+        f"plain: replication {plain['replication']:.1%}, Vendi {plain['vendi']:.2f}, "
+        f"similarity 95pc {plain['similarity_95pc']:.3f}"
+    ]
     families: dict[str, list[Result]] = {}
     for result in results[1:]:
         families.setdefault(result.variant.family, []).append(result)
     for family, members in families.items():
-        points = "; ".join(f"{r.variant.strength}: {r.metrics['replication']:.1%} / {r.metrics['vendi']:.2f} / "
-                           f"{r.metrics['similarity_95pc']:.3f}" for r in members)
+        points = "; ".join(
+            f"{r.variant.strength}: {r.metrics['replication']:.1%} / {r.metrics['vendi']:.2f} / "
+            f"{r.metrics['similarity_95pc']:.3f}"
+            for r in members
+        )
         lines.append(f"{family} (replication / Vendi / similarity 95pc): {points}")
     return lines
 
@@ -357,8 +459,9 @@ def tradeoff_chart(per_setup: dict[str, tuple[Setup, list[Result]]], path: pathl
         families: dict[str, list[Result]] = {}
         for result in results:
             families.setdefault(result.variant.family, []).append(result)
-        for row, (key, label) in enumerate((("replication", "replication share (≤ τ)"),
-                                            ("similarity_95pc", "nearest-training similarity, 95pc"))):
+        for row, (key, label) in enumerate(
+            (("replication", "replication share (≤ τ)"), ("similarity_95pc", "nearest-training similarity, 95pc"))
+        ):
             axis = axes[row][column]
             for family, members in families.items():
                 xs = [r.metrics["vendi"] for r in members]
@@ -367,8 +470,13 @@ def tradeoff_chart(per_setup: dict[str, tuple[Setup, list[Result]]], path: pathl
                 axis.plot(xs, ys, style, label=family, markersize=12 if family == "plain" else 6)
                 for r, x, y in zip(members, xs, ys, strict=True):
                     if family != "plain":
-                        axis.annotate(r.variant.strength.split(" (")[0].split(",")[0], (x, y), fontsize=7,
-                                      xytext=(3, 3), textcoords="offset points")
+                        axis.annotate(
+                            r.variant.strength.split(" (")[0].split(",")[0],
+                            (x, y),
+                            fontsize=7,
+                            xytext=(3, 3),
+                            textcoords="offset points",
+                        )
             if key == "replication":
                 axis.set_ylim(-0.05, 1.05)
             axis.set_xlabel("Vendi score per prompt (diversity →)")
@@ -422,18 +530,24 @@ def main() -> None:
 
     setups = []
     if options.only in (None, "memorizer"):
-        setups.append(lambda: memorizer_setup(
-            subsets=[(0,), (1, 2), (3,), (4, 5)] if options.quick else None, seeds_per_prompt=1 if options.quick else 2,
-            steps=12 if options.quick else 16))
+        setups.append(
+            lambda: memorizer_setup(
+                subsets=[(0,), (1, 2), (3,), (4, 5)] if options.quick else None,
+                seeds_per_prompt=1 if options.quick else 2,
+                steps=12 if options.quick else 16,
+            )
+        )
     if options.only in (None, "demo"):
         setups.append(lambda: demo_setup(classes=2 if options.quick else None, steps=10 if options.quick else 20))
     print("## Effect tables: replication, similarity, diversity, precision/recall per method and strength\n")
-    print("Same seeds for every variant; every method through its node's execute path and `nodes.common_ksampler`, "
-          "one thread. SPELL shields every training item (intra-batch on, λ = 1.6); TPCFG switches from "
-          "unconditional (or opposite, λ = 2) guidance to the sampler's cfg; ProCreate uses the fast gradient, "
-          "look-ahead 0, the bench's pixel embedder (mean-centred pixels pooled to 8×8; cosine similarity), "
-          "reference set = the training items. Similarity, Vendi and precision/recall (k = 3) are computed in that "
-          "embedder's space; replication and distances in the model's latent space.\n")
+    print(
+        "Same seeds for every variant; every method through its node's execute path and `nodes.common_ksampler`, "
+        "one thread. SPELL shields every training item (intra-batch on, λ = 1.6); TPCFG switches from "
+        "unconditional (or opposite, λ = 2) guidance to the sampler's cfg; ProCreate uses the fast gradient, "
+        "look-ahead 0, the bench's pixel embedder (mean-centred pixels pooled to 8×8; cosine similarity), "
+        "reference set = the training items. Similarity, Vendi and precision/recall (k = 3) are computed in that "
+        "embedder's space; replication and distances in the model's latent space.\n"
+    )
     per_setup = {}
     for make in setups:
         setup = make()
@@ -444,8 +558,10 @@ def main() -> None:
         per_setup[setup.name] = (setup, results)
         print(report(setup, results), flush=True)
     chart = tradeoff_chart(per_setup, RESULTS_DIR / "effect_tradeoff.png")
-    print(f"Trade-off chart: `{chart.relative_to(bench_common.REPO_ROOT)}` (gitignored; regenerate with the command). "
-          f"Wall time of this benchmark: {time.perf_counter() - started:.0f} s.")
+    print(
+        f"Trade-off chart: `{chart.relative_to(bench_common.REPO_ROOT)}` (gitignored; regenerate with the command). "
+        f"Wall time of this benchmark: {time.perf_counter() - started:.0f} s."
+    )
 
 
 if __name__ == "__main__":

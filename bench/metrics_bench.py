@@ -48,8 +48,12 @@ def main() -> None:
         ("nearest L2 distance (1k x 1k)", lambda: metrics.nearest_distance(fake, references), None, None),
         (f"precision/recall (k={K})", lambda: metrics.precision_recall(real, fake, K), None, None),
         (f"density/coverage (k={K})", lambda: metrics.density_coverage(real, fake, K), None, None),
-        (f"precision/recall/density/coverage (k={K})", lambda: metrics.prdc(real, fake, K),
-         lambda: quiet_prdc(real, fake, K), ("precision", "recall", "density", "coverage")),
+        (
+            f"precision/recall/density/coverage (k={K})",
+            lambda: metrics.prdc(real, fake, K),
+            lambda: quiet_prdc(real, fake, K),
+            ("precision", "recall", "density", "coverage"),
+        ),
     ]
     rows = []
     for name, ours, reference, keys in cases:
@@ -61,10 +65,15 @@ def main() -> None:
         ours_value, reference_value = ours(), reference()
         pairs = [(ours_value, reference_value)] if keys is None else [(ours_value[k], reference_value[k]) for k in keys]
         difference = max(abs(a - float(b)) / max(abs(float(b)), 1e-12) for a, b in pairs)
-        rows.append([
-            name, f"{ours_time * 1000:.1f}", f"{reference_time * 1000:.1f}",
-            f"{reference_time / ours_time:.2f}x", f"{difference:.1e}",
-        ])
+        rows.append(
+            [
+                name,
+                f"{ours_time * 1000:.1f}",
+                f"{reference_time * 1000:.1f}",
+                f"{reference_time / ours_time:.2f}x",
+                f"{difference:.1e}",
+            ]
+        )
     scores = metrics.prdc(real, fake, K)
     print("## Metrics: core/metrics.py speed\n")
     print(

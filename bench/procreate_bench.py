@@ -40,7 +40,9 @@ def main():
     items = torch.rand(6, 3, size, size, generator=torch.Generator().manual_seed(7)) * 2 - 1
     images = ((items + 1) / 2).movedim(1, -1)
     projection = torch.randn(3 * (size // 2) ** 2, 32, generator=torch.Generator().manual_seed(3))
-    embedder = CallableEmbedder(lambda im: torch.nn.functional.avg_pool2d(im.movedim(-1, 1) - 0.5, 2).flatten(1) @ projection, "bench")
+    embedder = CallableEmbedder(
+        lambda im: torch.nn.functional.avg_pool2d(im.movedim(-1, 1) - 0.5, 2).flatten(1) @ projection, "bench"
+    )
     reference = from_latents(items[:3], "LatentFormat", images=images[:3])
     vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
     from comfyui_shield.reference_models.tiny_unet import random_text_conditioning
@@ -52,8 +54,19 @@ def main():
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            comfy.sample.sample(model, noise, steps, 2.0, "ddim", "ddim_uniform", random_text_conditioning(1),
-                                random_text_conditioning(2), torch.zeros_like(noise), seed=0, disable_pbar=True)
+            comfy.sample.sample(
+                model,
+                noise,
+                steps,
+                2.0,
+                "ddim",
+                "ddim_uniform",
+                random_text_conditioning(1),
+                random_text_conditioning(2),
+                torch.zeros_like(noise),
+                seed=0,
+                disable_pbar=True,
+            )
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
@@ -76,8 +89,19 @@ def main():
     references = embedder.embed(images[:3])
 
     def mean_max_similarity(model):
-        out = comfy.sample.sample(model, batch_noise, steps, 2.0, "ddim", "ddim_uniform", subset_conditioning(6, [0, 1, 2, 3]),
-                                  subset_conditioning(6), torch.zeros_like(batch_noise), seed=0, disable_pbar=True)
+        out = comfy.sample.sample(
+            model,
+            batch_noise,
+            steps,
+            2.0,
+            "ddim",
+            "ddim_uniform",
+            subset_conditioning(6, [0, 1, 2, 3]),
+            subset_conditioning(6),
+            torch.zeros_like(batch_noise),
+            seed=0,
+            disable_pbar=True,
+        )
         embedded = embedder.embed(((out + 1) / 2).clamp(0, 1).movedim(1, -1))
         cosine = torch.nn.functional.cosine_similarity(embedded[:, None], references[None], dim=-1)
         return float(cosine.max(dim=1).values.mean())
@@ -87,7 +111,9 @@ def main():
     print(f"| plain | – | {mean_max_similarity(memorizer):.3f} |")
     for mode in ("exact", "fast"):
         for look_ahead in (0, 3):
-            value = mean_max_similarity(patched(memorizer, gamma=100.0, look_ahead_steps=look_ahead, gradient_mode=mode))
+            value = mean_max_similarity(
+                patched(memorizer, gamma=100.0, look_ahead_steps=look_ahead, gradient_mode=mode)
+            )
             print(f"| {mode} | {look_ahead} | {value:.3f} |")
     intra_batch_diversity(memorizer, items, images, embedder, vae, steps, size)
 
@@ -101,8 +127,19 @@ def intra_batch_diversity(memorizer, items, images, embedder, vae, steps, size):
         model = memorizer.clone()
         settings = ProCreateSettings(gamma=100.0, gradient_mode="fast", intra_batch=intra_batch)
         ProCreateGuidance(vae, embedder, far, settings, "bench-intra").attach(model)
-        out = comfy.sample.sample(model, batch_noise, steps, 2.0, "ddim", "ddim_uniform", subset_conditioning(6, [0, 1]),
-                                  subset_conditioning(6), torch.zeros_like(batch_noise), seed=0, disable_pbar=True)
+        out = comfy.sample.sample(
+            model,
+            batch_noise,
+            steps,
+            2.0,
+            "ddim",
+            "ddim_uniform",
+            subset_conditioning(6, [0, 1]),
+            subset_conditioning(6),
+            torch.zeros_like(batch_noise),
+            seed=0,
+            disable_pbar=True,
+        )
         unit = torch.nn.functional.normalize(embedder.embed(((out + 1) / 2).clamp(0, 1).movedim(1, -1)), dim=-1)
         cosine = unit @ unit.T
         mss = float((cosine.sum() - cosine.diagonal().sum()) / (len(unit) * (len(unit) - 1)))

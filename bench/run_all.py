@@ -51,7 +51,9 @@ def run_benchmark(path: pathlib.Path, extra: list[str], timeout: float) -> tuple
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark (minutes in total)")
-    parser.add_argument("--only", nargs="*", default=[], help="run only benchmarks whose file name contains one of these")
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run only benchmarks whose file name contains one of these"
+    )
     parser.add_argument("--output", type=pathlib.Path, default=REPO_ROOT / "BENCHMARKS.md", help="where to write")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per benchmark")
     args = parser.parse_args()

@@ -51,7 +51,9 @@ def rss_anon_mb() -> float:
 
 def write_clustered(path: pathlib.Path, count: int, seed: int = 0, chunk: int = 8192) -> None:
     """A safetensors file with one F16 tensor "latents" [count, DIM], streamed chunk by chunk."""
-    header = json.dumps({"latents": {"dtype": "F16", "shape": [count, DIM], "data_offsets": [0, count * DIM * 2]}}).encode()
+    header = json.dumps(
+        {"latents": {"dtype": "F16", "shape": [count, DIM], "data_offsets": [0, count * DIM * 2]}}
+    ).encode()
     header += b" " * (-len(header) % 8)
     generator = torch.Generator().manual_seed(seed)
     clusters = max(8, int(math.sqrt(count) / 4))
@@ -102,7 +104,9 @@ class IvfFlat:
         count = shields.shape[0]
         nlist = int(math.sqrt(count))
         self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(DIM), DIM, nlist)
-        train = torch.randperm(count, generator=torch.Generator().manual_seed(0))[: min(count, 40 * nlist)].sort().values
+        train = (
+            torch.randperm(count, generator=torch.Generator().manual_seed(0))[: min(count, 40 * nlist)].sort().values
+        )
         self.index.train(shields[train].float().numpy())
         for start in range(0, count, 16384):
             self.index.add(shields[start : start + 16384].float().numpy())
@@ -111,8 +115,11 @@ class IvfFlat:
     def search(self, queries, radius):
         limits, distances, labels = self.index.range_search(queries.float().numpy(), radius * radius)
         counts = torch.from_numpy(limits[1:] - limits[:-1]).long()
-        return spell_math.Neighbours(torch.repeat_interleave(torch.arange(queries.shape[0]), counts),
-                                     torch.from_numpy(labels).long(), torch.from_numpy(distances).double().sqrt())
+        return spell_math.Neighbours(
+            torch.repeat_interleave(torch.arange(queries.shape[0]), counts),
+            torch.from_numpy(labels).long(),
+            torch.from_numpy(distances).double().sqrt(),
+        )
 
     def index_bytes(self):
         return self.index.ntotal * DIM * 4 + self.index.nlist * DIM * 4
@@ -135,8 +142,11 @@ def bench_size(count: int, data_dir: pathlib.Path, repeats: int, dims_list, with
         begin = time.perf_counter()
         truth |= pairs_of(exact.search(queries, radius), index * BATCH)
         exact_times.append(time.perf_counter() - begin)
-    print(f"| {count} | exact scan (ground truth, fp16 file) | {time.perf_counter() - start - sum(exact_times):.1f} | "
-          f"{statistics.median(exact_times) * 1e3:.0f} | 1.0000 | {len(truth)} | {count} | - | - | {rss_anon_mb():.0f} |", flush=True)
+    print(
+        f"| {count} | exact scan (ground truth, fp16 file) | {time.perf_counter() - start - sum(exact_times):.1f} | "
+        f"{statistics.median(exact_times) * 1e3:.0f} | 1.0000 | {len(truth)} | {count} | - | - | {rss_anon_mb():.0f} |",
+        flush=True,
+    )
     del exact
     methods = [(f"clustered m={m}, lists=sqrtK (exact)", lambda m=m: build_clustered(rows, m)) for m in dims_list]
     if with_ivf:
@@ -157,8 +167,11 @@ def bench_size(count: int, data_dir: pathlib.Path, repeats: int, dims_list, with
         recall = len(found & truth) / max(1, len(truth))
         extra = len(found - truth)
         assert extra == 0, f"{name} returned {extra} pairs outside the radius"
-        print(f"| {count} | {name} | {built:.1f} | {statistics.median(times) * 1e3:.1f} | {recall:.4f} | {len(truth)} | "
-              f"{statistics.median(scanned):.0f} | {statistics.median(candidates):.0f} | {search.index_bytes() / 2**20:.0f} | {rss_anon_mb():.0f} |", flush=True)
+        print(
+            f"| {count} | {name} | {built:.1f} | {statistics.median(times) * 1e3:.1f} | {recall:.4f} | {len(truth)} | "
+            f"{statistics.median(scanned):.0f} | {statistics.median(candidates):.0f} | {search.index_bytes() / 2**20:.0f} | {rss_anon_mb():.0f} |",
+            flush=True,
+        )
         del search
 
 
@@ -175,10 +188,14 @@ def main() -> None:
     options = parser.parse_args()
     sizes = options.sizes or ([10_000] if options.quick else [10_000, 100_000, 1_000_000])
     repeats = 2 if options.quick else 3
-    print(f"\n### Shield search at scale (d={DIM}, fp16 memory-mapped file, {BATCHES} batches of {BATCH} near-duplicate "
-          f"queries, radius = median 20th-neighbour distance, median over batches x {repeats} repeats)\n")
-    print("| K | method | build s | ms/step (batch 4) | recall of in-radius pairs | in-radius pairs | codes/vectors scanned "
-          "| pairs re-checked (median per batch) | index RAM MB | process private RAM MB |")
+    print(
+        f"\n### Shield search at scale (d={DIM}, fp16 memory-mapped file, {BATCHES} batches of {BATCH} near-duplicate "
+        f"queries, radius = median 20th-neighbour distance, median over batches x {repeats} repeats)\n"
+    )
+    print(
+        "| K | method | build s | ms/step (batch 4) | recall of in-radius pairs | in-radius pairs | codes/vectors scanned "
+        "| pairs re-checked (median per batch) | index RAM MB | process private RAM MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for count in sizes:
         bench_size(count, options.data_dir, repeats, options.dims, with_ivf=count <= 100_000)

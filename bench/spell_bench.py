@@ -65,7 +65,9 @@ def overhead(quick: bool) -> None:
     generator = torch.Generator().manual_seed(0)
     latent_format = latent_format_name(model)
     for count in (0, 100, 10_000):
-        shields = from_latents(torch.randn(count, *shape[1:], generator=generator) * 3, latent_format) if count else None
+        shields = (
+            from_latents(torch.randn(count, *shape[1:], generator=generator) * 3, latent_format) if count else None
+        )
         name = f"K={count}" + (" (intra-batch only)" if not count else "")
         variants.append((name, repellency_model(model, shields, None, 0.5, "relative", 1.6, True, 0.0, 1.0, "auto")))
     for _, m in variants:  # warm-up; builds the K=10k index (lazily, at its first step) outside the timing
@@ -80,19 +82,30 @@ def overhead(quick: bool) -> None:
     base = times["unpatched"]
     x0 = torch.randn(shape, generator=generator)
     radius = spell_math.absolute_radius(0.5, x0[0].numel(), True)
-    print(f"\n### Per-step overhead (tiny UNet, batch 4, latent 4x32x32, {steps} steps, cfg 5, euler; {rounds} interleaved rounds)\n")
-    print("| patch | ms/step (whole sampler, median) | ratio vs unpatched (median of per-round ratios) | ratio IQR | "
-          "ms/step in the SPELL step alone |\n|---|---|---|---|---|")
+    print(
+        f"\n### Per-step overhead (tiny UNet, batch 4, latent 4x32x32, {steps} steps, cfg 5, euler; {rounds} interleaved rounds)\n"
+    )
+    print(
+        "| patch | ms/step (whole sampler, median) | ratio vs unpatched (median of per-round ratios) | ratio IQR | "
+        "ms/step in the SPELL step alone |\n|---|---|---|---|---|"
+    )
     for name, _ in variants:
         ratios = sorted(t / b for t, b in zip(times[name], base, strict=True))
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         alone = "-"
         if name != "unpatched":
             count = int(name.split("=")[1].split(" ")[0])
-            searches = [spell_math.build_range_search(torch.randn(count, x0[0].numel(), generator=generator) * 3)] if count else []
+            searches = (
+                [spell_math.build_range_search(torch.randn(count, x0[0].numel(), generator=generator) * 3)]
+                if count
+                else []
+            )
             alone = f"{median_time(lambda s=searches: spell_math.sparse_repellency_step(x0, s, radius, 1.6, True), rounds * 3) * 1e3:.2f}"
-        print(f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {statistics.median(ratios):.3f} | "
-              f"{quartiles[0]:.3f}–{quartiles[2]:.3f} | {alone} |", flush=True)
+        print(
+            f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {statistics.median(ratios):.3f} | "
+            f"{quartiles[0]:.3f}–{quartiles[2]:.3f} | {alone} |",
+            flush=True,
+        )
 
 
 # -- 2. search -------------------------------------------------------------------------------------
@@ -135,8 +148,11 @@ class IvfFlat:
     def search(self, queries, radius):
         limits, distances, labels = self.index.range_search(queries.float().numpy(), radius * radius)
         counts = torch.from_numpy(limits[1:] - limits[:-1]).long()
-        return spell_math.Neighbours(torch.repeat_interleave(torch.arange(queries.shape[0]), counts),
-                                     torch.from_numpy(labels).long(), torch.from_numpy(distances).double().sqrt())
+        return spell_math.Neighbours(
+            torch.repeat_interleave(torch.arange(queries.shape[0]), counts),
+            torch.from_numpy(labels).long(),
+            torch.from_numpy(distances).double().sqrt(),
+        )
 
 
 def index_bytes(search) -> int:
@@ -153,8 +169,12 @@ def index_bytes(search) -> int:
 def search_bench(quick: bool) -> None:
     sizes = (10_000,) if quick else (10_000, 100_000)
     dim, batch, repeats = 4096, 4, (3 if quick else 5)
-    print(f"\n### Shield range search (d={dim}, clustered, fp16 storage, batch {batch} near-duplicate queries, median of {repeats})\n")
-    print("| K | method | build s | ms/step | recall of in-radius pairs | in-radius pairs | index RAM MB (full vectors incl.) |")
+    print(
+        f"\n### Shield range search (d={dim}, clustered, fp16 storage, batch {batch} near-duplicate queries, median of {repeats})\n"
+    )
+    print(
+        "| K | method | build s | ms/step | recall of in-radius pairs | in-radius pairs | index RAM MB (full vectors incl.) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for count in sizes:
         search_rows(count, dim, batch, repeats)
@@ -172,9 +192,21 @@ def search_rows(count: int, dim: int, batch: int, repeats: int) -> None:
     truth_pairs = set(zip(truth.query.tolist(), truth.shield.tolist(), strict=True))
     methods = [("exact (chunked torch)", lambda: exact)]
     for dims in (64, 256):
-        methods.append((f"clustered m={dims} (pruned lists, exact)", lambda d=dims: spell_math.build_range_search(shields, "clustered", d)))
-        methods.append((f"projection m={dims} (torch scan)", lambda d=dims: spell_math.ProjectionRangeSearch(shields, d)))
-        methods.append((f"projection m={dims} (faiss scan)", lambda d=dims: spell_math.ProjectionRangeSearch(shields, d, use_faiss=True)))
+        methods.append(
+            (
+                f"clustered m={dims} (pruned lists, exact)",
+                lambda d=dims: spell_math.build_range_search(shields, "clustered", d),
+            )
+        )
+        methods.append(
+            (f"projection m={dims} (torch scan)", lambda d=dims: spell_math.ProjectionRangeSearch(shields, d))
+        )
+        methods.append(
+            (
+                f"projection m={dims} (faiss scan)",
+                lambda d=dims: spell_math.ProjectionRangeSearch(shields, d, use_faiss=True),
+            )
+        )
     for nprobe in (1, 10):
         methods.append((f"IVF-Flat nlist=sqrtK nprobe={nprobe}", lambda p=nprobe: IvfFlat(shields, p)))
     for name, build in methods:
@@ -185,7 +217,10 @@ def search_rows(count: int, dim: int, batch: int, repeats: int) -> None:
         pairs = set(zip(found.query.tolist(), found.shield.tolist(), strict=True))
         recall = len(pairs & truth_pairs) / max(1, len(truth_pairs))
         latency = median_time(lambda s=search: s.search(queries, radius), repeats)
-        print(f"| {count} | {name} | {built:.1f} | {latency * 1e3:.1f} | {recall:.4f} | {len(truth_pairs)} | {index_bytes(search) / 2**20:.0f} |", flush=True)
+        print(
+            f"| {count} | {name} | {built:.1f} | {latency * 1e3:.1f} | {recall:.4f} | {len(truth_pairs)} | {index_bytes(search) / 2**20:.0f} |",
+            flush=True,
+        )
         del search
 
 
@@ -199,7 +234,9 @@ def effect(quick: bool) -> None:
     shields = from_latents(items, "LatentFormat")
     conditioning = subset_conditioning(len(items))
     print(f"\n### Replication on the memorizer (16 items 4x8x8, {samples} samples, dpmpp_2m karras 12 steps)\n")
-    print("| radius (relative / absolute) | shield | replicated (< r from an item) | min distance to an item |\n|---|---|---|---|")
+    print(
+        "| radius (relative / absolute) | shield | replicated (< r from an item) | min distance to an item |\n|---|---|---|---|"
+    )
     for relative in (0.25, 0.5):
         radius = spell_math.absolute_radius(relative, items[0].numel(), True)
         for use_shield in (False, True):
@@ -209,11 +246,16 @@ def effect(quick: bool) -> None:
             outs = []
             for seed in range(samples // batch):
                 latent = {"samples": torch.zeros(batch, *items.shape[1:])}
-                (out,) = comfy_nodes.common_ksampler(model, seed, 12, 1.0, "dpmpp_2m", "karras", conditioning, conditioning, latent)
+                (out,) = comfy_nodes.common_ksampler(
+                    model, seed, 12, 1.0, "dpmpp_2m", "karras", conditioning, conditioning, latent
+                )
                 outs.append(out["samples"])
             nearest, _ = nearest_item_distance(torch.cat(outs), items)
             share = float((nearest < radius).double().mean())
-            print(f"| {relative} / {radius:.1f} | {'on' if use_shield else 'off'} | {share:.1%} | {float(nearest.min()):.3f} |", flush=True)
+            print(
+                f"| {relative} / {radius:.1f} | {'on' if use_shield else 'off'} | {share:.1%} | {float(nearest.min()):.3f} |",
+                flush=True,
+            )
 
 
 def main() -> None:

@@ -68,16 +68,20 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) / steps)
     plain = statistics.median(times["plain CFG"])
     hook_seconds = hook_cost(torch, batch, size, cfg, repeats=200 if args.quick else 1000)
-    print(f"## Transition-Point CFG: cost per step (tiny UNet, batch {batch}, latent {size}x{size}, cfg {cfg}, "
-          f"{steps} euler steps, median of {repeats}, {args.threads} thread)\n")
+    print(
+        f"## Transition-Point CFG: cost per step (tiny UNet, batch {batch}, latent {size}x{size}, cfg {cfg}, "
+        f"{steps} euler steps, median of {repeats}, {args.threads} thread)\n"
+    )
     print("| variant | ms / step | ratio to plain CFG |")
     print("|---|---:|---:|")
     for name, samples in times.items():
         median = statistics.median(samples)
         print(f"| {name} | {1000 * median:.2f} | {median / plain:.3f} |")
-    print(f"\nThe hook alone (dynamic, one call per step, same tensors): {1e6 * hook_seconds:.0f} µs per call, "
-          f"i.e. an expected ratio of {(plain + hook_seconds) / plain:.4f}; the end-to-end ratios above are "
-          "within this machine's run-to-run noise.")
+    print(
+        f"\nThe hook alone (dynamic, one call per step, same tensors): {1e6 * hook_seconds:.0f} µs per call, "
+        f"i.e. an expected ratio of {(plain + hook_seconds) / plain:.4f}; the end-to-end ratios above are "
+        "within this machine's run-to-run noise."
+    )
 
 
 def hook_cost(torch, batch, size, cfg, repeats):

@@ -69,7 +69,9 @@ def list_image_folder(path: pathlib.Path, where: str) -> FolderListing:
         )
     skipped_names = tuple(str(f.relative_to(path)) for f in skipped)
     if skipped_names:
-        logger.warning("%s: skipped %d non-image file(s) in %s: %s", where, len(skipped_names), path, ", ".join(skipped_names))
+        logger.warning(
+            "%s: skipped %d non-image file(s) in %s: %s", where, len(skipped_names), path, ", ".join(skipped_names)
+        )
     return FolderListing(path, tuple(images), skipped_names)
 
 

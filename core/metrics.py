@@ -31,7 +31,9 @@ def as_matrix(items: ArrayLike, name: str = "items") -> torch.Tensor:
     matrix = torch.as_tensor(np.asarray(items) if not isinstance(items, torch.Tensor) else items)
     matrix = matrix.detach().to("cpu", torch.float64)
     if matrix.ndim == 1:
-        raise ValueError(f"{name}: expected a batch [N, D] (one row per item), got a single vector of {matrix.shape[0]}")
+        raise ValueError(
+            f"{name}: expected a batch [N, D] (one row per item), got a single vector of {matrix.shape[0]}"
+        )
     matrix = matrix.reshape(matrix.shape[0], -1)
     if matrix.shape[0] == 0:
         raise ValueError(f"{name}: the batch is empty")

@@ -320,8 +320,10 @@ def _procreate_lines(curves: ProCreateCurves) -> list[str]:
     if similarity is not None and np.isfinite(similarity).any():
         measured = [row for row in similarity if np.isfinite(row).any()]
         first, last = np.nanmax(measured[0]), np.nanmax(measured[-1])
-        lines.append(f"  max nearest-reference similarity: first measured step {_number(float(first))}, "
-                     f"last {_number(float(last))}")
+        lines.append(
+            f"  max nearest-reference similarity: first measured step {_number(float(first))}, "
+            f"last {_number(float(last))}"
+        )
     return lines
 
 

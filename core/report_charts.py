@@ -132,7 +132,14 @@ def _draw_transition(axes, curves: TransitionCurves) -> None:
             (line,) = axes.plot(steps, curves.d_t[:, sample], marker=".", label=f"sample {sample}")
             if sample < len(switch_steps) and switch_steps[sample] is not None:
                 step = switch_steps[sample]
-                axes.plot([step], [curves.d_t[step, sample]], marker="o", markersize=10, color=line.get_color(), fillstyle="none")
+                axes.plot(
+                    [step],
+                    [curves.d_t[step, sample]],
+                    marker="o",
+                    markersize=10,
+                    color=line.get_color(),
+                    fillstyle="none",
+                )
         positive = curves.d_t[np.isfinite(curves.d_t)]
         if positive.size and positive.min() > 0 and positive.max() / positive.min() > 100:
             axes.set_yscale("log")
@@ -157,8 +164,14 @@ def _draw_procreate(axes, curves: ProCreateCurves) -> None:
         (line,) = axes.plot(steps, similarity[:, sample], marker=".", label=f"sample {sample}")
         if curves.guided is not None and sample < curves.guided.shape[1]:
             guided = curves.guided[:, sample]
-            axes.plot(steps[guided], similarity[guided, sample], linestyle="none", marker="o", markersize=7,
-                      color=line.get_color())
+            axes.plot(
+                steps[guided],
+                similarity[guided, sample],
+                linestyle="none",
+                marker="o",
+                markersize=7,
+                color=line.get_color(),
+            )
     axes.set_ylabel("cosine to nearest reference")
     axes.set_xlabel("step (dot: guided)")
     if similarity.shape[1] <= 8:

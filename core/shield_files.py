@@ -54,7 +54,9 @@ def save_shield_set(shield_set: ShieldSet, path: pathlib.Path, storage: str = "f
         raise ShieldSetError(f"Save Shield Set: storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
     latents = shield_set.latents.contiguous().to(STORAGE_DTYPES[storage])
     if not torch.isfinite(latents).all():
-        raise ShieldSetError("Save Shield Set: the latents exceed the float16 range (|x| > 65504); save with storage float32")
+        raise ShieldSetError(
+            "Save Shield Set: the latents exceed the float16 range (|x| > 65504); save with storage float32"
+        )
     tensors = {"latents": latents}
     if shield_set.images is not None:
         tensors["images"] = shield_set.images.contiguous().float()
@@ -109,9 +111,13 @@ def load_shield_set(path: pathlib.Path) -> ShieldSet:
     except Exception as error:  # safetensors raises its own error types for bad headers/truncation
         raise ShieldSetError(f"{where} is not a readable safetensors file (corrupt or truncated?): {error}") from error
     if metadata.get("shield_format_version") != str(FORMAT_VERSION) or "latents" not in keys:
-        raise ShieldSetError(f"{where} is not a Shield set file (no shield metadata or latents); save it with Save Shield Set")
+        raise ShieldSetError(
+            f"{where} is not a Shield set file (no shield metadata or latents); save it with Save Shield Set"
+        )
     if dtype_name not in _NUMPY_DTYPES:
-        raise ShieldSetError(f"{where}: latents stored as {dtype_name}; only F32 and F16 are supported. Re-save the set")
+        raise ShieldSetError(
+            f"{where}: latents stored as {dtype_name}; only F32 and F16 are supported. Re-save the set"
+        )
     try:
         names = json.loads(metadata["names"])
         hashes = json.loads(metadata["hashes"])
@@ -144,7 +150,9 @@ def load_shield_set(path: pathlib.Path) -> ShieldSet:
 # -- the search index beside a set file -------------------------------------------------------------
 def index_path_for(set_path: str) -> pathlib.Path:
     path = pathlib.Path(set_path)
-    return path.with_name(path.name[: -len(EXTENSION)] + INDEX_EXTENSION if path.name.endswith(EXTENSION) else path.name + INDEX_EXTENSION)
+    return path.with_name(
+        path.name[: -len(EXTENSION)] + INDEX_EXTENSION if path.name.endswith(EXTENSION) else path.name + INDEX_EXTENSION
+    )
 
 
 def save_index(path: pathlib.Path, key: str, state: dict) -> None:
@@ -194,7 +202,11 @@ class ShieldMemoryStore:
             current = self._sets.get(memory_id)
         if current is None:
             return ShieldSet(
-                latents=torch.zeros(0, 0, 0, 0), latent_format="", names=(), hashes=(), settings={"shield_memory_id": memory_id}
+                latents=torch.zeros(0, 0, 0, 0),
+                latent_format="",
+                names=(),
+                hashes=(),
+                settings={"shield_memory_id": memory_id},
             )
         return current
 
@@ -216,8 +228,11 @@ class ShieldMemoryStore:
             if len(merged) > self.max_items:  # keep the newest generations
                 keep = slice(len(merged) - self.max_items, None)
                 merged = ShieldSet(
-                    latents=merged.latents[keep], latent_format=latent_format, names=merged.names[keep],
-                    hashes=merged.hashes[keep], settings=merged.settings,
+                    latents=merged.latents[keep],
+                    latent_format=latent_format,
+                    names=merged.names[keep],
+                    hashes=merged.hashes[keep],
+                    settings=merged.settings,
                 )
             self._sets[memory_id] = merged
             self._versions[memory_id] = self._versions.get(memory_id, 0) + 1

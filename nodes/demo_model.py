@@ -34,7 +34,9 @@ class ShieldDemoModelLoader(io.ComfyNode):
                 "EmptyChromaRadianceLatentImage at 32×32 and decode with the pixel_space VAE."
             ),
             inputs=[],
-            outputs=[io.Model.Output("model", tooltip="The demo UNet (V-prediction, ComfyUI's default discrete schedule).")],
+            outputs=[
+                io.Model.Output("model", tooltip="The demo UNet (V-prediction, ComfyUI's default discrete schedule).")
+            ],
         )
 
     @classmethod
@@ -52,7 +54,9 @@ class ShieldDemoConditioning(io.ComfyNode):
             description="The demo model's conditioning for one class, and its unconditional (null class) one.",
             inputs=[
                 io.Combo.Input(
-                    "class_name", options=list(demo_dataset.CLASS_NAMES), default="star",
+                    "class_name",
+                    options=list(demo_dataset.CLASS_NAMES),
+                    default="star",
                     tooltip="Which class of the demo dataset to sample. Memorized classes ("
                     f"{', '.join(demo_dataset.MEMORIZED_CLASSES)}) reproduce their training image without a shield.",
                 ),
@@ -60,7 +64,8 @@ class ShieldDemoConditioning(io.ComfyNode):
             outputs=[
                 io.Conditioning.Output("positive", tooltip="The class token: connect to the sampler's positive."),
                 io.Conditioning.Output(
-                    "negative", tooltip="The null-class token the model learned as unconditional: the sampler's negative."
+                    "negative",
+                    tooltip="The null-class token the model learned as unconditional: the sampler's negative.",
                 ),
             ],
         )
@@ -115,18 +120,24 @@ class ShieldDemoTrainingSet(io.ComfyNode):
             ),
             inputs=[
                 io.Combo.Input(
-                    "items", options=list(ITEM_SELECTIONS), default="duplicated",
+                    "items",
+                    options=list(ITEM_SELECTIONS),
+                    default="duplicated",
                     tooltip="duplicated: the items repeated in training, one per memorized class (the ones the "
                     "model copies); unique: the items seen once (the other classes); all: both.",
                 ),
                 io.Combo.Input(
-                    "class_name", options=[CLASS_FILTER_ALL, *demo_dataset.CLASS_NAMES], default=CLASS_FILTER_ALL,
+                    "class_name",
+                    options=[CLASS_FILTER_ALL, *demo_dataset.CLASS_NAMES],
+                    default=CLASS_FILTER_ALL,
                     tooltip="Only the items of this class; 'all classes' keeps every class.",
                 ),
             ],
             outputs=[
                 io.Image.Output("images", tooltip="The selected training items, [N, 32, 32, 3] in [0, 1]."),
-                io.String.Output("names", tooltip="One name per item (class, index, _dup if duplicated), one per line."),
+                io.String.Output(
+                    "names", tooltip="One name per item (class, index, _dup if duplicated), one per line."
+                ),
             ],
         )
 

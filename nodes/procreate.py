@@ -32,7 +32,12 @@ folder_paths.add_model_folder_path(DREAMSIM_FOLDER, os.path.join(folder_paths.mo
 
 # What dreamsim 0.2.1 (`dreamsim.model.download_weights`) needs in its cache_dir for each variant.
 DREAMSIM_FILES = {
-    "ensemble": ["dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar", "clip_vitb16_pretrain.pth.tar", "ensemble_lora"],
+    "ensemble": [
+        "dino_vitb16_pretrain.pth",
+        "open_clip_vitb16_pretrain.pth.tar",
+        "clip_vitb16_pretrain.pth.tar",
+        "ensemble_lora",
+    ],
     "dino_vitb16": ["dino_vitb16_pretrain.pth", "dino_vitb16_single_lora"],
     "dinov2_vitb14": ["dinov2_vitb14_pretrain.pth", "dinov2_vitb14_single_lora"],
     "synclr_vitb16": ["synclr_vit_b_16.pth", "synclr_vitb16_single_lora"],
@@ -79,7 +84,9 @@ def load_dreamsim(variant: str) -> DreamSimEmbedder:
     chatter = std_io.StringIO()  # dreamsim prints "Using cached ..." to stdout
     try:
         with torch.inference_mode(False), contextlib.redirect_stdout(chatter):
-            model, _ = dreamsim_package.dreamsim(pretrained=True, cache_dir=folder, dreamsim_type=variant, device=device)
+            model, _ = dreamsim_package.dreamsim(
+                pretrained=True, cache_dir=folder, dreamsim_type=variant, device=device
+            )
     except Exception as error:
         raise ValueError(
             f"DreamSim Loader: the '{variant}' files in {folder} could not be loaded ({type(error).__name__}: "
@@ -101,7 +108,9 @@ class ShieldDreamSimLoader(io.ComfyNode):
             description="Loads a DreamSim perceptual embedder (the real dreamsim package) from models/dreamsim.",
             inputs=[
                 io.Combo.Input(
-                    "variant", options=list(DREAMSIM_FILES), default="ensemble",
+                    "variant",
+                    options=list(DREAMSIM_FILES),
+                    default="ensemble",
                     tooltip="DreamSim model. ensemble is the paper's; the clip/open_clip/synclr variants need no "
                     "torch.hub cache. Weights go unzipped into ComfyUI/models/dreamsim.",
                 ),
@@ -130,7 +139,9 @@ class ShieldClipVisionEmbedder(io.ComfyNode):
             display_name="CLIP Vision Embedder (Shield)",
             category=f"{CATEGORY}/procreate",
             description="Uses a CLIP_VISION model (CLIP-H/G, SigLIP, DINOv2 from Load CLIP Vision) as a differentiable embedder.",
-            inputs=[io.ClipVision.Input("clip_vision", tooltip="From Load CLIP Vision (the IP-Adapter/unCLIP encoders).")],
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="From Load CLIP Vision (the IP-Adapter/unCLIP encoders).")
+            ],
             outputs=[EMBEDDER.Output("embedder", tooltip="A differentiable image embedder (image_embeds).")],
         )
 
@@ -150,9 +161,15 @@ class ShieldPixelEmbedder(io.ComfyNode):
             "is then a pixel-space similarity (colour and layout, no learned features). Needs no weights: for small "
             "images such as the demo model's, or to try ProCreate without DreamSim. For real images use DreamSim.",
             inputs=[
-                io.Int.Input("size", default=16, min=2, max=256, step=1,
-                             tooltip="Side of the resized image that is compared (smaller = coarser, blur-tolerant "
-                             "similarity). There is no off value: leave the embedder out to turn ProCreate off."),
+                io.Int.Input(
+                    "size",
+                    default=16,
+                    min=2,
+                    max=256,
+                    step=1,
+                    tooltip="Side of the resized image that is compared (smaller = coarser, blur-tolerant "
+                    "similarity). There is no off value: leave the embedder out to turn ProCreate off.",
+                ),
             ],
             outputs=[EMBEDDER.Output("embedder", tooltip="A differentiable pixel-space embedder.")],
         )
@@ -173,8 +190,12 @@ class ShieldReferenceSetFromImages(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", tooltip="The reference images to steer away from."),
                 io.Vae.Input("vae", tooltip="The VAE of the model you sample with (encodes the latents)."),
-                EMBEDDER.Input("embedder", tooltip="The embedder ProCreate will use; its embeddings are stored in the set."),
-                io.Model.Input("model", optional=True, tooltip="Optional: names the set's latent format after this model."),
+                EMBEDDER.Input(
+                    "embedder", tooltip="The embedder ProCreate will use; its embeddings are stored in the set."
+                ),
+                io.Model.Input(
+                    "model", optional=True, tooltip="Optional: names the set's latent format after this model."
+                ),
             ],
             outputs=[SHIELD_SET.Output("reference_set", tooltip="Images, latents and embeddings of the references.")],
         )
@@ -182,7 +203,9 @@ class ShieldReferenceSetFromImages(io.ComfyNode):
     @classmethod
     def execute(cls, images, vae, embedder, model=None) -> io.NodeOutput:
         if images.ndim != 4 or images.shape[0] == 0:
-            raise ValueError(f"Reference Set from Images: 'images' must be a non-empty IMAGE batch, got {tuple(images.shape)}")
+            raise ValueError(
+                f"Reference Set from Images: 'images' must be a non-empty IMAGE batch, got {tuple(images.shape)}"
+            )
         latent_format = latent_format_name(model) if model is not None else f"VAE{vae.latent_channels}ch"
         height, width = images.shape[1:3]
         reference = encode_images(vae, images.cpu(), latent_format, width, height)
@@ -201,29 +224,84 @@ class ShieldProCreateGuidance(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch."),
                 io.Vae.Input("vae", tooltip="This model's VAE: decodes the predicted x̂0 for the embedder."),
-                EMBEDDER.Input("embedder", tooltip="DreamSim Loader, CLIP Vision Embedder or Pixel Embedder (small images)."),
-                SHIELD_SET.Input("reference_set", tooltip="Reference images (with images or embeddings for this embedder). A "
-                                 "Shield Memory makes it grow: each finished generation joins it (decoded with 'vae')."),
-                io.Float.Input("strength", default=100.0, min=0.0, max=10000.0, step=1.0,
-                               tooltip="γ of the energy (paper 100–250). 0 turns the guidance off."),
-                io.Float.Input("element_clip", default=1.0, min=0.0, max=100.0, step=0.05,
-                               tooltip="Clamp each gradient element to ±γ·this (official code: 1). 0 turns it off."),
-                io.Float.Input("max_grad_norm", default=0.5, min=0.0, max=100.0, step=0.01,
-                               tooltip="Limit each sample's gradient norm to γ·this (paper 0.3–0.5). 0 turns it off."),
-                io.Int.Input("look_ahead_steps", default=0, min=0, max=20, step=1,
-                             tooltip="DDIM steps to predict x̂0 (paper 5). 0 (or 1) is the one-step x̂0; capped at the sampler's remaining steps."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Start of the active window (0 = first step)."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="End of the active window (1 = last step)."),
-                io.Combo.Input("gradient_mode", options=list(GRADIENT_MODES), default="fast",
-                               tooltip="exact: autograd through look-ahead, model, VAE and embedder (paper). "
-                               "fast: gradient w.r.t. x̂0 only, no backward through the model."),
-                io.Float.Input("similarity_threshold", default=-1.0, min=-1.0, max=1.0, step=0.01,
-                               tooltip="Guide a sample only while its cosine similarity to the nearest reference is above this. -1 turns the threshold off."),
-                io.Boolean.Input("intra_batch", default=False, optional=True,
-                                 tooltip="Also push each sample away from the other samples of its batch (diversity). "
-                                 "Off (default) repels from the reference set only; needs batch size ≥ 2 to act."),
+                EMBEDDER.Input(
+                    "embedder", tooltip="DreamSim Loader, CLIP Vision Embedder or Pixel Embedder (small images)."
+                ),
+                SHIELD_SET.Input(
+                    "reference_set",
+                    tooltip="Reference images (with images or embeddings for this embedder). A "
+                    "Shield Memory makes it grow: each finished generation joins it (decoded with 'vae').",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=100.0,
+                    min=0.0,
+                    max=10000.0,
+                    step=1.0,
+                    tooltip="γ of the energy (paper 100–250). 0 turns the guidance off.",
+                ),
+                io.Float.Input(
+                    "element_clip",
+                    default=1.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.05,
+                    tooltip="Clamp each gradient element to ±γ·this (official code: 1). 0 turns it off.",
+                ),
+                io.Float.Input(
+                    "max_grad_norm",
+                    default=0.5,
+                    min=0.0,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="Limit each sample's gradient norm to γ·this (paper 0.3–0.5). 0 turns it off.",
+                ),
+                io.Int.Input(
+                    "look_ahead_steps",
+                    default=0,
+                    min=0,
+                    max=20,
+                    step=1,
+                    tooltip="DDIM steps to predict x̂0 (paper 5). 0 (or 1) is the one-step x̂0; capped at the sampler's remaining steps.",
+                ),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Start of the active window (0 = first step).",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="End of the active window (1 = last step).",
+                ),
+                io.Combo.Input(
+                    "gradient_mode",
+                    options=list(GRADIENT_MODES),
+                    default="fast",
+                    tooltip="exact: autograd through look-ahead, model, VAE and embedder (paper). "
+                    "fast: gradient w.r.t. x̂0 only, no backward through the model.",
+                ),
+                io.Float.Input(
+                    "similarity_threshold",
+                    default=-1.0,
+                    min=-1.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Guide a sample only while its cosine similarity to the nearest reference is above this. -1 turns the threshold off.",
+                ),
+                io.Boolean.Input(
+                    "intra_batch",
+                    default=False,
+                    optional=True,
+                    tooltip="Also push each sample away from the other samples of its batch (diversity). "
+                    "Off (default) repels from the reference set only; needs batch size ≥ 2 to act.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The patched model.")],
             hidden=[io.Hidden.unique_id],
@@ -238,12 +316,32 @@ class ShieldProCreateGuidance(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, vae, embedder, reference_set, strength, element_clip, max_grad_norm, look_ahead_steps,
-                start_percent, end_percent, gradient_mode, similarity_threshold, intra_batch=False) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        vae,
+        embedder,
+        reference_set,
+        strength,
+        element_clip,
+        max_grad_norm,
+        look_ahead_steps,
+        start_percent,
+        end_percent,
+        gradient_mode,
+        similarity_threshold,
+        intra_batch=False,
+    ) -> io.NodeOutput:
         settings = ProCreateSettings(
-            gamma=strength, element_clip=element_clip, max_grad_norm=max_grad_norm, look_ahead_steps=look_ahead_steps,
-            start_percent=start_percent, end_percent=end_percent, gradient_mode=gradient_mode,
-            similarity_threshold=similarity_threshold, intra_batch=bool(intra_batch),
+            gamma=strength,
+            element_clip=element_clip,
+            max_grad_norm=max_grad_norm,
+            look_ahead_steps=look_ahead_steps,
+            start_percent=start_percent,
+            end_percent=end_percent,
+            gradient_mode=gradient_mode,
+            similarity_threshold=similarity_threshold,
+            intra_batch=bool(intra_batch),
         )
         settings.validate()
         if strength == 0:
@@ -255,4 +353,10 @@ class ShieldProCreateGuidance(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-NODES = [ShieldDreamSimLoader, ShieldClipVisionEmbedder, ShieldPixelEmbedder, ShieldReferenceSetFromImages, ShieldProCreateGuidance]
+NODES = [
+    ShieldDreamSimLoader,
+    ShieldClipVisionEmbedder,
+    ShieldPixelEmbedder,
+    ShieldReferenceSetFromImages,
+    ShieldProCreateGuidance,
+]

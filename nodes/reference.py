@@ -14,7 +14,7 @@ MAX_ITEMS = 4096
 
 
 def parse_subset(subset: str, n_items: int) -> list[int] | None:
-    """"1,4" -> [1, 4]; "" -> None (the whole set). Raises ValueError naming the input."""
+    """ "1,4" -> [1, 4]; "" -> None (the whole set). Raises ValueError naming the input."""
     parts = [part.strip() for part in subset.split(",") if part.strip()]
     if not parts:
         return None
@@ -45,15 +45,26 @@ class ShieldMemorizerModel(io.ComfyNode):
             "reproduces them. For tests and demos of the pack's patches; conditioning is ignored unless built with "
             "Shield Memorizer Conditioning (or the conditioning output here, which selects the whole set).",
             inputs=[
-                io.Latent.Input("latent", tooltip="The latents the model memorizes (batch of N items). 3-channel items "
-                                "decode with the stock pixel_space VAE."),
-                io.Combo.Input("prediction", options=list(PREDICTION_TYPES), default="eps",
-                               tooltip="The parameterization of the model: eps, v_prediction or flow."),
+                io.Latent.Input(
+                    "latent",
+                    tooltip="The latents the model memorizes (batch of N items). 3-channel items "
+                    "decode with the stock pixel_space VAE.",
+                ),
+                io.Combo.Input(
+                    "prediction",
+                    options=list(PREDICTION_TYPES),
+                    default="eps",
+                    tooltip="The parameterization of the model: eps, v_prediction or flow.",
+                ),
             ],
             outputs=[
                 io.Model.Output(),
-                io.Conditioning.Output("conditioning", tooltip="Conditioning that selects the whole set (use as positive and negative)."),
-                io.Int.Output("n_items", tooltip="How many items the model memorizes (for Shield Memorizer Conditioning)."),
+                io.Conditioning.Output(
+                    "conditioning", tooltip="Conditioning that selects the whole set (use as positive and negative)."
+                ),
+                io.Int.Output(
+                    "n_items", tooltip="How many items the model memorizes (for Shield Memorizer Conditioning)."
+                ),
             ],
             is_experimental=True,
         )
@@ -61,7 +72,9 @@ class ShieldMemorizerModel(io.ComfyNode):
     @classmethod
     def execute(cls, latent, prediction) -> io.NodeOutput:
         items = latent["samples"].float()
-        return io.NodeOutput(build_memorizer(items, prediction), subset_conditioning(items.shape[0]), int(items.shape[0]))
+        return io.NodeOutput(
+            build_memorizer(items, prediction), subset_conditioning(items.shape[0]), int(items.shape[0])
+        )
 
 
 class ShieldMemorizerConditioning(io.ComfyNode):
@@ -74,10 +87,19 @@ class ShieldMemorizerConditioning(io.ComfyNode):
             description="Conditioning that restricts the Shield Memorizer Model to a subset of its items, so CFG has a "
             "real cond/uncond difference (positive: a subset, negative: the whole set).",
             inputs=[
-                io.String.Input("subset", default="", tooltip="Comma-separated item indices, e.g. '1,4'. Empty selects "
-                                "the whole set (no restriction)."),
-                io.Int.Input("n_items", default=6, min=1, max=MAX_ITEMS, step=1,
-                             tooltip="The memorizer's number of items (its n_items output)."),
+                io.String.Input(
+                    "subset",
+                    default="",
+                    tooltip="Comma-separated item indices, e.g. '1,4'. Empty selects the whole set (no restriction).",
+                ),
+                io.Int.Input(
+                    "n_items",
+                    default=6,
+                    min=1,
+                    max=MAX_ITEMS,
+                    step=1,
+                    tooltip="The memorizer's number of items (its n_items output).",
+                ),
             ],
             outputs=[io.Conditioning.Output("conditioning", tooltip="The memorizer's subset conditioning.")],
             is_experimental=True,

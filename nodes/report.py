@@ -42,38 +42,53 @@ class ShieldReport(io.ComfyNode):
             ),
             inputs=[
                 io.Image.Input(
-                    "images", optional=True,
+                    "images",
+                    optional=True,
                     tooltip="Decoded outputs (needed for the embedder's cosine similarity). Leave unconnected to measure latents only.",
                 ),
                 io.Latent.Input(
-                    "latent", optional=True,
+                    "latent",
+                    optional=True,
                     tooltip="Output latents (needed for the L2 distance to the shields). Leave unconnected to measure images only.",
                 ),
                 SHIELD_SET.Input(
-                    "shield_set", optional=True,
+                    "shield_set",
+                    optional=True,
                     tooltip="The protected set to measure against. Unconnected: only diversity and run records are reported.",
                 ),
                 EMBEDDER.Input(
-                    "embedder", optional=True,
+                    "embedder",
+                    optional=True,
                     tooltip="Embeds images for cosine similarity and diversity (e.g. DreamSim). Unconnected: diversity uses latents or pixels.",
                 ),
                 io.Float.Input(
-                    "radius", default=0.0, min=0.0, max=100000.0, step=0.1,
+                    "radius",
+                    default=0.0,
+                    min=0.0,
+                    max=100000.0,
+                    step=0.1,
                     tooltip="Shield radius in latent L2 (as in Sparse Repellency): outputs within it count as violations. 0 turns the check off.",
                 ),
                 io.Float.Input(
-                    "similarity_threshold", default=0.0, min=0.0, max=1.0, step=0.01,
+                    "similarity_threshold",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
                     tooltip="Embedder cosine similarity at or above which an output counts as too similar to a shield. 0 turns the check off.",
                 ),
                 io.Boolean.Input(
-                    "include_run_records", default=True,
+                    "include_run_records",
+                    default=True,
                     tooltip="Add the newest sparse-repellency, transition-point CFG and ProCreate run records (timeline, d_t "
                     "curves, similarity per step). Off: outputs only.",
                 ),
             ],
             outputs=[
                 io.Image.Output("charts", tooltip="The report's charts as one image."),
-                io.String.Output("summary", tooltip="The report's numbers as text, one line per output and per measurement."),
+                io.String.Output(
+                    "summary", tooltip="The report's numbers as text, one line per output and per measurement."
+                ),
             ],
             is_output_node=True,
         )
@@ -107,7 +122,9 @@ def build_report(
 ) -> ReportData:
     latents = None if latent is None else latent["samples"].float().cpu()
     if latents is None and images is None:
-        raise ValueError("Shield Report: connect the outputs to measure, to the 'images' input, the 'latent' input, or both.")
+        raise ValueError(
+            "Shield Report: connect the outputs to measure, to the 'images' input, the 'latent' input, or both."
+        )
     if latents is not None and images is not None and latents.shape[0] != images.shape[0]:
         raise ValueError(
             f"Shield Report: 'latent' holds {latents.shape[0]} items but 'images' holds {images.shape[0]}; "

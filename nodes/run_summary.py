@@ -90,7 +90,7 @@ def add_routes() -> None:
             body = {}
         memory_id = str(body.get("memory_id", "")).strip() if isinstance(body, dict) else ""
         if not memory_id:
-            return web.json_response({"error": "send {\"memory_id\": \"<name>\"} (Shield Memory's memory_id)"}, status=400)
+            return web.json_response({"error": 'send {"memory_id": "<name>"} (Shield Memory\'s memory_id)'}, status=400)
         MEMORY.reset(memory_id)
         logger.info("Shield Memory %r reset from the frontend", memory_id)
         return web.json_response({"memory_id": memory_id, "size": 0, "version": MEMORY.version(memory_id)})
@@ -98,8 +98,9 @@ def add_routes() -> None:
     @instance.routes.get("/shield/memory/{memory_id}")
     async def memory_size(request):
         memory_id = request.match_info["memory_id"]
-        return web.json_response({"memory_id": memory_id, "size": len(MEMORY.snapshot(memory_id)),
-                                  "version": MEMORY.version(memory_id)})
+        return web.json_response(
+            {"memory_id": memory_id, "size": len(MEMORY.snapshot(memory_id)), "version": MEMORY.version(memory_id)}
+        )
 
     _routes_added = True
 

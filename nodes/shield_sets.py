@@ -63,7 +63,9 @@ def cover_and_centre_crop(images: torch.Tensor, width: int, height: int) -> torc
     return resized[:, top : top + height, left : left + width, :].clamp(0.0, 1.0)
 
 
-def encode_images(vae, images: torch.Tensor, latent_format: str, width: int, height: int, names=None, source: str = "images") -> ShieldSet:
+def encode_images(
+    vae, images: torch.Tensor, latent_format: str, width: int, height: int, names=None, source: str = "images"
+) -> ShieldSet:
     pixels = cover_and_centre_crop(images[..., :3].float(), width, height)
     progress = comfy.utils.ProgressBar(pixels.shape[0])
     latents = []
@@ -117,7 +119,9 @@ def read_input_folder(folder: str, width: int, height: int) -> tuple[torch.Tenso
         comfy.model_management.throw_exception_if_processing_interrupted()
         progress.update(1)
 
-    pixels = image_folder.read_folder_images(listing, where, lambda image: cover_and_centre_crop(image, width, height), before_each)
+    pixels = image_folder.read_folder_images(
+        listing, where, lambda image: cover_and_centre_crop(image, width, height), before_each
+    )
     return pixels, [str(path.relative_to(root)) for path in listing.images]
 
 
@@ -132,16 +136,41 @@ class ShieldSetFromImages(io.ComfyNode):
             "directory) to latents at the generation's size. Each image is scaled to cover width x height (aspect kept) "
             "and centre-cropped. Results are cached by pixel hash per VAE.",
             inputs=[
-                io.Image.Input("images", optional=True, tooltip="The images to protect (an IMAGE batch). Connect this or "
-                               "set folder, not both."),
+                io.Image.Input(
+                    "images",
+                    optional=True,
+                    tooltip="The images to protect (an IMAGE batch). Connect this or set folder, not both.",
+                ),
                 io.Vae.Input("vae", tooltip="The VAE of the model you will generate with."),
-                io.Model.Input("model", tooltip="The model you will generate with; only its latent format is read, so "
-                               "the set is never used with another model family."),
-                io.Int.Input("width", default=512, min=16, max=16384, step=8, tooltip="Generation width in pixels (Empty Latent Image's width)."),
-                io.Int.Input("height", default=512, min=16, max=16384, step=8, tooltip="Generation height in pixels (Empty Latent Image's height)."),
-                io.String.Input("folder", default="", optional=True, tooltip="A sub-folder of ComfyUI's input directory "
-                                "whose images (png, jpg, webp, bmp, gif, tif; sub-folders included) are protected. Empty "
-                                "uses the images input instead. Non-image files are skipped (logged); a corrupt image is an error."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The model you will generate with; only its latent format is read, so "
+                    "the set is never used with another model family.",
+                ),
+                io.Int.Input(
+                    "width",
+                    default=512,
+                    min=16,
+                    max=16384,
+                    step=8,
+                    tooltip="Generation width in pixels (Empty Latent Image's width).",
+                ),
+                io.Int.Input(
+                    "height",
+                    default=512,
+                    min=16,
+                    max=16384,
+                    step=8,
+                    tooltip="Generation height in pixels (Empty Latent Image's height).",
+                ),
+                io.String.Input(
+                    "folder",
+                    default="",
+                    optional=True,
+                    tooltip="A sub-folder of ComfyUI's input directory "
+                    "whose images (png, jpg, webp, bmp, gif, tif; sub-folders included) are protected. Empty "
+                    "uses the images input instead. Non-image files are skipped (logged); a corrupt image is an error.",
+                ),
             ],
             outputs=[SHIELD_SET.Output(display_name="shield_set")],
         )
@@ -180,8 +209,14 @@ class ShieldSetFromImages(io.ComfyNode):
         if not torch.isfinite(images).all():
             raise ShieldSetError(f"{FROM_IMAGES}: the images contain NaN or inf")
         latent_format = latent_format_name(model)
-        key = (hashlib.sha256(images.float().contiguous().cpu().numpy().tobytes()).hexdigest(), width, height, latent_format, source,
-               tuple(names or ()))
+        key = (
+            hashlib.sha256(images.float().contiguous().cpu().numpy().tobytes()).hexdigest(),
+            width,
+            height,
+            latent_format,
+            source,
+            tuple(names or ()),
+        )
         per_vae = _ENCODE_CACHE.setdefault(vae, {})
         if key not in per_vae:
             per_vae[key] = encode_images(vae, images, latent_format, width, height, names, source)
@@ -223,13 +258,25 @@ class SaveShieldSet(io.ComfyNode):
             description="Saves a shield set as safetensors (with metadata) under models/shield_sets.",
             inputs=[
                 SHIELD_SET.Input("shield_set", tooltip="The set to save."),
-                io.String.Input("filename", default="my_shields", tooltip="File name inside models/shield_sets "
-                                "(.safetensors is added; sub-folders allowed, '..' and absolute paths are refused)."),
-                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name; off adds a "
-                                 "number (_1, _2, ...) instead."),
-                io.Combo.Input("storage", options=list(STORAGE_DTYPES), default="float32", optional=True,
-                               tooltip="Latent precision on disk. float16 halves the file and the reads of large sets; the "
-                               "rounded values then ARE the shields (distances stay exact on them). float32 keeps them as made."),
+                io.String.Input(
+                    "filename",
+                    default="my_shields",
+                    tooltip="File name inside models/shield_sets "
+                    "(.safetensors is added; sub-folders allowed, '..' and absolute paths are refused).",
+                ),
+                io.Boolean.Input(
+                    "overwrite",
+                    default=False,
+                    tooltip="Replace an existing file of that name; off adds a number (_1, _2, ...) instead.",
+                ),
+                io.Combo.Input(
+                    "storage",
+                    options=list(STORAGE_DTYPES),
+                    default="float32",
+                    optional=True,
+                    tooltip="Latent precision on disk. float16 halves the file and the reads of large sets; the "
+                    "rounded values then ARE the shields (distances stay exact on them). float32 keeps them as made.",
+                ),
             ],
             outputs=[io.String.Output("path", tooltip="Where the file was written.")],
             is_output_node=True,
@@ -265,8 +312,13 @@ class LoadShieldSet(io.ComfyNode):
             display_name="Load Shield Set",
             category=f"{CATEGORY}/sets",
             description="Loads a shield set saved by Save Shield Set (safetensors; nothing is unpickled).",
-            inputs=[io.Combo.Input("filename", options=shield_set_files(),
-                                   tooltip="A file in models/shield_sets. Its latents are memory-mapped, so large sets stay on disk.")],
+            inputs=[
+                io.Combo.Input(
+                    "filename",
+                    options=shield_set_files(),
+                    tooltip="A file in models/shield_sets. Its latents are memory-mapped, so large sets stay on disk.",
+                )
+            ],
             outputs=[SHIELD_SET.Output(display_name="shield_set")],
         )
 
@@ -297,8 +349,12 @@ class ShieldMemory(io.ComfyNode):
             description="A shield set that grows with the final latents of every generation that used it (SPELL §4.2: "
             "repel from previous batches). Lives in this ComfyUI server until restart or reset.",
             inputs=[
-                io.String.Input("memory_id", default="default", tooltip="Name of the memory; graphs using the same name share it."),
-                io.Boolean.Input("reset", default=False, tooltip="Empty the memory every time this node runs (off keeps growing it)."),
+                io.String.Input(
+                    "memory_id", default="default", tooltip="Name of the memory; graphs using the same name share it."
+                ),
+                io.Boolean.Input(
+                    "reset", default=False, tooltip="Empty the memory every time this node runs (off keeps growing it)."
+                ),
             ],
             outputs=[SHIELD_SET.Output(display_name="shield_set")],
         )
@@ -332,10 +388,14 @@ class ShieldRadiusCalibration(io.ComfyNode):
             "in absolute latent units and relative to sqrt(latent size). Feed it a batch generated without repellency.",
             inputs=[
                 io.Latent.Input("latent", tooltip="A batch of at least 2 latents generated without repellency."),
-                io.Model.Input("model", tooltip="The model that made them (its latent scaling is applied before measuring)."),
+                io.Model.Input(
+                    "model", tooltip="The model that made them (its latent scaling is applied before measuring)."
+                ),
             ],
             outputs=[
-                io.Float.Output("median_relative", tooltip="Median distance / sqrt(latent size): a relative radius scale."),
+                io.Float.Output(
+                    "median_relative", tooltip="Median distance / sqrt(latent size): a relative radius scale."
+                ),
                 io.String.Output("report", tooltip="The numbers and a suggested radius range."),
             ],
             is_output_node=True,
@@ -357,4 +417,11 @@ class ShieldRadiusCalibration(io.ComfyNode):
         return io.NodeOutput(relative, text, ui={"text": [text]})
 
 
-SHIELD_SET_NODES = [ShieldSetFromImages, ShieldSetFromLatents, SaveShieldSet, LoadShieldSet, ShieldMemory, ShieldRadiusCalibration]
+SHIELD_SET_NODES = [
+    ShieldSetFromImages,
+    ShieldSetFromLatents,
+    SaveShieldSet,
+    LoadShieldSet,
+    ShieldMemory,
+    ShieldRadiusCalibration,
+]

@@ -24,36 +24,88 @@ MAX_RELATIVE_RADIUS = 8.0  # 8·√D is several times the distance between indep
 
 def shield_inputs() -> list:
     return [
-        SHIELD_SET.Input("shield_set", optional=True, tooltip="Protected latents to keep away from (Shield Set from "
-                         "Images/Latents, Load Shield Set, Shield Memory). Leave empty for intra-batch only."),
-        SHIELD_SET.Input("shield_set_2", optional=True, tooltip="A second shield set (e.g. a Shield Memory beside a "
-                         "protected set); leave empty if not needed."),
-        io.Float.Input("radius", default=0.5, min=0.0, max=100000.0, step=0.01, tooltip="Shield radius r; 0 turns the "
-                       "patch off. In 'relative' units r = radius x sqrt(latent size) (try Shield Radius Calibration)."),
-        io.Combo.Input("radius_unit", options=list(RADIUS_UNITS), default="relative", tooltip="relative: radius x "
-                       "sqrt(number of latent entries), transfers across resolutions; absolute: L2 in the model's latent space "
-                       "(the paper: r=20 for EDMv2's 4x32x32 latents, 200 for SD3 at 256 px)."),
-        io.Float.Input("overcompensation", default=1.6, min=0.0, max=4.0, step=0.05, tooltip="lambda: the step goes to "
-                       "x0 + lambda*Delta (paper 1.6; 1 lands exactly on the shield sphere); 0 turns the patch off."),
-        io.Boolean.Input("intra_batch", default=True, tooltip="Also repel the samples of one batch from each other "
-                         "(diversity); off repels from the shield sets only."),
-        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Start of the active "
-                       "window (0 = first step); 0 with end 1 keeps it always active."),
-        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="End of the active window "
-                       "(1 = last step). The guarantee that outputs end outside the shields needs end 1."),
-        io.Combo.Input("search", options=list(SEARCH_METHODS), default="auto", tooltip="Shield range search: auto "
-                       "(exact below 4096 shields, else clustered), exact, clustered (projection codes in inverted lists, "
-                       "lists skipped only when provably out of reach; index cached beside the set file), projection "
-                       "(flat code scan), or faiss (flat code scan by FAISS). All return every shield within r."),
+        SHIELD_SET.Input(
+            "shield_set",
+            optional=True,
+            tooltip="Protected latents to keep away from (Shield Set from "
+            "Images/Latents, Load Shield Set, Shield Memory). Leave empty for intra-batch only.",
+        ),
+        SHIELD_SET.Input(
+            "shield_set_2",
+            optional=True,
+            tooltip="A second shield set (e.g. a Shield Memory beside a protected set); leave empty if not needed.",
+        ),
+        io.Float.Input(
+            "radius",
+            default=0.5,
+            min=0.0,
+            max=100000.0,
+            step=0.01,
+            tooltip="Shield radius r; 0 turns the "
+            "patch off. In 'relative' units r = radius x sqrt(latent size) (try Shield Radius Calibration).",
+        ),
+        io.Combo.Input(
+            "radius_unit",
+            options=list(RADIUS_UNITS),
+            default="relative",
+            tooltip="relative: radius x "
+            "sqrt(number of latent entries), transfers across resolutions; absolute: L2 in the model's latent space "
+            "(the paper: r=20 for EDMv2's 4x32x32 latents, 200 for SD3 at 256 px).",
+        ),
+        io.Float.Input(
+            "overcompensation",
+            default=1.6,
+            min=0.0,
+            max=4.0,
+            step=0.05,
+            tooltip="lambda: the step goes to "
+            "x0 + lambda*Delta (paper 1.6; 1 lands exactly on the shield sphere); 0 turns the patch off.",
+        ),
+        io.Boolean.Input(
+            "intra_batch",
+            default=True,
+            tooltip="Also repel the samples of one batch from each other "
+            "(diversity); off repels from the shield sets only.",
+        ),
+        io.Float.Input(
+            "start_percent",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Start of the active window (0 = first step); 0 with end 1 keeps it always active.",
+        ),
+        io.Float.Input(
+            "end_percent",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="End of the active window "
+            "(1 = last step). The guarantee that outputs end outside the shields needs end 1.",
+        ),
+        io.Combo.Input(
+            "search",
+            options=list(SEARCH_METHODS),
+            default="auto",
+            tooltip="Shield range search: auto "
+            "(exact below 4096 shields, else clustered), exact, clustered (projection codes in inverted lists, "
+            "lists skipped only when provably out of reach; index cached beside the set file), projection "
+            "(flat code scan), or faiss (flat code scan by FAISS). All return every shield within r.",
+        ),
     ]
 
 
-def validate_shield_settings(radius: float, radius_unit: str, start_percent: float, end_percent: float, **unused) -> bool | str:
+def validate_shield_settings(
+    radius: float, radius_unit: str, start_percent: float, end_percent: float, **unused
+) -> bool | str:
     if radius < 0:
         return f"Sparse Repellency: radius must be >= 0 (0 turns it off), got {radius}"
     if radius_unit == "relative" and radius > MAX_RELATIVE_RADIUS:
-        return (f"Sparse Repellency: relative radius {radius} is absurdly large (max {MAX_RELATIVE_RADIUS}); independent "
-                f"latents are about 1.4 apart in relative units. Use Shield Radius Calibration to pick it.")
+        return (
+            f"Sparse Repellency: relative radius {radius} is absurdly large (max {MAX_RELATIVE_RADIUS}); independent "
+            f"latents are about 1.4 apart in relative units. Use Shield Radius Calibration to pick it."
+        )
     if start_percent > end_percent:
         return f"Sparse Repellency: start_percent {start_percent} is after end_percent {end_percent}"
     return True
@@ -89,14 +141,21 @@ def repellency_model(
     sets = [s for s in (shield_set, shield_set_2) if s is not None]
     for index, s in enumerate(sets):
         if not isinstance(s, ShieldSet):
-            raise ShieldSetError(f"Sparse Repellency: shield input {index + 1} is a {type(s).__name__}, not a SHIELD_SET")
+            raise ShieldSetError(
+                f"Sparse Repellency: shield input {index + 1} is a {type(s).__name__}, not a SHIELD_SET"
+            )
     has_memory = any(s.settings.get("shield_memory_id") for s in sets)
     has_shields = any(len(s) for s in sets)
     if radius == 0 or overcompensation == 0 or not (has_shields or intra_batch or has_memory):
         return model
     settings = RepellencySettings(
-        radius=radius, relative_radius=radius_unit == "relative", overcompensation=overcompensation,
-        intra_batch=intra_batch, start_percent=start_percent, end_percent=end_percent, search_method=search,
+        radius=radius,
+        relative_radius=radius_unit == "relative",
+        overcompensation=overcompensation,
+        intra_batch=intra_batch,
+        start_percent=start_percent,
+        end_percent=end_percent,
+        search_method=search,
     )
     patch = SparseRepellencyPatch(sets, settings, on_output=_record_memory, label=label)
     patched = patch.patch(model)
@@ -127,11 +186,34 @@ class SparseRepellency(io.ComfyNode):
         return validate_shield_settings(radius, radius_unit, start_percent, end_percent)
 
     @classmethod
-    def execute(cls, model, radius, radius_unit, overcompensation, intra_batch, start_percent, end_percent, search,
-                shield_set=None, shield_set_2=None) -> io.NodeOutput:
-        return io.NodeOutput(repellency_model(model, shield_set, shield_set_2, radius, radius_unit, overcompensation,
-                                              intra_batch, start_percent, end_percent, search,
-                                              node_id=node_id_of(cls)))
+    def execute(
+        cls,
+        model,
+        radius,
+        radius_unit,
+        overcompensation,
+        intra_batch,
+        start_percent,
+        end_percent,
+        search,
+        shield_set=None,
+        shield_set_2=None,
+    ) -> io.NodeOutput:
+        return io.NodeOutput(
+            repellency_model(
+                model,
+                shield_set,
+                shield_set_2,
+                radius,
+                radius_unit,
+                overcompensation,
+                intra_batch,
+                start_percent,
+                end_percent,
+                search,
+                node_id=node_id_of(cls),
+            )
+        )
 
 
 class SparseRepellencyKSampler(io.ComfyNode):
@@ -145,17 +227,36 @@ class SparseRepellencyKSampler(io.ComfyNode):
             "within the radius.",
             inputs=[
                 io.Model.Input("model", tooltip="The model used for denoising."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="The random seed used for creating the noise.",
+                ),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Number of denoising steps."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="The sampling algorithm."),
+                io.Float.Input(
+                    "cfg",
+                    default=8.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Classifier-free guidance scale.",
+                ),
+                io.Combo.Input(
+                    "sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="The sampling algorithm."
+                ),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="The noise schedule."),
                 io.Conditioning.Input("positive", tooltip="Conditioning to include."),
                 io.Conditioning.Input("negative", tooltip="Conditioning to exclude."),
                 io.Latent.Input("latent_image", tooltip="The latent image to denoise."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Amount of denoising (1 = full)."),
-            ] + shield_inputs(),
+                io.Float.Input(
+                    "denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Amount of denoising (1 = full)."
+                ),
+            ]
+            + shield_inputs(),
             outputs=[io.Latent.Output()],
             hidden=[io.Hidden.unique_id],
         )
@@ -165,13 +266,44 @@ class SparseRepellencyKSampler(io.ComfyNode):
         return validate_shield_settings(radius, radius_unit, start_percent, end_percent)
 
     @classmethod
-    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                radius, radius_unit, overcompensation, intra_batch, start_percent, end_percent, search,
-                shield_set=None, shield_set_2=None) -> io.NodeOutput:
-        patched = repellency_model(model, shield_set, shield_set_2, radius, radius_unit, overcompensation, intra_batch,
-                                   start_percent, end_percent, search, node_id=node_id_of(cls))
-        (latent,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                                latent_image, denoise=denoise)
+    def execute(
+        cls,
+        model,
+        seed,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        positive,
+        negative,
+        latent_image,
+        denoise,
+        radius,
+        radius_unit,
+        overcompensation,
+        intra_batch,
+        start_percent,
+        end_percent,
+        search,
+        shield_set=None,
+        shield_set_2=None,
+    ) -> io.NodeOutput:
+        patched = repellency_model(
+            model,
+            shield_set,
+            shield_set_2,
+            radius,
+            radius_unit,
+            overcompensation,
+            intra_batch,
+            start_percent,
+            end_percent,
+            search,
+            node_id=node_id_of(cls),
+        )
+        (latent,) = comfy_nodes.common_ksampler(
+            patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=denoise
+        )
         return io.NodeOutput(latent)
 
 

@@ -21,7 +21,9 @@ def check_settings(mode, transition_percent, transition_sigma, before_guidance, 
     if transition_sigma < 0:
         return f"transition_sigma must be ≥ 0 (0 uses transition_percent), got {transition_sigma}"
     if before_guidance == OPPOSITE and not opposite_scale > 0:
-        return f"opposite_scale must be > 0 when before_guidance is 'opposite' (Eq. 5 needs λ > 0), got {opposite_scale}"
+        return (
+            f"opposite_scale must be > 0 when before_guidance is 'opposite' (Eq. 5 needs λ > 0), got {opposite_scale}"
+        )
     if mode == STATIC and transition_sigma == 0 and cap_percent < transition_percent:
         return (
             f"cap_percent ({cap_percent}) is before the static transition_percent ({transition_percent}): the cap would "
@@ -101,14 +103,18 @@ class TransitionPointCFG(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent):
-        message = check_settings(mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent)
+        message = check_settings(
+            mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent
+        )
         return message if message is not None else True
 
     @classmethod
     def execute(
         cls, model, mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent
     ) -> io.NodeOutput:
-        message = check_settings(mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent)
+        message = check_settings(
+            mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent
+        )
         if message is not None:
             raise ValueError(f"Transition-Point CFG: {message}")
         patched = model.clone()

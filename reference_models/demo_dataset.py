@@ -31,8 +31,14 @@ DUPLICATE_COPIES = 100  # ... each repeated this often in the training stream
 DEFAULT_SEED = 20240601
 
 FOREGROUND_COLORS = (
-    (230, 57, 70), (244, 162, 97), (233, 196, 106), (42, 157, 143),
-    (69, 123, 157), (168, 218, 220), (181, 101, 167), (241, 250, 238),
+    (230, 57, 70),
+    (244, 162, 97),
+    (233, 196, 106),
+    (42, 157, 143),
+    (69, 123, 157),
+    (168, 218, 220),
+    (181, 101, 167),
+    (241, 250, 238),
 )
 BACKGROUND_COLORS = ((29, 53, 87), (20, 20, 20))  # two dark backgrounds: a simpler task for a minutes-long training
 
@@ -85,8 +91,16 @@ def _polygon(cx: float, cy: float, radius: float, corners: int, rotation: float,
     return points
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, rotation: float,
-                color: tuple, rng: random.Random) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    radius: float,
+    rotation: float,
+    color: tuple,
+    rng: random.Random,
+) -> None:
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     if shape == "circle":
         draw.ellipse(box, fill=color)
@@ -104,8 +118,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, rad
             dx, dy = math.cos(angle), math.sin(angle)
             nx, ny = -dy * arm, dx * arm
             ends = ((cx - dx * radius, cy - dy * radius), (cx + dx * radius, cy + dy * radius))
-            draw.polygon([(ends[0][0] + nx, ends[0][1] + ny), (ends[1][0] + nx, ends[1][1] + ny),
-                          (ends[1][0] - nx, ends[1][1] - ny), (ends[0][0] - nx, ends[0][1] - ny)], fill=color)
+            draw.polygon(
+                [
+                    (ends[0][0] + nx, ends[0][1] + ny),
+                    (ends[1][0] + nx, ends[1][1] + ny),
+                    (ends[1][0] - nx, ends[1][1] - ny),
+                    (ends[0][0] - nx, ends[0][1] - ny),
+                ],
+                fill=color,
+            )
     elif shape in ("digit", "letter"):
         glyph = str(rng.randrange(10)) if shape == "digit" else chr(ord("A") + rng.randrange(26))
         draw.text((cx, cy), glyph, fill=color, font=_font(int(radius * 2.8)), anchor="mm")
@@ -122,8 +143,9 @@ def render_item(class_id: int, rng: random.Random) -> Image.Image:
     radius = canvas * rng.uniform(0.22, 0.34)
     margin = radius * 1.1
     cx, cy = rng.uniform(margin, canvas - margin), rng.uniform(margin, canvas - margin)
-    _draw_shape(ImageDraw.Draw(image), CLASS_NAMES[class_id], cx, cy, radius, rng.uniform(0, 2 * math.pi),
-                foreground, rng)
+    _draw_shape(
+        ImageDraw.Draw(image), CLASS_NAMES[class_id], cx, cy, radius, rng.uniform(0, 2 * math.pi), foreground, rng
+    )
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
 
 

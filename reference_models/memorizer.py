@@ -173,4 +173,3 @@ def minimum_item_spacing(items: torch.Tensor) -> float:
     distances = torch.cdist(items.flatten(1).double(), items.flatten(1).double())
     distances.fill_diagonal_(float("inf"))
     return float(distances.min())
-

@@ -47,6 +47,7 @@ def v_target(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> t
     sigma = sigma.reshape(-1, 1, 1, 1)
     return (noise - sigma * clean) / (sigma * sigma + 1.0).sqrt()
 
+
 DEMO_UNET_CONFIG = {
     "image_size": IMAGE_SIZE,
     "in_channels": 3 + POSITION_CHANNELS,
@@ -124,9 +125,7 @@ def class_vector(context: torch.Tensor) -> torch.Tensor:
 
 def build_demo_base_model() -> comfy.model_base.BaseModel:
     """The architecture with ComfyUI's uninitialised weights (fill them: `init_for_training` or a load)."""
-    return DemoBaseModel(
-        DemoUNetConfig(), model_type=PREDICTION, device=torch.device("cpu")
-    )
+    return DemoBaseModel(DemoUNetConfig(), model_type=PREDICTION, device=torch.device("cpu"))
 
 
 @torch.no_grad()
@@ -139,7 +138,9 @@ def init_for_training(model: comfy.model_base.BaseModel, seed: int) -> None:
             if isinstance(module, base):
                 base.reset_parameters(module)
                 break
-    for parameter in model.diffusion_model.out[-1].parameters():  # the last conv only: a zeroed norm blocks every gradient
+    for parameter in model.diffusion_model.out[
+        -1
+    ].parameters():  # the last conv only: a zeroed norm blocks every gradient
         parameter.zero_()
 
 

@@ -59,7 +59,9 @@ class ProCreateSettings:
         if self.gamma < 0:
             raise ValueError(f"ProCreate Energy Guidance: strength (γ) must be ≥ 0, got {self.gamma}; 0 turns it off")
         if self.gradient_mode not in GRADIENT_MODES:
-            raise ValueError(f"ProCreate Energy Guidance: gradient_mode must be one of {GRADIENT_MODES}, got {self.gradient_mode!r}")
+            raise ValueError(
+                f"ProCreate Energy Guidance: gradient_mode must be one of {GRADIENT_MODES}, got {self.gradient_mode!r}"
+            )
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
             raise ValueError(
                 f"ProCreate Energy Guidance: need 0 ≤ start_percent ≤ end_percent ≤ 1, got "
@@ -172,9 +174,20 @@ def cfg_denoised(model, x: torch.Tensor, sigma: torch.Tensor, cond, uncond, cond
     """The sampler's CFG prediction of `denoised` (conds, scale and model wrappers as the sampler)."""
     cond_pred, uncond_pred = comfy.samplers.calc_cond_batch(model, [cond, uncond], x, sigma, model_options)
     if "sampler_cfg_function" in model_options:
-        args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale, "timestep": sigma,
-                "input": x, "sigma": sigma, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
-                "model": model, "model_options": model_options, "input_cond": cond, "input_uncond": uncond}
+        args = {
+            "cond": x - cond_pred,
+            "uncond": x - uncond_pred,
+            "cond_scale": cond_scale,
+            "timestep": sigma,
+            "input": x,
+            "sigma": sigma,
+            "cond_denoised": cond_pred,
+            "uncond_denoised": uncond_pred,
+            "model": model,
+            "model_options": model_options,
+            "input_cond": cond,
+            "input_uncond": uncond,
+        }
         return x - model_options["sampler_cfg_function"](args)
     if uncond is None:
         return cond_pred
@@ -304,7 +317,9 @@ class ProCreateGuidance:
 
     def _check_channels(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
-            raise ValueError(f"ProCreate Energy Guidance supports image latents [B, C, H, W]; got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"ProCreate Energy Guidance supports image latents [B, C, H, W]; got shape {tuple(x.shape)}"
+            )
         vae_channels = getattr(self.vae, "latent_channels", x.shape[1])
         if vae_channels != x.shape[1]:
             raise ValueError(
@@ -323,7 +338,11 @@ class ProCreateGuidance:
         first_stage = self._first_stage(state)
         with torch.no_grad():
             embeddings = self.embedder.embed(decode_images(self.vae, first_stage, model, denoised))
-        references = state.references.to(embeddings.device) if state.reference_count else embeddings.new_zeros(0, embeddings.shape[1])
+        references = (
+            state.references.to(embeddings.device)
+            if state.reference_count
+            else embeddings.new_zeros(0, embeddings.shape[1])
+        )
         with torch.no_grad():
             similarity, nearest = pm.nearest_reference(embeddings, references, batch=settings.intra_batch)
         # a non-finite similarity goes on to the gradient, where it is skipped and reported
@@ -346,11 +365,18 @@ class ProCreateGuidance:
         state.guided_steps += 1
         state.skipped_nonfinite += int(skipped.sum())
         if bool(skipped.any()):
-            logger.warning("ProCreate: non-finite gradient for samples %s at sigma %.4g; step left unguided",
-                           skipped.nonzero().flatten().tolist(), float(sigma.max()))
+            logger.warning(
+                "ProCreate: non-finite gradient for samples %s at sigma %.4g; step left unguided",
+                skipped.nonzero().flatten().tolist(),
+                float(sigma.max()),
+            )
         state.record.add_step(
-            **entry, active=active.tolist(), in_window=True, skipped_nonfinite=skipped.tolist(),
-            grad_norm=grad_vp.flatten(1).norm(dim=1).tolist(), clipped_norm=clipped.flatten(1).norm(dim=1).tolist(),
+            **entry,
+            active=active.tolist(),
+            in_window=True,
+            skipped_nonfinite=skipped.tolist(),
+            grad_norm=grad_vp.flatten(1).norm(dim=1).tolist(),
+            clipped_norm=clipped.flatten(1).norm(dim=1).tolist(),
         )
         return guided.detach()
 
@@ -397,7 +423,10 @@ class ProCreateGuidance:
             return cfg_denoised(model, latent, level, cond, uncond, cond_scale, model_options).float()
 
         return pm.look_ahead(
-            x, sigma, steps, denoise,
+            x,
+            sigma,
+            steps,
+            denoise,
             sigma_to_timestep=lambda s: sampling.timestep(s).float(),
             timestep_to_sigma=lambda t: sampling.sigma(t).float(),
             scales=lambda s: signal_and_noise_scale(sampling, s),

@@ -59,7 +59,11 @@ def _candidates(embeddings: torch.Tensor, references: torch.Tensor, batch: bool)
     candidates = references.float().to(embeddings.device)
     if batch and embeddings.shape[0] > 1:
         candidates = torch.cat([candidates, embeddings.detach().float()])
-    similarity = cosine_to_references(embeddings, candidates) if candidates.shape[0] else embeddings.new_zeros(embeddings.shape[0], 0)
+    similarity = (
+        cosine_to_references(embeddings, candidates)
+        if candidates.shape[0]
+        else embeddings.new_zeros(embeddings.shape[0], 0)
+    )
     if batch and embeddings.shape[0] > 1:
         own = torch.arange(embeddings.shape[0], device=embeddings.device)
         similarity = similarity.clone()

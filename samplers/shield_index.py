@@ -59,7 +59,9 @@ def assign(codes: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> 
     return labels
 
 
-def full_space_lists(rows, labels: torch.Tensor, lists: int, chunk: int, on_chunk=None) -> tuple[torch.Tensor, torch.Tensor]:
+def full_space_lists(
+    rows, labels: torch.Tensor, lists: int, chunk: int, on_chunk=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each list's mean ν_j in the full space [lists, D] and radius S_j = max ‖z − ν_j‖ (float64), from
     two passes over the rows (labels in row order). The radius is measured on the float32 mean as
     stored, so the pruning bound holds for exactly the tensors the search uses."""
@@ -95,7 +97,11 @@ class ClusteredProjectionSearch:
         self.shields = spell_math.as_rows(shields)
         self.basis, self.mean = state["basis"], state["mean"]
         self.codes, self.order, self.offsets = state["codes"], state["order"], state["offsets"]
-        self.centroids, self.list_radius, self.list_max_norm = state["centroids"], state["list_radius"], state["list_max_norm"]
+        self.centroids, self.list_radius, self.list_max_norm = (
+            state["centroids"],
+            state["list_radius"],
+            state["list_max_norm"],
+        )
         self.full_centroids, self.full_radius = state["full_centroids"], state["full_radius"]
         self._centroids64 = self.centroids.double()
         self._full_norms = self.full_centroids.double().pow(2).sum(1)
@@ -105,7 +111,10 @@ class ClusteredProjectionSearch:
 
     @staticmethod
     def build_state(
-        shields, dims: int = 64, lists: Optional[int] = None, chunk: int = 16384,
+        shields,
+        dims: int = 64,
+        lists: Optional[int] = None,
+        chunk: int = 16384,
         on_chunk: Optional[Callable[[int, int], None]] = None,
     ) -> dict:
         """PCA basis, codes sorted by list, list offsets, centroids, radii. `on_chunk(done, total)` runs
@@ -127,15 +136,35 @@ class ClusteredProjectionSearch:
         norms = codes.double().pow(2).sum(1)
         list_max_norm = torch.zeros(centroids.shape[0], dtype=torch.float64).scatter_reduce_(0, labels, norms, "amax")
         # float64 sums of a chunk: 4096 rows keeps the transient memory near 200 MB at d = 4096
-        full_centroids, full_radius = full_space_lists(rows, labels[torch.argsort(order)], centroids.shape[0], min(chunk, 4096), on_chunk)
-        return {"basis": basis, "mean": mean, "codes": codes, "order": order, "offsets": offsets,
-                "centroids": centroids, "list_radius": list_radius, "list_max_norm": list_max_norm,
-                "full_centroids": full_centroids, "full_radius": full_radius}
+        full_centroids, full_radius = full_space_lists(
+            rows, labels[torch.argsort(order)], centroids.shape[0], min(chunk, 4096), on_chunk
+        )
+        return {
+            "basis": basis,
+            "mean": mean,
+            "codes": codes,
+            "order": order,
+            "offsets": offsets,
+            "centroids": centroids,
+            "list_radius": list_radius,
+            "list_max_norm": list_max_norm,
+            "full_centroids": full_centroids,
+            "full_radius": full_radius,
+        }
 
     def state(self) -> dict:
-        return {"basis": self.basis, "mean": self.mean, "codes": self.codes, "order": self.order, "offsets": self.offsets,
-                "centroids": self.centroids, "list_radius": self.list_radius, "list_max_norm": self.list_max_norm,
-                "full_centroids": self.full_centroids, "full_radius": self.full_radius}
+        return {
+            "basis": self.basis,
+            "mean": self.mean,
+            "codes": self.codes,
+            "order": self.order,
+            "offsets": self.offsets,
+            "centroids": self.centroids,
+            "list_radius": self.list_radius,
+            "list_max_norm": self.list_max_norm,
+            "full_centroids": self.full_centroids,
+            "full_radius": self.full_radius,
+        }
 
     def __len__(self) -> int:
         return len(self.shields)
@@ -143,7 +172,9 @@ class ClusteredProjectionSearch:
     def index_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.state().values(), self.code_norms))
 
-    def surviving_lists(self, query_codes: torch.Tensor, radius: float, queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def surviving_lists(
+        self, query_codes: torch.Tensor, radius: float, queries: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """[B, lists] bool: False only where the triangle inequality proves every member out of reach.
 
         Code space: the scan accepts z when ‖q − c_z‖² ≤ r² + s·(‖q‖² + ‖c_z‖²) + 1e-6 (s = FILTER_SLACK);
@@ -151,7 +182,10 @@ class ClusteredProjectionSearch:
         Full space (when `queries` [B, D] is given): ‖x − ν_j‖ − S_j > r rules out every member."""
         alive = self._code_space_alive(query_codes, radius)
         if queries is not None:
-            alive &= self._full_space_lower(queries) - self.full_radius[None, :] <= radius * (1 + PRUNE_MARGIN) + PRUNE_MARGIN
+            alive &= (
+                self._full_space_lower(queries) - self.full_radius[None, :]
+                <= radius * (1 + PRUNE_MARGIN) + PRUNE_MARGIN
+            )
         return alive
 
     def _full_space_lower(self, queries: torch.Tensor) -> torch.Tensor:
@@ -167,7 +201,9 @@ class ClusteredProjectionSearch:
     def _code_space_alive(self, query_codes: torch.Tensor, radius: float) -> torch.Tensor:
         to_centroid = torch.cdist(query_codes.double(), self._centroids64)
         query_norms = query_codes.double().pow(2).sum(1)
-        threshold = (radius * radius + spell_math.FILTER_SLACK * (query_norms[:, None] + self.list_max_norm[None, :]) + 1e-6).sqrt()
+        threshold = (
+            radius * radius + spell_math.FILTER_SLACK * (query_norms[:, None] + self.list_max_norm[None, :]) + 1e-6
+        ).sqrt()
         lower = to_centroid - self.list_radius[None, :]
         return lower <= threshold * (1 + PRUNE_MARGIN) + PRUNE_MARGIN
 
@@ -207,8 +243,12 @@ _CACHE_LOCK = threading.Lock()
 CACHE_ENTRIES = 4
 
 
-def cached_state(key: str, build: Callable[[], dict], load: Optional[Callable[[], Optional[dict]]] = None,
-                 save: Optional[Callable[[dict], None]] = None) -> dict:
+def cached_state(
+    key: str,
+    build: Callable[[], dict],
+    load: Optional[Callable[[], Optional[dict]]] = None,
+    save: Optional[Callable[[dict], None]] = None,
+) -> dict:
     """The index state for `key` (a set content hash plus index settings): from RAM, else from `load`
     (a saved index file that still matches the key), else `build` it (and `save` it)."""
     with _CACHE_LOCK:

@@ -88,6 +88,7 @@ class SparseRepellencyPatch:
         model_sampling = model.get_model_object("model_sampling")
         self.sigma_start = float(model_sampling.percent_to_sigma(self.settings.start_percent))
         self.sigma_end = float(model_sampling.percent_to_sigma(self.settings.end_percent))
+
         # Plain closures, not bound methods: clone() deep-copies model_options, and deepcopy of a bound
         # method copies its instance (and with it the run-state holder and the shields).
         def spell_post_cfg(args):
@@ -155,7 +156,9 @@ class SparseRepellencyPatch:
             "first_active_step": active[0] if active else None,
             "last_active_step": active[-1] if active else None,
             "touched_samples": sorted({b for step in steps for b in step["touched"]}),
-            "max_relative_correction": max((max(step["relative_correction"], default=0.0) for step in steps), default=0.0),
+            "max_relative_correction": max(
+                (max(step["relative_correction"], default=0.0) for step in steps), default=0.0
+            ),
             "radius": state.radius,
             "shields": sum(len(search) for search in self.searches),
             "search": [search.name for search in self.searches],
@@ -188,15 +191,23 @@ class SparseRepellencyPatch:
             state = self.holder.current = self._start_run(None)
         if not state.checked:
             self._check_first_step(denoised, args["model"])
-            state.radius = spell_math.absolute_radius(self.settings.radius, denoised[0].numel(), self.settings.relative_radius)
+            state.radius = spell_math.absolute_radius(
+                self.settings.radius, denoised[0].numel(), self.settings.relative_radius
+            )
             state.checked = True
         sigma = args["sigma"].flatten().float()
         state.last_plain_x0 = denoised
         if not self._in_window(float(sigma.max())):
-            state.record.add_step(sigma=sigma.tolist(), active=False, shield_hits=[], batch_hits=[], relative_correction=[], touched=[])
+            state.record.add_step(
+                sigma=sigma.tolist(), active=False, shield_hits=[], batch_hits=[], relative_correction=[], touched=[]
+            )
             return denoised
         result = spell_math.sparse_repellency_step(
-            denoised, self.searches, state.radius, self.settings.overcompensation, self.settings.intra_batch,
+            denoised,
+            self.searches,
+            state.radius,
+            self.settings.overcompensation,
+            self.settings.intra_batch,
             fallback_direction=args["input"] - denoised,
         )
         state.record.add_step(
@@ -256,4 +267,8 @@ def _calibration(x0: Optional[torch.Tensor], radius: float) -> dict:
         return {}
     median = spell_math.median_pairwise_distance(x0)
     scale = x0[0].numel() ** 0.5
-    return {"median_pairwise_distance": median, "median_pairwise_relative": median / scale, "radius_relative": radius / scale}
+    return {
+        "median_pairwise_distance": median,
+        "median_pairwise_relative": median / scale,
+        "radius_relative": radius / scale,
+    }

@@ -58,7 +58,9 @@ class Neighbours:
 
     @staticmethod
     def empty() -> "Neighbours":
-        return Neighbours(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
+        return Neighbours(
+            torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        )
 
     def __len__(self) -> int:
         return int(self.query.numel())
@@ -85,7 +87,9 @@ def repellency(
     distance = diff.norm(dim=1)
     copies = distance <= radius * 1e-12
     if bool(copies.any()):
-        diff[copies] = _unit_directions(fallback_direction, neighbours.query[copies], x0.shape[1]).to(diff) * radius * 1e-6
+        diff[copies] = (
+            _unit_directions(fallback_direction, neighbours.query[copies], x0.shape[1]).to(diff) * radius * 1e-6
+        )
         distance = diff.norm(dim=1)
     weight = torch.relu(radius / distance - 1.0)
     delta.index_add_(0, neighbours.query.to(x0.device), diff * weight[:, None])
@@ -227,7 +231,9 @@ def projection_lower_bound(x: torch.Tensor, z: torch.Tensor, basis: torch.Tensor
     return torch.cdist(px.double(), pz.double()).pow(2) + (rx.double()[:, None] - rz.double()[None, :]).pow(2)
 
 
-def project_with_residual(v: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def project_with_residual(
+    v: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     centred = v.float() - mean
     projected = centred @ basis
     residual = (centred - projected @ basis.T).norm(dim=1)

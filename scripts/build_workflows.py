@@ -70,21 +70,36 @@ class UIWorkflow:
             {"name": name, "type": kind, "slot_index": slot, "links": []}
             for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"], strict=True))
         ]
-        self.nodes.append({
-            "id": node_id, "type": node_type, "pos": [0, 0],
-            "size": [300, 60 + 24 * (len(widgets) + max(len(inputs), len(outputs)))],
-            "flags": {}, "order": node_id - 1, "mode": 0, "inputs": inputs, "outputs": outputs,
-            "properties": {"Node name for S&R": node_type}, "widgets_values": widgets,
-        })
+        self.nodes.append(
+            {
+                "id": node_id,
+                "type": node_type,
+                "pos": [0, 0],
+                "size": [300, 60 + 24 * (len(widgets) + max(len(inputs), len(outputs)))],
+                "flags": {},
+                "order": node_id - 1,
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": outputs,
+                "properties": {"Node name for S&R": node_type},
+                "widgets_values": widgets,
+            }
+        )
         return [Socket(node_id, slot, output["type"]) for slot, output in enumerate(outputs)]
 
     def to_json(self) -> dict:
         self._layout()
         return {
-            "id": "00000000-0000-4000-8000-000000000000", "revision": 0,
-            "last_node_id": len(self.nodes), "last_link_id": len(self.links),
-            "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4,
+            "id": "00000000-0000-4000-8000-000000000000",
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
+            "version": 0.4,
         }
 
     def _layout(self) -> None:
@@ -148,13 +163,27 @@ class Method:
 # of 13.9, about the distance between two distinct training items (median 13.6), far above a copy (< 4).
 METHODS = (
     Method("plain", "Plain sampling", setting="KSampler, no patch"),
-    Method("spell", "Sparse Repellency (SPELL)", ("ShieldSparseRepellency",),
-           {"radius": 0.25, "intra_batch": True}, "shield: the class's training set + intra-batch, r = 0.25 sqrt(D)"),
-    Method("tpcfg", "Transition-Point CFG", ("ShieldTransitionPointCFG",),
-           {"mode": "dynamic", "before_guidance": "opposite", "opposite_scale": 3.0},
-           "dynamic; opposite guidance (scale 3) before the transition"),
-    Method("procreate", "ProCreate", ("ShieldProCreateGuidance",),
-           {"strength": 100.0}, "pixel embedder, strength 100, refs: the class's training set"),
+    Method(
+        "spell",
+        "Sparse Repellency (SPELL)",
+        ("ShieldSparseRepellency",),
+        {"radius": 0.25, "intra_batch": True},
+        "shield: the class's training set + intra-batch, r = 0.25 sqrt(D)",
+    ),
+    Method(
+        "tpcfg",
+        "Transition-Point CFG",
+        ("ShieldTransitionPointCFG",),
+        {"mode": "dynamic", "before_guidance": "opposite", "opposite_scale": 3.0},
+        "dynamic; opposite guidance (scale 3) before the transition",
+    ),
+    Method(
+        "procreate",
+        "ProCreate",
+        ("ShieldProCreateGuidance",),
+        {"strength": 100.0},
+        "pixel embedder, strength 100, refs: the class's training set",
+    ),
 )
 
 # Stock or pack nodes that can supply a socket type a patch node needs, with their widget overrides.
@@ -181,7 +210,9 @@ def autowire(workflow: UIWorkflow, node_type: str, available: dict[str, Socket],
                 wired_optional.add(kind)
             if kind not in available and kind in PROVIDERS and PROVIDERS[kind][0] in workflow.object_info:
                 provider, provider_widgets = PROVIDERS[kind]
-                known = {k: v for k, v in provider_widgets.items() if k in dict(input_specs(workflow.object_info[provider]))}
+                known = {
+                    k: v for k, v in provider_widgets.items() if k in dict(input_specs(workflow.object_info[provider]))
+                }
                 outputs = autowire(workflow, provider, available, known)
                 available[kind] = next(socket for socket in outputs if socket.type == kind)
             if kind in available:
@@ -191,8 +222,17 @@ def autowire(workflow: UIWorkflow, node_type: str, available: dict[str, Socket],
     return workflow.add(node_type, **values)
 
 
-def demo_workflow(object_info: dict, method: Method, class_name: str | None = None, batch: int = 8, seed: int = 1,
-                  steps: int = 20, cfg: float = 3.0, prefix: str = "shield_demo", extra_shield: str = "") -> UIWorkflow:
+def demo_workflow(
+    object_info: dict,
+    method: Method,
+    class_name: str | None = None,
+    batch: int = 8,
+    seed: int = 1,
+    steps: int = 20,
+    cfg: float = 3.0,
+    prefix: str = "shield_demo",
+    extra_shield: str = "",
+) -> UIWorkflow:
     """The demo model sampled with one method; the class's training items are the shield and the comparison.
 
     extra_shield="memory" adds a Shield Memory as the patch's second shield set (repel from previous batches).
@@ -213,8 +253,19 @@ def demo_workflow(object_info: dict, method: Method, class_name: str | None = No
             (widgets["shield_set_2"],) = workflow.add("ShieldMemory", memory_id=f"demo_{class_name}")
         model = next(s for s in autowire(workflow, node_type, available, widgets) if s.type == "MODEL")
     (latent,) = workflow.add("EmptyChromaRadianceLatentImage", width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=batch)
-    (samples,) = workflow.add("KSampler", model=model, positive=positive, negative=negative, latent_image=latent,
-                              seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
+    (samples,) = workflow.add(
+        "KSampler",
+        model=model,
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
     (images,) = workflow.add("VAEDecode", samples=samples, vae=vae)
     workflow.add("SaveImage", images=images, filename_prefix=f"{prefix}_{method.key}")
     return workflow
@@ -229,12 +280,26 @@ def protect_references_workflow(object_info: dict, class_name: str | None = None
     positive, negative = workflow.add("ShieldDemoConditioning", class_name=class_name)
     (vae,) = workflow.add("VAELoader", vae_name="pixel_space")
     references, _ = workflow.add("ShieldDemoTrainingSet", items="duplicated", class_name="all classes")
-    (shield_set,) = workflow.add("ShieldSetFromImages", images=references, vae=vae, model=model,
-                                 width=IMAGE_SIZE, height=IMAGE_SIZE)
-    (model,) = workflow.add("ShieldSparseRepellency", model=model, shield_set=shield_set, radius=0.25, intra_batch=False)
+    (shield_set,) = workflow.add(
+        "ShieldSetFromImages", images=references, vae=vae, model=model, width=IMAGE_SIZE, height=IMAGE_SIZE
+    )
+    (model,) = workflow.add(
+        "ShieldSparseRepellency", model=model, shield_set=shield_set, radius=0.25, intra_batch=False
+    )
     (latent,) = workflow.add("EmptyChromaRadianceLatentImage", width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=8)
-    (samples,) = workflow.add("KSampler", model=model, positive=positive, negative=negative, latent_image=latent,
-                              seed=1, steps=20, cfg=3.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    (samples,) = workflow.add(
+        "KSampler",
+        model=model,
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        seed=1,
+        steps=20,
+        cfg=3.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
     (images,) = workflow.add("VAEDecode", samples=samples, vae=vae)
     workflow.add("SaveImage", images=images, filename_prefix="shield_demo_protect_references")
     return workflow
@@ -250,7 +315,9 @@ def demo_workflows(object_info: dict) -> dict[str, UIWorkflow]:
         workflows[workflow_name(method)] = demo_workflow(object_info, method)
     spell = next(method for method in METHODS if method.key == "spell")
     if method_node_type(spell, object_info) is not None:
-        workflows["shield_demo_memory"] = demo_workflow(object_info, spell, extra_shield="memory", prefix="shield_demo_memory")
+        workflows["shield_demo_memory"] = demo_workflow(
+            object_info, spell, extra_shield="memory", prefix="shield_demo_memory"
+        )
         workflows["shield_demo_protect_references"] = protect_references_workflow(object_info)
     return workflows
 
@@ -266,10 +333,22 @@ def _text_prompts(workflow: UIWorkflow, clip: Socket, positive: str, negative: s
     return pos, neg
 
 
-def _sample_and_save(workflow, model, positive, negative, latent, vae, prefix, steps=25, cfg=7.0,
-                     sampler="dpmpp_2m", scheduler="karras") -> None:
-    (samples,) = workflow.add("KSampler", model=model, positive=positive, negative=negative, latent_image=latent,
-                              seed=42, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler, denoise=1.0)
+def _sample_and_save(
+    workflow, model, positive, negative, latent, vae, prefix, steps=25, cfg=7.0, sampler="dpmpp_2m", scheduler="karras"
+) -> None:
+    (samples,) = workflow.add(
+        "KSampler",
+        model=model,
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        seed=42,
+        steps=steps,
+        cfg=cfg,
+        sampler_name=sampler,
+        scheduler=scheduler,
+        denoise=1.0,
+    )
     (images,) = workflow.add("VAEDecode", samples=samples, vae=vae)
     workflow.add("SaveImage", images=images, filename_prefix=prefix)
 
@@ -279,8 +358,9 @@ def sd15_spell(object_info: dict) -> UIWorkflow:
     model, clip, vae = workflow.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
     (protected,) = workflow.add("ShieldLoadShieldSet", filename="my_protected_set.safetensors")
     (memory,) = workflow.add("ShieldMemory", memory_id="sd15")
-    (model,) = workflow.add("ShieldSparseRepellency", model=model, shield_set=protected, shield_set_2=memory,
-                            radius=0.5, intra_batch=True)
+    (model,) = workflow.add(
+        "ShieldSparseRepellency", model=model, shield_set=protected, shield_set_2=memory, radius=0.5, intra_batch=True
+    )
     positive, negative = _text_prompts(workflow, clip, "a watercolor lighthouse on a cliff at dawn", "blurry")
     (latent,) = workflow.add("EmptyLatentImage", width=512, height=512, batch_size=4)
     _sample_and_save(workflow, model, positive, negative, latent, vae, "shield_sd15_spell")
@@ -290,8 +370,9 @@ def sd15_spell(object_info: dict) -> UIWorkflow:
 def sdxl_tpcfg(object_info: dict) -> UIWorkflow:
     workflow = UIWorkflow(object_info)
     model, clip, vae = workflow.add("CheckpointLoaderSimple", ckpt_name="sd_xl_base_1.0.safetensors")
-    (model,) = workflow.add("ShieldTransitionPointCFG", model=model, mode="dynamic", before_guidance="opposite",
-                            opposite_scale=6.0)
+    (model,) = workflow.add(
+        "ShieldTransitionPointCFG", model=model, mode="dynamic", before_guidance="opposite", opposite_scale=6.0
+    )
     positive, negative = _text_prompts(workflow, clip, "the famous painting of a starry night over a village")
     (latent,) = workflow.add("EmptyLatentImage", width=1024, height=1024, batch_size=2)
     _sample_and_save(workflow, model, positive, negative, latent, vae, "shield_sdxl_tpcfg", steps=30, cfg=6.0)
@@ -300,13 +381,26 @@ def sdxl_tpcfg(object_info: dict) -> UIWorkflow:
 
 def sd3_spell(object_info: dict) -> UIWorkflow:
     workflow = UIWorkflow(object_info)
-    model, clip, vae = workflow.add("CheckpointLoaderSimple", ckpt_name="sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors")
+    model, clip, vae = workflow.add(
+        "CheckpointLoaderSimple", ckpt_name="sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
+    )
     (model,) = workflow.add("ModelSamplingSD3", model=model, shift=3.0)
     (model,) = workflow.add("ShieldSparseRepellency", model=model, radius=0.5, intra_batch=True)
     positive, negative = _text_prompts(workflow, clip, "a red fox in fresh snow, photograph")
     (latent,) = workflow.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=4)
-    _sample_and_save(workflow, model, positive, negative, latent, vae, "shield_sd3_spell", steps=28, cfg=4.5,
-                     sampler="euler", scheduler="sgm_uniform")
+    _sample_and_save(
+        workflow,
+        model,
+        positive,
+        negative,
+        latent,
+        vae,
+        "shield_sd3_spell",
+        steps=28,
+        cfg=4.5,
+        sampler="euler",
+        scheduler="sgm_uniform",
+    )
     return workflow
 
 
@@ -315,9 +409,19 @@ def sd15_procreate(object_info: dict) -> UIWorkflow:
     model, clip, vae = workflow.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
     (embedder,) = workflow.add("ShieldDreamSimLoader", variant="ensemble")
     references, _ = workflow.add("LoadImage", image="reference.png")
-    (reference_set,) = workflow.add("ShieldReferenceSetFromImages", images=references, vae=vae, embedder=embedder, model=model)
-    (model,) = workflow.add("ShieldProCreateGuidance", model=model, vae=vae, embedder=embedder, reference_set=reference_set,
-                            strength=100.0, look_ahead_steps=0, gradient_mode="fast")
+    (reference_set,) = workflow.add(
+        "ShieldReferenceSetFromImages", images=references, vae=vae, embedder=embedder, model=model
+    )
+    (model,) = workflow.add(
+        "ShieldProCreateGuidance",
+        model=model,
+        vae=vae,
+        embedder=embedder,
+        reference_set=reference_set,
+        strength=100.0,
+        look_ahead_steps=0,
+        gradient_mode="fast",
+    )
     positive, negative = _text_prompts(workflow, clip, "a portrait in the style of the reference", "blurry")
     (latent,) = workflow.add("EmptyLatentImage", width=512, height=512, batch_size=2)
     _sample_and_save(workflow, model, positive, negative, latent, vae, "shield_sd15_procreate")
@@ -332,8 +436,9 @@ def unclip_variations(object_info: dict) -> UIWorkflow:
     image, _ = workflow.add("LoadImage", image="input.png")
     (vision,) = workflow.add("CLIPVisionEncode", clip_vision=clip_vision, image=image, crop="center")
     positive, negative = _text_prompts(workflow, clip, "")
-    (positive,) = workflow.add("unCLIPConditioning", conditioning=positive, clip_vision_output=vision,
-                               strength=1.0, noise_augmentation=0.0)
+    (positive,) = workflow.add(
+        "unCLIPConditioning", conditioning=positive, clip_vision_output=vision, strength=1.0, noise_augmentation=0.0
+    )
     (shield_set,) = workflow.add("ShieldSetFromImages", images=image, vae=vae, model=model, width=768, height=768)
     (model,) = workflow.add("ShieldSparseRepellency", model=model, shield_set=shield_set, radius=0.5, intra_batch=True)
     (latent,) = workflow.add("EmptyLatentImage", width=768, height=768, batch_size=4)
@@ -374,12 +479,24 @@ def card_jpg(title: str, workflow: dict) -> bytes:
     font = ImageFont.load_default(size=13)
     for row, node in enumerate(workflow["nodes"][:14]):
         shield = node["type"].startswith("Shield")
-        draw.text((16, 64 + row * 19), ("> " if shield else "- ") + node["type"],
-                  fill=(255, 196, 80) if shield else (200, 205, 215), font=font)
-    files = [value for node in workflow["nodes"] for value in node["widgets_values"]
-             if isinstance(value, str) and value.endswith((".safetensors", ".ckpt"))]
-    draw.multiline_text((12, 340), textwrap.fill("needs: " + ", ".join(files), 52), fill=(150, 160, 175),
-                        font=ImageFont.load_default(size=11))
+        draw.text(
+            (16, 64 + row * 19),
+            ("> " if shield else "- ") + node["type"],
+            fill=(255, 196, 80) if shield else (200, 205, 215),
+            font=font,
+        )
+    files = [
+        value
+        for node in workflow["nodes"]
+        for value in node["widgets_values"]
+        if isinstance(value, str) and value.endswith((".safetensors", ".ckpt"))
+    ]
+    draw.multiline_text(
+        (12, 340),
+        textwrap.fill("needs: " + ", ".join(files), 52),
+        fill=(150, 160, 175),
+        font=ImageFont.load_default(size=11),
+    )
     return _jpeg(sheet)
 
 

@@ -41,8 +41,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "out" / f"demo-{stamp}")
-    parser.add_argument("--class-name", default=None,
-                        help="a class of the bundled model (its weights' metadata lists them); default: the first one")
+    parser.add_argument(
+        "--class-name",
+        default=None,
+        help="a class of the bundled model (its weights' metadata lists them); default: the first one",
+    )
     parser.add_argument("--samples", type=int, default=8, help="columns: one batch, the same seed for every method")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
@@ -64,8 +67,16 @@ def load_images(paths: list[pathlib.Path]):
 
 
 def run_method(server: ComfyServer, object_info: dict, method, args) -> dict:
-    workflow = build_workflows.demo_workflow(object_info, method, class_name=args.class_name, batch=args.samples,
-                                             seed=args.seed, steps=args.steps, cfg=args.cfg, prefix="demo")
+    workflow = build_workflows.demo_workflow(
+        object_info,
+        method,
+        class_name=args.class_name,
+        batch=args.samples,
+        seed=args.seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        prefix="demo",
+    )
     ui = workflow.to_json()
     start = time.monotonic()
     outputs = server.run(ui_to_api(ui, object_info), timeout=600)
@@ -80,10 +91,13 @@ def measure(images, dataset) -> dict:
     from comfyui_shield.reference_models import replication
 
     summary = replication.summarize_replication(images, dataset.images, dataset.duplicated)
-    return {**summary.as_dict(), "distances": [round(d, 2) for d in summary.distances],
-            "nearest_index": list(summary.nearest_index),
-            # diversity of the batch: Vendi score of the cosine kernel on pixel vectors (1 = all alike, max = batch size)
-            "vendi": round(metrics.vendi_score(images.flatten(1).double()), 3)}
+    return {
+        **summary.as_dict(),
+        "distances": [round(d, 2) for d in summary.distances],
+        "nearest_index": list(summary.nearest_index),
+        # diversity of the batch: Vendi score of the cosine kernel on pixel vectors (1 = all alike, max = batch size)
+        "vendi": round(metrics.vendi_score(images.flatten(1).double()), 3),
+    }
 
 
 def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathlib.Path, caption: str) -> None:
@@ -100,9 +114,13 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
     draw = ImageDraw.Draw(sheet)
     font, small, title = (ImageFont.load_default(size=size) for size in (15, 12, 18))
     draw.text((8, 8), caption, fill=(20, 20, 20), font=title)
-    draw.text((8, 34), "each pair: output | its nearest training item.  Red frame: a copy "
-              f"(L2 < {replication.REPLICA_DISTANCE}).  Column i starts from the same noise in every row.",
-              fill=(70, 70, 70), font=small)
+    draw.text(
+        (8, 34),
+        "each pair: output | its nearest training item.  Red frame: a copy "
+        f"(L2 < {replication.REPLICA_DISTANCE}).  Column i starts from the same noise in every row.",
+        fill=(70, 70, 70),
+        font=small,
+    )
 
     def tile(image_tensor) -> Image.Image:
         array = (to_comfy_image(image_tensor[None])[0] * 255).round().byte().numpy()
@@ -116,9 +134,18 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
         draw.text((8, y + 2), label, fill=(10, 10, 10), font=font)
         draw.multiline_text((8, y + 21), textwrap.fill(setting, 34), fill=(90, 90, 90), font=small, spacing=1)
         copy_colour = (190, 20, 20) if metrics["replicas"] else (20, 130, 40)
-        draw.text((8, y + 56), f"copies {metrics['replicas']}/{metrics['samples']} ({share:.0f} %)", fill=copy_colour, font=font)
-        draw.text((8, y + 76), f"nearest L2 {metrics['median_nearest_distance']:.1f} · Vendi {metrics['vendi']:.2f}",
-                  fill=(40, 40, 40), font=small)
+        draw.text(
+            (8, y + 56),
+            f"copies {metrics['replicas']}/{metrics['samples']} ({share:.0f} %)",
+            fill=copy_colour,
+            font=font,
+        )
+        draw.text(
+            (8, y + 76),
+            f"nearest L2 {metrics['median_nearest_distance']:.1f} · Vendi {metrics['vendi']:.2f}",
+            fill=(40, 40, 40),
+            font=small,
+        )
         for column in range(columns):
             x = LABEL_WIDTH + column * (pair_width + gap)
             nearest = dataset.images[metrics["nearest_index"][column]]
@@ -132,28 +159,41 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
 def write_summary(out: pathlib.Path, results: dict, skipped: dict, args) -> str:
     lines = [
         f"# Shield demo: class `{args.class_name}`, {args.samples} samples, seed {args.seed}, "
-        f"euler {args.steps} steps, cfg {args.cfg}", "",
+        f"euler {args.steps} steps, cfg {args.cfg}",
+        "",
         "| method | setting | copies of a training item | median L2 to nearest item | min L2 | Vendi | seconds |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, result in results.items():
         metrics = result["metrics"]
-        lines.append(f"| {label} | {result['setting']} | {metrics['replicas']}/{metrics['samples']} "
-                     f"({100 * metrics['replica_share']:.0f} %) | {metrics['median_nearest_distance']:.2f} "
-                     f"| {min(metrics['distances']):.2f} | {metrics['vendi']:.2f} | {result['seconds']:.1f} |")
+        lines.append(
+            f"| {label} | {result['setting']} | {metrics['replicas']}/{metrics['samples']} "
+            f"({100 * metrics['replica_share']:.0f} %) | {metrics['median_nearest_distance']:.2f} "
+            f"| {min(metrics['distances']):.2f} | {metrics['vendi']:.2f} | {result['seconds']:.1f} |"
+        )
     for label, reason in skipped.items():
         lines.append(f"| {label} | skipped: {reason} | | | | | |")
-    lines += ["", "A copy: L2 distance to the nearest training item below REPLICA_DISTANCE "
-              "(reference_models/replication.py), pixels in [-1, 1]. Vendi: effective number of distinct "
-              f"images in the batch (cosine kernel on pixels; 1 = all alike, {args.samples} = all different)."]
+    lines += [
+        "",
+        "A copy: L2 distance to the nearest training item below REPLICA_DISTANCE "
+        "(reference_models/replication.py), pixels in [-1, 1]. Vendi: effective number of distinct "
+        f"images in the batch (cosine kernel on pixels; 1 = all alike, {args.samples} = all different).",
+    ]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({
-        "settings": vars(args) | {"out": str(args.out)},
-        "methods": {label: {**r["metrics"], "setting": r["setting"], "seconds": round(r["seconds"], 2)}
-                    for label, r in results.items()},
-        "skipped": skipped,
-    }, indent=1))
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "settings": vars(args) | {"out": str(args.out)},
+                "methods": {
+                    label: {**r["metrics"], "setting": r["setting"], "seconds": round(r["seconds"], 2)}
+                    for label, r in results.items()
+                },
+                "skipped": skipped,
+            },
+            indent=1,
+        )
+    )
     return text
 
 
@@ -185,8 +225,10 @@ def main() -> None:
         result["metrics"] = measure(result["images"], dataset)
         rows.append((label, result["setting"], result["images"], result["metrics"]))
     if rows:
-        caption = (f"Shield demo: bundled model, class '{args.class_name}', {args.samples} samples, seed {args.seed}, "
-                   f"{args.steps} euler steps, cfg {args.cfg}")
+        caption = (
+            f"Shield demo: bundled model, class '{args.class_name}', {args.samples} samples, seed {args.seed}, "
+            f"{args.steps} euler steps, cfg {args.cfg}"
+        )
         draw_picture(rows, dataset, out / "demo.png", caption)
     print(write_summary(out, results, skipped, args), flush=True)
     log(f"done in {time.monotonic() - started:.0f} s; picture and summary in {out}")

@@ -26,8 +26,10 @@ def node_section(node) -> str:
     schema = node.GET_SCHEMA()
     experimental = " *(experimental)*" if getattr(schema, "is_experimental", False) else ""
     outputs = ", ".join(f"{output.io_type}" for output in schema.outputs) or "—"
-    lines = [f"- **{schema.display_name}** (`{schema.node_id}`, {schema.category}) → {outputs}{experimental}.",
-             f"  {schema.description or ''}".rstrip()]
+    lines = [
+        f"- **{schema.display_name}** (`{schema.node_id}`, {schema.category}) → {outputs}{experimental}.",
+        f"  {schema.description or ''}".rstrip(),
+    ]
     lines += [input_line(socket) for socket in schema.inputs]
     return "\n".join(lines)
 

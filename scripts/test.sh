@@ -10,6 +10,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 cd "$repo_dir"
 echo "[test] ruff"
 "$SHIELD_PYTHON" -m ruff check .
+"$SHIELD_PYTHON" -m ruff format --check .
 echo "[test] pytest"
 # From tests/ (its pytest.ini makes it the rootdir): the repo root is the pack's package, which
 # pytest must not import as a test package.

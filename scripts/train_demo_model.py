@@ -76,7 +76,8 @@ def train(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> torch.
         noise = torch.randn(clean.shape, generator=generator)
         sigma = sigmas[timestep]
         noisy = pixel_unet.with_positions(
-            model.model_sampling.calculate_input(sigma, clean + noise * sigma.reshape(-1, 1, 1, 1)))
+            model.model_sampling.calculate_input(sigma, clean + noise * sigma.reshape(-1, 1, 1, 1))
+        )
         context = pixel_unet.class_context(labels)
         prediction = net(noisy, timestep.float(), context=context, y=pixel_unet.class_vector(context))
         loss = torch.nn.functional.mse_loss(prediction, pixel_unet.v_target(clean, noise, sigma))
@@ -94,8 +95,11 @@ def train(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> torch.
         if step % 100 == 0 or step == args.steps - 1:
             elapsed = time.monotonic() - start
             errors = memorized_item_errors(model, dataset)
-            print(f"[train] step {step + 1}/{args.steps}  loss {running:.4f}  {elapsed:.0f} s  "
-                  f"memorized-item x0 RMS error at sigma 0.5/2/8: {errors}", flush=True)
+            print(
+                f"[train] step {step + 1}/{args.steps}  loss {running:.4f}  {elapsed:.0f} s  "
+                f"memorized-item x0 RMS error at sigma 0.5/2/8: {errors}",
+                flush=True,
+            )
     net.load_state_dict(ema)
     return model
 
@@ -113,9 +117,12 @@ def memorized_item_errors(model, dataset: demo_dataset.DemoDataset) -> str:
         sigma = torch.full((len(items),), value)
         timestep = model.model_sampling.timestep(sigma).float()
         noisy = items + noise * value
-        output = net(pixel_unet.with_positions(model.model_sampling.calculate_input(sigma, noisy)), timestep,
-                     context=context,
-                     y=pixel_unet.class_vector(context))
+        output = net(
+            pixel_unet.with_positions(model.model_sampling.calculate_input(sigma, noisy)),
+            timestep,
+            context=context,
+            y=pixel_unet.class_vector(context),
+        )
         denoised = model.model_sampling.calculate_denoised(sigma, output, noisy)
         errors.append(f"{float((denoised - items).pow(2).mean().sqrt()):.3f}")
     return "/".join(errors)
@@ -126,8 +133,15 @@ def sample_class(model, class_id: int, count: int, seed: int, steps: int, cfg: f
 
     latent = {"samples": torch.zeros(count, 3, demo_dataset.IMAGE_SIZE, demo_dataset.IMAGE_SIZE)}
     (out,) = nodes.common_ksampler(
-        model, seed, steps, cfg, "euler", "normal",
-        pixel_unet.class_conditioning(class_id), pixel_unet.null_conditioning(), latent,
+        model,
+        seed,
+        steps,
+        cfg,
+        "euler",
+        "normal",
+        pixel_unet.class_conditioning(class_id),
+        pixel_unet.null_conditioning(),
+        latent,
     )
     return out["samples"]
 
@@ -136,8 +150,9 @@ def evaluate(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> dic
     model = pixel_unet.load_demo_model(args.out)
     samples, labels = [], []
     for class_id in range(len(demo_dataset.CLASS_NAMES)):
-        samples.append(sample_class(model, class_id, args.eval_per_class, 1000 + class_id, args.eval_steps,
-                                    args.eval_cfg))
+        samples.append(
+            sample_class(model, class_id, args.eval_per_class, 1000 + class_id, args.eval_steps, args.eval_cfg)
+        )
         labels += [class_id] * args.eval_per_class
     samples = torch.cat(samples)
     if args.grid is not None:
@@ -161,7 +176,9 @@ def evaluate(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> dic
         "distance_quantiles_10_25_50_75_90": [round(q, 2) for q in quantiles],
         "duplicated_items": n_dup,
         "unique_items": n_unique,
-        "training_share_of_duplicated_items": round(float(dataset.copies[dataset.duplicated].sum() / dataset.copies.sum()), 3),
+        "training_share_of_duplicated_items": round(
+            float(dataset.copies[dataset.duplicated].sum() / dataset.copies.sum()), 3
+        ),
         "replicas_per_duplicated_item": round(summary.replicas_of_duplicated / n_dup, 3),
         "replicas_per_unique_item": round(summary.replicas_of_unique / n_unique, 5),
         "replica_share_per_class": per_class,
@@ -195,19 +212,27 @@ def print_evaluation(result: dict) -> None:
     print("\n[memorization] samples of every class, nearest training item by L2 in pixel space")
     print(f"  sampler: {result['sampler']}; replica: nearest-item distance < {result['threshold']}")
     print(f"  samples: {result['samples']}, replicas: {result['replicas']} ({100 * result['replica_share']:.0f} %)")
-    print(f"  replicas of the {result['duplicated_items']} duplicated items: {result['replicas_of_duplicated_items']}"
-          f"  ({result['replicas_per_duplicated_item']:.2f} per item; they are "
-          f"{100 * result['training_share_of_duplicated_items']:.0f} % of the training stream)")
-    print(f"  replicas of the {result['unique_items']} unique items: {result['replicas_of_unique_items']}"
-          f"  ({result['replicas_per_unique_item']:.4f} per item)")
+    print(
+        f"  replicas of the {result['duplicated_items']} duplicated items: {result['replicas_of_duplicated_items']}"
+        f"  ({result['replicas_per_duplicated_item']:.2f} per item; they are "
+        f"{100 * result['training_share_of_duplicated_items']:.0f} % of the training stream)"
+    )
+    print(
+        f"  replicas of the {result['unique_items']} unique items: {result['replicas_of_unique_items']}"
+        f"  ({result['replicas_per_unique_item']:.4f} per item)"
+    )
     print(f"  nearest-item distance quantiles 10/25/50/75/90 %: {result['distance_quantiles_10_25_50_75_90']}")
     print(f"  nearest item of the sample's own class: {100 * result['nearest_item_same_class_share']:.0f} %")
-    print(f"  replica share, memorized classes ({', '.join(demo_dataset.MEMORIZED_CLASSES)}): "
-          f"{100 * result['replica_share_memorized_classes']:.0f} %; other classes: "
-          f"{100 * result['replica_share_unique_classes']:.0f} %")
+    print(
+        f"  replica share, memorized classes ({', '.join(demo_dataset.MEMORIZED_CLASSES)}): "
+        f"{100 * result['replica_share_memorized_classes']:.0f} %; other classes: "
+        f"{100 * result['replica_share_unique_classes']:.0f} %"
+    )
     print(f"  per class: {result['replica_share_per_class']}")
-    print(f"  nearest-neighbour spacing of the training items (min, median): "
-          f"{result['nearest_neighbour_spacing_of_items_min_median']}")
+    print(
+        f"  nearest-neighbour spacing of the training items (min, median): "
+        f"{result['nearest_neighbour_spacing_of_items_min_median']}"
+    )
 
 
 def main() -> None:
@@ -219,9 +244,17 @@ def main() -> None:
         start = time.monotonic()
         model = train(args, dataset)
         minutes = (time.monotonic() - start) / 60
-        info = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                "ema": args.ema, "cfg_dropout": args.cfg_dropout, "minutes": round(minutes, 1),
-                "dataset_seed": demo_dataset.DEFAULT_SEED, "threads": args.threads}
+        info = {
+            "seed": args.seed,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "ema": args.ema,
+            "cfg_dropout": args.cfg_dropout,
+            "minutes": round(minutes, 1),
+            "dataset_seed": demo_dataset.DEFAULT_SEED,
+            "threads": args.threads,
+        }
         pixel_unet.save_weights(model, args.out, info)
         print(f"[train] saved {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {minutes:.1f} min", flush=True)
     torch.set_num_threads(1)

@@ -25,8 +25,11 @@ def test_frontend_shows_what_the_shield_did(server, tmp_path):
         expectNodes=[node.GET_SCHEMA().node_id for node in NODE_LIST],
         workflows=[str(path) for path in WORKFLOWS],
         pressButton={
-            "workflow": str(REPO / "example_workflows" / "shield_demo_memory.json"), "nodeType": "ShieldMemory",
-            "widget": "shield_reset_memory", "expectSelector": ".shield-summary", "expectText": "emptied",
+            "workflow": str(REPO / "example_workflows" / "shield_demo_memory.json"),
+            "nodeType": "ShieldMemory",
+            "widget": "shield_reset_memory",
+            "expectSelector": ".shield-summary",
+            "expectText": "emptied",
         },
         runWorkflow=str(REPO / "example_workflows" / "shield_demo_spell.json"),
         waitForSelector=".shield-run-summary",

@@ -52,7 +52,9 @@ def ksample(model, conds, batch=3, shape=(3, 16, 16), seed=4, steps=8, sampler="
 
 # -- SPELL + Transition-Point CFG + ProCreate on one memorizer --------------------------------------------
 def add_spell(model, items, **_):
-    return repellency_model(model, from_latents(items[:PROTECTED], FORMAT), None, 6.0, "absolute", 1.6, True, 0.0, 1.0, "auto")
+    return repellency_model(
+        model, from_latents(items[:PROTECTED], FORMAT), None, 6.0, "absolute", 1.6, True, 0.0, 1.0, "auto"
+    )
 
 
 def add_transition(model, items, **_):
@@ -195,7 +197,19 @@ def ksampler_advanced(model, items, start, end, add_noise, leftover, latent=None
     conditioning = subset_conditioning(len(items))
     latent = latent or {"samples": torch.zeros(3, *items.shape[1:])}
     (out,) = comfy_nodes.KSamplerAdvanced().sample(
-        model, add_noise, seed, steps, 1.5, "dpmpp_2m", "karras", conditioning, conditioning, latent, start, end, leftover
+        model,
+        add_noise,
+        seed,
+        steps,
+        1.5,
+        "dpmpp_2m",
+        "karras",
+        conditioning,
+        conditioning,
+        latent,
+        start,
+        end,
+        leftover,
     )
     return out
 

@@ -86,10 +86,25 @@ def demo_api_graph(class_name: str = "star", batch: int = 2, steps: int = 6) -> 
     return {
         "model": {"class_type": "ShieldDemoModelLoader", "inputs": {}},
         "cond": {"class_type": "ShieldDemoConditioning", "inputs": {"class_name": class_name}},
-        "latent": {"class_type": "EmptyChromaRadianceLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": batch}},
-        "sampler": {"class_type": "KSampler", "inputs": {
-            "model": ["model", 0], "positive": ["cond", 0], "negative": ["cond", 1], "latent_image": ["latent", 0],
-            "seed": 5, "steps": steps, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "latent": {
+            "class_type": "EmptyChromaRadianceLatentImage",
+            "inputs": {"width": SIZE, "height": SIZE, "batch_size": batch},
+        },
+        "sampler": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["model", 0],
+                "positive": ["cond", 0],
+                "negative": ["cond", 1],
+                "latent_image": ["latent", 0],
+                "seed": 5,
+                "steps": steps,
+                "cfg": 3.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "shield_demo_test"}},
@@ -125,7 +140,9 @@ def test_comfyui_feeds_the_model_the_position_channels_it_was_trained_with():
         through_comfy = model.apply_model(noisy, sigma, c_concat=concat, c_crossattn=context, y=conds["y"].cond)
         output = model.diffusion_model(
             pixel_unet.with_positions(model.model_sampling.calculate_input(sigma, noisy)),
-            model.model_sampling.timestep(sigma).float(), context=context, y=pixel_unet.class_vector(context),
+            model.model_sampling.timestep(sigma).float(),
+            context=context,
+            y=pixel_unet.class_vector(context),
         )
         direct = model.model_sampling.calculate_denoised(sigma, output, noisy)
     assert torch.allclose(through_comfy, direct, atol=1e-5)

@@ -26,8 +26,14 @@ def effect_bench():
 def tiny_results(effect_bench):
     setup = effect_bench.memorizer_setup(n_items=6, subsets=[(0,), (1, 2)], batch=4, steps=8)
     embedder = effect_bench.CentredPixelEmbedder(setup.item_images, "test")
-    variants = effect_bench.build_variants(setup, embedder, effect_bench.pixel_vae(), spell_radii=(1.0,),
-                                           procreate_strengths=(10.0,), families=["plain", "SPELL", "TPCFG"])
+    variants = effect_bench.build_variants(
+        setup,
+        embedder,
+        effect_bench.pixel_vae(),
+        spell_radii=(1.0,),
+        procreate_strengths=(10.0,),
+        families=["plain", "SPELL", "TPCFG"],
+    )
     results = effect_bench.measure(setup, variants, embedder, warmup=False)
     return setup, {result.variant.name: result for result in results}
 

@@ -21,10 +21,17 @@ def load(path: pathlib.Path) -> dict:
 
 EXPECTED = [
     # the bundled demo model: these run here
-    "shield_demo_plain", "shield_demo_spell", "shield_demo_tpcfg", "shield_demo_procreate", "shield_demo_memory",
+    "shield_demo_plain",
+    "shield_demo_spell",
+    "shield_demo_tpcfg",
+    "shield_demo_procreate",
+    "shield_demo_memory",
     "shield_demo_protect_references",
     # real checkpoints: validated against /object_info only
-    "shield_sd15_spell", "shield_sdxl_transition_cfg", "shield_sd3_spell", "shield_sd15_procreate_dreamsim",
+    "shield_sd15_spell",
+    "shield_sdxl_transition_cfg",
+    "shield_sd3_spell",
+    "shield_sd15_procreate_dreamsim",
     "shield_unclip_variations",
 ]
 
@@ -35,9 +42,12 @@ def test_every_expected_workflow_exists():
 
 def test_each_method_workflow_uses_its_node():
     uses = {
-        "shield_demo_spell": "ShieldSparseRepellency", "shield_demo_tpcfg": "ShieldTransitionPointCFG",
-        "shield_demo_procreate": "ShieldProCreateGuidance", "shield_demo_memory": "ShieldMemory",
-        "shield_sd15_procreate_dreamsim": "ShieldDreamSimLoader", "shield_sdxl_transition_cfg": "ShieldTransitionPointCFG",
+        "shield_demo_spell": "ShieldSparseRepellency",
+        "shield_demo_tpcfg": "ShieldTransitionPointCFG",
+        "shield_demo_procreate": "ShieldProCreateGuidance",
+        "shield_demo_memory": "ShieldMemory",
+        "shield_sd15_procreate_dreamsim": "ShieldDreamSimLoader",
+        "shield_sdxl_transition_cfg": "ShieldTransitionPointCFG",
     }
     for name, node_type in uses.items():
         assert node_type in {node["type"] for node in load(WORKFLOW_DIR / f"{name}.json")["nodes"]}, name
@@ -107,7 +117,9 @@ def test_demo_workflow_runs_on_the_server(server, path):
     """The saved graph as it is, with fewer steps and samples so the suite stays fast."""
     workflow = load(path)
     graph = ui_to_api(workflow, server.object_info())
-    save, latent, sampler = (str(first(workflow, kind)["id"]) for kind in ("SaveImage", "EmptyChromaRadianceLatentImage", "KSampler"))
+    save, latent, sampler = (
+        str(first(workflow, kind)["id"]) for kind in ("SaveImage", "EmptyChromaRadianceLatentImage", "KSampler")
+    )
     graph[latent]["inputs"]["batch_size"] = 2
     graph[sampler]["inputs"]["steps"] = 4
     outputs = server.run(graph, timeout=600)

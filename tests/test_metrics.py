@@ -30,7 +30,9 @@ def test_vendi_of_identical_items_is_one():
 
 @pytest.mark.parametrize("count", [1, 3, 8])
 def test_vendi_of_orthonormal_items_is_their_count(count):
-    basis = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(count)))[0][:count]
+    basis = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(count)))[
+        0
+    ][:count]
     assert metrics.vendi_score(basis * 3.0) == pytest.approx(count, abs=1e-9)  # scale-free: cosine kernel
     if count > 1:
         assert metrics.mean_pairwise_similarity(basis) == pytest.approx(0.0, abs=1e-12)

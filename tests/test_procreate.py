@@ -102,7 +102,9 @@ def paper_procreate(model, noise, items, embedder, gamma, max_norm, look_ahead, 
     def predicted_x0(x_vp, sigma):  # §4 Multi-Step Look Ahead (look_ahead ≤ 1: eq. 1)
         n = max(look_ahead, 1)
         t = sampling.timestep(sigma.float())
-        levels = [sigma] + [sampling.sigma(t * (1 - k / n)).double() for k in range(1, n)] + [torch.tensor(0.0).double()]
+        levels = (
+            [sigma] + [sampling.sigma(t * (1 - k / n)).double() for k in range(1, n)] + [torch.tensor(0.0).double()]
+        )
         x = x_vp
         for level, level_next in zip(levels[:-1], levels[1:], strict=True):
             x = ddim(x, level, level_next, eps(x, level))
@@ -112,7 +114,9 @@ def paper_procreate(model, noise, items, embedder, gamma, max_norm, look_ahead, 
     x_vp = noise.double() if max_denoise else noise.double() * sigmas[0] * alpha_bar(sigmas[0]).sqrt()
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         x_var = x_vp.detach().requires_grad_(True)
-        embeddings = embedder.embed(((base.process_latent_out(predicted_x0(x_var, sigma)) + 1) / 2).clamp(0, 1).movedim(1, -1).float()).double()
+        embeddings = embedder.embed(
+            ((base.process_latent_out(predicted_x0(x_var, sigma)) + 1) / 2).clamp(0, 1).movedim(1, -1).float()
+        ).double()
         cosine = torch.nn.functional.cosine_similarity(embeddings[:, None], references[None], dim=-1)
         nearest = cosine.detach().argmax(dim=1)
         g = gamma * cosine[torch.arange(len(nearest)), nearest]  # eq. 5
@@ -159,7 +163,9 @@ def test_guidance_lowers_similarity_to_the_references(items, vae, embedder, mode
     references = embedder.embed(to_images(items[:PROTECTED]))
 
     def max_similarity(latents):
-        cosine = torch.nn.functional.cosine_similarity(embedder.embed(to_images(latents))[:, None], references[None], dim=-1)
+        cosine = torch.nn.functional.cosine_similarity(
+            embedder.embed(to_images(latents))[:, None], references[None], dim=-1
+        )
         return cosine.max(dim=1).values
 
     plain = run(model, noise)
@@ -261,7 +267,9 @@ def test_mismatched_vae_and_reference_set_are_named(items, vae, embedder):
     rgb_model = build_memorizer(items, "eps")
     four_channel = build_memorizer(torch.randn(N_ITEMS, 4, 16, 16), "eps")
     args = (embedder, reference_set(items), 50.0, 1.0, 0.5, 0, 0.0, 1.0, "fast", -1.0)
-    with pytest.raises(ValueError, match=r"'vae' input works on 3-channel latents but the model \(LatentFormat\) samples 4"):
+    with pytest.raises(
+        ValueError, match=r"'vae' input works on 3-channel latents but the model \(LatentFormat\) samples 4"
+    ):
         ShieldProCreateGuidance.execute(four_channel, vae, *args)
     video_vae = copy.copy(vae)
     video_vae.latent_dim = 3
@@ -301,7 +309,9 @@ def test_shield_memory_reference_set_grows_with_every_run(items, vae, embedder):
     run_one = embedder.embed(to_images(first))
 
     def similarity_to_run_one(latents):
-        cosine = torch.nn.functional.cosine_similarity(embedder.embed(to_images(latents))[:, None], run_one[None], dim=-1)
+        cosine = torch.nn.functional.cosine_similarity(
+            embedder.embed(to_images(latents))[:, None], run_one[None], dim=-1
+        )
         return cosine.max(dim=1).values
 
     assert similarity_to_run_one(second).mean() < similarity_to_run_one(first).mean() - 0.1
@@ -318,8 +328,9 @@ def test_intra_batch_repulsion_raises_batch_diversity(items, vae, embedder):
 
     def sample(intra_batch):
         guided = patched(model, vae, embedder, far, gamma=100.0, gradient_mode="fast", intra_batch=intra_batch)
-        return comfy.sample.sample(guided, noise, 8, 2.0, "ddim", "ddim_uniform", positive, negative,
-                                   torch.zeros_like(noise), seed=0)
+        return comfy.sample.sample(
+            guided, noise, 8, 2.0, "ddim", "ddim_uniform", positive, negative, torch.zeros_like(noise), seed=0
+        )
 
     def mean_pairwise_similarity(latents):
         unit = torch.nn.functional.normalize(embedder.embed(to_images(latents)), dim=-1)
@@ -332,7 +343,10 @@ def test_intra_batch_repulsion_raises_batch_diversity(items, vae, embedder):
     record = RECORDS.latest("procreate", "test")
     assert any(index >= 1 for step in record.steps for index in step.get("nearest", []))  # another sample was nearest
     assert mean_pairwise_similarity(together) < mean_pairwise_similarity(alone) - 0.05
-    assert torch.cdist(together.flatten(1), together.flatten(1)).mean() > torch.cdist(alone.flatten(1), alone.flatten(1)).mean()
+    assert (
+        torch.cdist(together.flatten(1), together.flatten(1)).mean()
+        > torch.cdist(alone.flatten(1), alone.flatten(1)).mean()
+    )
 
 
 def test_pixel_embedder_is_pixel_cosine_and_differentiable():

@@ -8,7 +8,10 @@ from comfyui_shield.samplers import procreate_math as pm
 def test_guided_denoised_equals_eq4_in_vp_form():
     generator = torch.Generator().manual_seed(0)
     y, n, grad_vp = (torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64) for _ in range(3))
-    for signal, noise in ((torch.ones(3), torch.tensor([0.3, 2.0, 14.0])), (1 - torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0.2, 0.5, 0.9]))):
+    for signal, noise in (
+        (torch.ones(3), torch.tensor([0.3, 2.0, 14.0])),
+        (1 - torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0.2, 0.5, 0.9])),
+    ):
         signal, noise = signal.double(), noise.double()
         a, s = signal.reshape(-1, 1, 1, 1), noise.reshape(-1, 1, 1, 1)
         x = a * y + s * n
@@ -65,7 +68,12 @@ def test_look_ahead_is_exact_for_a_denoiser_that_knows_the_answer():
     x = target + 5.0 * torch.randn(2, 3, 4, 4)
     sigma = torch.full((2,), 5.0)
     out = pm.look_ahead(
-        x, sigma, 4, denoise, sigma_to_timestep=lambda s: s * 100, timestep_to_sigma=lambda t: t / 100,
+        x,
+        sigma,
+        4,
+        denoise,
+        sigma_to_timestep=lambda s: s * 100,
+        timestep_to_sigma=lambda t: t / 100,
         scales=lambda s: (torch.ones_like(s), s),
     )
     assert torch.allclose(out, target)

@@ -8,33 +8,77 @@ import torch
 
 from harness.procreate_parts import rgb_items, write_random_dreamsim
 
-SAMPLER = {"seed": 3, "steps": 4, "cfg": 2.0, "sampler_name": "euler", "scheduler": "karras", "denoise": 1.0,
-           "positive": ["positive", 0], "negative": ["negative", 0], "latent_image": ["empty", 0]}
+SAMPLER = {
+    "seed": 3,
+    "steps": 4,
+    "cfg": 2.0,
+    "sampler_name": "euler",
+    "scheduler": "karras",
+    "denoise": 1.0,
+    "positive": ["positive", 0],
+    "negative": ["negative", 0],
+    "latent_image": ["empty", 0],
+}
 
 
 def procreate_graph() -> dict:
     return {
         "items": {"class_type": "LoadLatent", "inputs": {"latent": "procreate_items.latent"}},
         "model": {"class_type": "ShieldMemorizerModel", "inputs": {"latent": ["items", 0], "prediction": "eps"}},
-        "positive": {"class_type": "ShieldMemorizerConditioning", "inputs": {"subset": "0,1,2,3", "n_items": ["model", 2]}},
+        "positive": {
+            "class_type": "ShieldMemorizerConditioning",
+            "inputs": {"subset": "0,1,2,3", "n_items": ["model", 2]},
+        },
         "negative": {"class_type": "ShieldMemorizerConditioning", "inputs": {"subset": "", "n_items": ["model", 2]}},
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
-        "protected": {"class_type": "LatentFromBatch", "inputs": {"samples": ["items", 0], "batch_index": 0, "length": 3}},
+        "protected": {
+            "class_type": "LatentFromBatch",
+            "inputs": {"samples": ["items", 0], "batch_index": 0, "length": 3},
+        },
         "images": {"class_type": "VAEDecode", "inputs": {"samples": ["protected", 0], "vae": ["vae", 0]}},
         "embedder": {"class_type": "ShieldDreamSimLoader", "inputs": {"variant": "open_clip_vitb32"}},
-        "references": {"class_type": "ShieldReferenceSetFromImages", "inputs": {
-            "images": ["images", 0], "vae": ["vae", 0], "embedder": ["embedder", 0], "model": ["model", 0]}},
-        "procreate": {"class_type": "ShieldProCreateGuidance", "inputs": {
-            "model": ["model", 0], "vae": ["vae", 0], "embedder": ["embedder", 0], "reference_set": ["references", 0],
-            "strength": 100.0, "element_clip": 1.0, "max_grad_norm": 0.5, "look_ahead_steps": 0, "start_percent": 0.0,
-            "end_percent": 1.0, "gradient_mode": "exact", "similarity_threshold": -1.0, "intra_batch": False}},
+        "references": {
+            "class_type": "ShieldReferenceSetFromImages",
+            "inputs": {"images": ["images", 0], "vae": ["vae", 0], "embedder": ["embedder", 0], "model": ["model", 0]},
+        },
+        "procreate": {
+            "class_type": "ShieldProCreateGuidance",
+            "inputs": {
+                "model": ["model", 0],
+                "vae": ["vae", 0],
+                "embedder": ["embedder", 0],
+                "reference_set": ["references", 0],
+                "strength": 100.0,
+                "element_clip": 1.0,
+                "max_grad_norm": 0.5,
+                "look_ahead_steps": 0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+                "gradient_mode": "exact",
+                "similarity_threshold": -1.0,
+                "intra_batch": False,
+            },
+        },
         "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 2}},
         "guided": {"class_type": "KSampler", "inputs": {"model": ["procreate", 0], **SAMPLER}},
         "plain": {"class_type": "KSampler", "inputs": {"model": ["model", 0], **SAMPLER}},
-        "save_guided": {"class_type": "SaveLatent", "inputs": {"samples": ["guided", 0], "filename_prefix": "procreate/guided"}},
-        "save_plain": {"class_type": "SaveLatent", "inputs": {"samples": ["plain", 0], "filename_prefix": "procreate/plain"}},
-        "report": {"class_type": "ShieldReport", "inputs": {
-            "latent": ["guided", 0], "radius": 0.0, "similarity_threshold": 0.0, "include_run_records": True}},
+        "save_guided": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["guided", 0], "filename_prefix": "procreate/guided"},
+        },
+        "save_plain": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["plain", 0], "filename_prefix": "procreate/plain"},
+        },
+        "report": {
+            "class_type": "ShieldReport",
+            "inputs": {
+                "latent": ["guided", 0],
+                "radius": 0.0,
+                "similarity_threshold": 0.0,
+                "include_run_records": True,
+            },
+        },
     }
 
 
@@ -47,7 +91,9 @@ def test_procreate_with_real_dreamsim_runs_in_a_server_graph(server):
     assert guided.shape == plain.shape == (2, 3, 16, 16)
     assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
     text = "".join(outputs["report"]["text"])
-    assert re.search(r"procreate energy guidance \(run #\d+, dreamsim/open_clip_vitb32/\w+\): 4 steps recorded", text), text
+    assert re.search(
+        r"procreate energy guidance \(run #\d+, dreamsim/open_clip_vitb32/\w+\): 4 steps recorded", text
+    ), text
     # a sample counts as guided only when its gradient through VAE decode + DreamSim was finite
     assert re.search(r"samples guided: \[0, 1\]", text), text
 

@@ -31,7 +31,12 @@ class TinyEmbedder:
     def embed(self, images):
         self.calls += 1
         height, width = images.shape[1] // 2, images.shape[2] // 2
-        quadrants = [images[:, :height, :width], images[:, :height, width:], images[:, height:, :width], images[:, height:, width:]]
+        quadrants = [
+            images[:, :height, :width],
+            images[:, :height, width:],
+            images[:, height:, :width],
+            images[:, height:, width:],
+        ]
         return torch.cat([quadrant.mean(dim=(1, 2)) for quadrant in quadrants], dim=1)
 
 
@@ -57,7 +62,9 @@ def sample_memorizer(items, batch, seed=11):
 def sample_memorizer_model(model, items, batch, seed=11):
     conditioning = subset_conditioning(len(items))
     latent = torch.zeros(batch, *items.shape[1:])
-    (out,) = comfy_nodes.common_ksampler(model, seed, 12, 1.0, "euler", "karras", conditioning, conditioning, {"samples": latent})
+    (out,) = comfy_nodes.common_ksampler(
+        model, seed, 12, 1.0, "euler", "karras", conditioning, conditioning, {"samples": latent}
+    )
     return out
 
 
@@ -130,9 +137,12 @@ def test_run_records_become_a_timeline_and_curves():
     repel = RECORDS.start("sparse_repellency", "patch-1", label="r=4")
     for step in range(6):
         active = step < 3
-        repel.add_step(sigma=[10.0 / (step + 1)] * 2, active_shields=[2 if active else 0, 1 if step == 0 else 0],
-                       delta_ratio=[0.3 / (step + 1) if active else 0.0, 0.1 if step == 0 else 0.0],
-                       touched=[active, step == 0])
+        repel.add_step(
+            sigma=[10.0 / (step + 1)] * 2,
+            active_shields=[2 if active else 0, 1 if step == 0 else 0],
+            delta_ratio=[0.3 / (step + 1) if active else 0.0, 0.1 if step == 0 else 0.0],
+            touched=[active, step == 0],
+        )
     tp = RECORDS.start("transition_cfg", "patch-2")
     for step in range(5):
         tp.add_step(sigma=[1.0, 1.0], d_t=[5.0 - step, 3.0 - abs(step - 1)], switched=[step >= 4, step >= 1])
@@ -155,8 +165,13 @@ def test_procreate_records_become_similarity_curves():
     record = RECORDS.start("procreate", "pc-1", label="test/embedder")
     record.add_step(sigma=[9.0, 9.0], active=[False, False], in_window=False)  # outside the window: nothing measured
     for step, (first, second) in enumerate([(0.95, 0.4), (0.9, 0.42), (0.7, 0.41), (0.5, 0.4)]):
-        record.add_step(sigma=[4.0 / (step + 1)] * 2, similarity=[first, second], nearest=[0, 1],
-                        active=[first > 0.6, False], in_window=True)
+        record.add_step(
+            sigma=[4.0 / (step + 1)] * 2,
+            similarity=[first, second],
+            nearest=[0, 1],
+            active=[first > 0.6, False],
+            in_window=True,
+        )
     curves = procreate_curves(record)
     assert curves.similarity.shape == (5, 2) and np.isnan(curves.similarity[0]).all()
     assert curves.guided[:, 0].tolist() == [False, True, True, True, False] and curves.guided_samples() == [0]
@@ -178,8 +193,13 @@ def test_report_reads_a_real_procreate_run(memorizer_items):
     model = build_memorizer(items).clone()
     vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
     reference = from_latents(items[:3], "LatentFormat", images=to_images(items[:3]))
-    ProCreateGuidance(vae, pooled_projection_embedder(), reference, ProCreateSettings(gamma=80.0, gradient_mode="fast"),
-                      patch_id="report").attach(model)
+    ProCreateGuidance(
+        vae,
+        pooled_projection_embedder(),
+        reference,
+        ProCreateSettings(gamma=80.0, gradient_mode="fast"),
+        patch_id="report",
+    ).attach(model)
     out = sample_memorizer_model(model, items, batch=3)
     _, text, _ = run_report(latent=out)
     record = RECORDS.latest("procreate")
@@ -231,7 +251,10 @@ def test_report_node_on_the_server(server):
         "red": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": red}},
         "blue": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": blue}},
         "batch": {"class_type": "ImageBatch", "inputs": {"image1": ["red", 0], "image2": ["blue", 0]}},
-        "colours": {"class_type": "ShieldReport", "inputs": {"images": ["batch", 0], "latent": ["latent", 0], **widgets}},
+        "colours": {
+            "class_type": "ShieldReport",
+            "inputs": {"images": ["batch", 0], "latent": ["latent", 0], **widgets},
+        },
     }
     outputs = server.run(graph)
     zeros = "".join(outputs["zeros"]["text"])

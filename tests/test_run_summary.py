@@ -15,8 +15,19 @@ from harness.server import ServerError
 def test_repellency_run_counts_exactly_the_samples_and_steps_it_moved(memorizer_items):
     model = build_memorizer(memorizer_items)
     # sample 0 starts on a shield's noise-free path, far shields never act: count what the record shows
-    patched = repellency_model(model, from_latents(memorizer_items, FORMAT), None, RADIUS, "absolute", 1.6, False,
-                               0.0, 1.0, "auto", node_id="17")
+    patched = repellency_model(
+        model,
+        from_latents(memorizer_items, FORMAT),
+        None,
+        RADIUS,
+        "absolute",
+        1.6,
+        False,
+        0.0,
+        1.0,
+        "auto",
+        node_id="17",
+    )
     sample(patched, memorizer_items, batch=3, seed=3)
     record = RECORDS.latest("sparse_repellency")
     summary = touched_summary(record)
@@ -29,8 +40,9 @@ def test_repellency_run_counts_exactly_the_samples_and_steps_it_moved(memorizer_
 
 def test_far_shields_touch_nothing(memorizer_items):
     model = build_memorizer(memorizer_items)
-    patched = repellency_model(model, from_latents(memorizer_items + 1000.0, FORMAT), None, RADIUS, "absolute", 1.6,
-                               False, 0.0, 1.0, "auto")
+    patched = repellency_model(
+        model, from_latents(memorizer_items + 1000.0, FORMAT), None, RADIUS, "absolute", 1.6, False, 0.0, 1.0, "auto"
+    )
     sample(patched, memorizer_items, batch=2)
     summary = touched_summary(RECORDS.latest("sparse_repellency"))
     assert (summary["samples_touched"], summary["steps_touched"], summary["steps"]) == (0, 0, 8)
@@ -66,4 +78,3 @@ def test_memory_routes_on_the_server(server):
     assert answer["memory_id"] == "route-test" and answer["size"] == 0 and answer["version"] == 1
     with pytest.raises(ServerError, match="400"):
         server.post("/shield/memory/reset", {"memory_id": "  "})
-

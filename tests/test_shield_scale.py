@@ -25,7 +25,9 @@ def _brute_force(queries, shields, radius):
 
 
 def _clustered_search(shields, dims=6, lists=None):
-    return shield_index.ClusteredProjectionSearch(shields, shield_index.ClusteredProjectionSearch.build_state(shields, dims, lists))
+    return shield_index.ClusteredProjectionSearch(
+        shields, shield_index.ClusteredProjectionSearch.build_state(shields, dims, lists)
+    )
 
 
 def _mapped_ranges(path):
@@ -47,7 +49,9 @@ def test_pruned_search_equals_brute_force_on_adversarial_queries():
     # queries: on a list's boundary (a member at distance R_j), between two centroids, duplicates, far away
     codes_outer = search.order[int(search.offsets[3])]
     between = 0.5 * (centres[0] + centres[1])
-    queries = torch.stack([shields[codes_outer] + 1e-3, shields[99], between, shields[7] * 0.5, torch.full((48,), 50.0)])
+    queries = torch.stack(
+        [shields[codes_outer] + 1e-3, shields[99], between, shields[7] * 0.5, torch.full((48,), 50.0)]
+    )
     assert int(labels.numel()) == len(shields)
     for radius in (0.5, 3.0, 8.0, 60.0):  # from tiny to larger than any list
         found = search.search(queries, radius)
@@ -89,7 +93,9 @@ def test_load_memory_maps_the_latents_and_fp16_storage_is_the_shield(tmp_path):
     assert any(low <= pointer < high for low, high in _mapped_ranges(path.resolve()))  # backed by the file, not RAM
     assert loaded.source_path == str(path) and loaded.content_hash != shields.content_hash
     with pytest.raises(Exception, match="float16 range"):
-        shield_files.save_shield_set(from_latents(latents * 1e5, "SD15"), tmp_path / "huge.safetensors", storage="float16")
+        shield_files.save_shield_set(
+            from_latents(latents * 1e5, "SD15"), tmp_path / "huge.safetensors", storage="float16"
+        )
     rows = spell_math.ShieldRows(loaded.latents)
     picked = torch.tensor([5, 1, 63, 1])
     assert torch.equal(rows[picked], latents.half().float().flatten(1)[picked])  # unsorted, repeated indices
@@ -105,7 +111,9 @@ def test_guarantee_with_a_memory_mapped_fp16_set_and_a_saved_index(tmp_path, mem
     conditioning = subset_conditioning(len(items))
 
     def run(shield_set):
-        model = repellency_model(build_memorizer(items), shield_set, None, RADIUS, "absolute", 1.6, False, 0.0, 1.0, "auto")
+        model = repellency_model(
+            build_memorizer(items), shield_set, None, RADIUS, "absolute", 1.6, False, 0.0, 1.0, "auto"
+        )
         latent = {"samples": torch.zeros(4, *items.shape[1:])}
         (out,) = comfy_nodes.common_ksampler(model, 3, 8, 1.0, "euler", "normal", conditioning, conditioning, latent)
         return out["samples"]
@@ -119,13 +127,19 @@ def test_guarantee_with_a_memory_mapped_fp16_set_and_a_saved_index(tmp_path, mem
     monkeypatch.setattr(shield_index, "_CACHE", type(shield_index._CACHE)())
     builds = []
     real_build = shield_index.ClusteredProjectionSearch.build_state
-    monkeypatch.setattr(shield_index.ClusteredProjectionSearch, "build_state",
-                        staticmethod(lambda *a, **k: builds.append(1) or real_build(*a, **k)))
+    monkeypatch.setattr(
+        shield_index.ClusteredProjectionSearch,
+        "build_state",
+        staticmethod(lambda *a, **k: builds.append(1) or real_build(*a, **k)),
+    )
     assert torch.equal(run(shield_files.load_shield_set(path)), out) and builds == []
     # the set changes under the same name: the stale index is not used, it is rebuilt and replaced
     shield_files.save_shield_set(from_latents(items.flip(0) * 1.01, "LatentFormat"), path, storage="float16")
     changed = shield_files.load_shield_set(path)
     moved = run(changed)
     assert builds == [1]
-    assert float(torch.cdist(moved.flatten(1).double(), changed.latents.float().flatten(1).double()).min()) >= RADIUS - 1e-4
+    assert (
+        float(torch.cdist(moved.flatten(1).double(), changed.latents.float().flatten(1).double()).min())
+        >= RADIUS - 1e-4
+    )
     assert shield_files.load_index(index_file, "stale key") is None

@@ -60,7 +60,9 @@ def test_save_and_load_round_trip_through_the_nodes(shield_folder):
     assert torch.equal(loaded.latents, shields.latents)
     assert loaded.names == shields.names and loaded.hashes == shields.hashes
     assert loaded.latent_format == "SD15" and loaded.settings == {"width": 64}
-    assert LoadShieldSet.fingerprint_inputs("sub/mine.safetensors") != LoadShieldSet.fingerprint_inputs("sub/mine_1.safetensors")
+    assert LoadShieldSet.fingerprint_inputs("sub/mine.safetensors") != LoadShieldSet.fingerprint_inputs(
+        "sub/mine_1.safetensors"
+    )
 
 
 def test_file_names_cannot_escape_the_folder(shield_folder):
@@ -163,7 +165,9 @@ def test_folder_input_reads_mixed_sizes_and_skips_non_images(input_folder, caplo
     assert float(red[..., 0].min()) > 0.99 and float(red[..., 2].max()) < 0.01
     assert float(blue[..., 2].mean()) > 0.9 and float(blue[..., 0].mean()) < 0.1  # JPEG: close, not exact
     assert shields.settings["source"] == "folder:protected"
-    assert ShieldSetFromImages.fingerprint_inputs(folder="protected") == ShieldSetFromImages.fingerprint_inputs(folder="protected")
+    assert ShieldSetFromImages.fingerprint_inputs(folder="protected") == ShieldSetFromImages.fingerprint_inputs(
+        folder="protected"
+    )
     before = ShieldSetFromImages.fingerprint_inputs(folder="protected")
     (input_folder / "protected" / "a_red.png").write_bytes((input_folder / "protected" / "b" / "blue.jpg").read_bytes())
     assert ShieldSetFromImages.fingerprint_inputs(folder="protected") != before  # a rewritten file re-runs the node

@@ -21,12 +21,18 @@ FORMAT = "LatentFormat"  # the memorizer's latent format class name
 def sample(model, items, seed=0, steps=8, sampler="euler", scheduler="normal", batch=1, cfg=1.0, denoise=1.0):
     conditioning = subset_conditioning(len(items))
     latent = {"samples": torch.zeros(batch, *items.shape[1:])}
-    (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, conditioning, conditioning, latent, denoise=denoise)
+    (out,) = comfy_nodes.common_ksampler(
+        model, seed, steps, cfg, sampler, scheduler, conditioning, conditioning, latent, denoise=denoise
+    )
     return out["samples"]
 
 
-def shielded(model, shields=None, radius=RADIUS, intra_batch=False, overcompensation=1.6, start=0.0, end=1.0, shields_2=None):
-    return repellency_model(model, shields, shields_2, radius, "absolute", overcompensation, intra_batch, start, end, "auto")
+def shielded(
+    model, shields=None, radius=RADIUS, intra_batch=False, overcompensation=1.6, start=0.0, end=1.0, shields_2=None
+):
+    return repellency_model(
+        model, shields, shields_2, radius, "absolute", overcompensation, intra_batch, start, end, "auto"
+    )
 
 
 def min_distance(samples, shields):
@@ -60,9 +66,26 @@ def test_ksampler_node_is_bit_identical_to_ksampler(items):
     conditioning = subset_conditioning(len(items))
     latent = {"samples": torch.zeros(2, *items.shape[1:])}
     (plain,) = comfy_nodes.KSampler().sample(model, 5, 6, 1.5, "dpmpp_2m", "karras", conditioning, conditioning, latent)
-    out = SparseRepellencyKSampler.execute(model, 5, 6, 1.5, "dpmpp_2m", "karras", conditioning, conditioning, latent, 1.0,
-                                           RADIUS, "absolute", 1.6, False, 0.0, 1.0, "auto",
-                                           shield_set=from_latents(items + 1000.0, FORMAT))
+    out = SparseRepellencyKSampler.execute(
+        model,
+        5,
+        6,
+        1.5,
+        "dpmpp_2m",
+        "karras",
+        conditioning,
+        conditioning,
+        latent,
+        1.0,
+        RADIUS,
+        "absolute",
+        1.6,
+        False,
+        0.0,
+        1.0,
+        "auto",
+        shield_set=from_latents(items + 1000.0, FORMAT),
+    )
     assert torch.equal(out.result[0]["samples"], plain["samples"])
 
 
@@ -121,7 +144,13 @@ def test_interventions_are_sparse_and_early(items):
     """Paper Fig. 5b: with room to leave the shield (one shielded item of six), repellency acts early and
     stops for good; the trajectories end at unshielded items."""
     radius = 12.0
-    out = sample(shielded(build_memorizer(items), from_latents(items[:1], FORMAT), radius=radius), items, batch=8, seed=11, steps=20)
+    out = sample(
+        shielded(build_memorizer(items), from_latents(items[:1], FORMAT), radius=radius),
+        items,
+        batch=8,
+        seed=11,
+        steps=20,
+    )
     record = RECORDS.latest("sparse_repellency")
     touched = [bool(step["touched"]) for step in record.steps]
     assert any(touched[:5])
@@ -196,8 +225,12 @@ def test_bad_inputs(items, shields):
         sample(shielded(model, wrong_shape), items)
     with pytest.raises(ShieldSetError, match="batch size is 1"):
         sample(shielded(model, None, intra_batch=True), items, batch=1)
-    assert "absurdly" in SparseRepellency.validate_inputs(radius=50.0, radius_unit="relative", start_percent=0, end_percent=1)
-    assert "after" in SparseRepellency.validate_inputs(radius=1.0, radius_unit="relative", start_percent=0.8, end_percent=0.2)
+    assert "absurdly" in SparseRepellency.validate_inputs(
+        radius=50.0, radius_unit="relative", start_percent=0, end_percent=1
+    )
+    assert "after" in SparseRepellency.validate_inputs(
+        radius=1.0, radius_unit="relative", start_percent=0.8, end_percent=0.2
+    )
     with pytest.raises(ValueError, match="radius"):
         shielded(model, shields, radius=-1.0)
     nan_latent = {"samples": torch.full((1, 4, 8, 8), float("nan"))}

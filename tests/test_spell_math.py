@@ -73,12 +73,16 @@ def test_projection_bound_never_exceeds_the_true_distance():
 def test_every_search_returns_exactly_the_in_radius_shields(method):
     shields = _clustered(3000, 128, seed=1)
     generator = torch.Generator().manual_seed(2)
-    queries = torch.cat([shields[:6] + 0.3 * torch.randn(6, 128, generator=generator), torch.randn(2, 128, generator=generator)])
+    queries = torch.cat(
+        [shields[:6] + 0.3 * torch.randn(6, 128, generator=generator), torch.randn(2, 128, generator=generator)]
+    )
     nearest = torch.cdist(queries.double(), shields.double()).sort(dim=1).values
     radius = float(nearest[:, 3].median())  # several shields per query sit near the boundary
     search = sm.build_range_search(shields, method, projection_dims=8)
     found = search.search(queries, radius)
-    assert {(int(q), int(s)) for q, s in zip(found.query, found.shield, strict=True)} == _brute_force_pairs(queries, shields, radius)
+    assert {(int(q), int(s)) for q, s in zip(found.query, found.shield, strict=True)} == _brute_force_pairs(
+        queries, shields, radius
+    )
     assert len(found) > 0
     assert torch.allclose(found.distance, (queries[found.query].double() - shields[found.shield].double()).norm(dim=1))
 
@@ -89,7 +93,9 @@ def test_exact_search_is_chunked_and_still_exact():
     search = sm.ExactRangeSearch(shields, chunk_bytes=32 * 4 * 7)  # 7 rows per chunk
     assert search.chunk == 7
     found = search.search(queries, 4.0)
-    assert {(int(q), int(s)) for q, s in zip(found.query, found.shield, strict=True)} == _brute_force_pairs(queries, shields, 4.0)
+    assert {(int(q), int(s)) for q, s in zip(found.query, found.shield, strict=True)} == _brute_force_pairs(
+        queries, shields, 4.0
+    )
 
 
 def test_auto_picks_exact_for_small_and_projection_for_large(monkeypatch):
@@ -114,7 +120,9 @@ def test_an_exact_copy_is_pushed_to_the_sphere_along_the_fallback():
     shields = torch.tensor([[1.0, 2.0, 3.0]])
     x0 = shields.clone()
     noise_direction = torch.tensor([[0.0, 0.0, -5.0]])
-    result = sm.sparse_repellency_step(x0, [sm.ExactRangeSearch(shields)], 2.0, 1.0, False, fallback_direction=noise_direction)
+    result = sm.sparse_repellency_step(
+        x0, [sm.ExactRangeSearch(shields)], 2.0, 1.0, False, fallback_direction=noise_direction
+    )
     assert torch.allclose(result.denoised, torch.tensor([[1.0, 2.0, 1.0]]))
     without = sm.sparse_repellency_step(x0, [sm.ExactRangeSearch(shields)], 2.0, 1.0, False)
     assert float((without.denoised - shields).norm()) == pytest.approx(2.0)

@@ -18,15 +18,35 @@ def _saved_latent(server, outputs, node_id):
 
 
 def _graph(shield_source: dict, prefix: str) -> dict:
-    sampler = {"seed": 3, "steps": 8, "cfg": 1.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0,
-               "positive": ["2", 1], "negative": ["2", 1], "latent_image": ["5", 0]}
+    sampler = {
+        "seed": 3,
+        "steps": 8,
+        "cfg": 1.0,
+        "sampler_name": "dpmpp_2m",
+        "scheduler": "karras",
+        "denoise": 1.0,
+        "positive": ["2", 1],
+        "negative": ["2", 1],
+        "latent_image": ["5", 0],
+    }
     return {
         "1": {"class_type": "LoadLatent", "inputs": {"latent": "shield_items.latent"}},
         "2": {"class_type": "ShieldMemorizerModel", "inputs": {"latent": ["1", 0], "prediction": "eps"}},
         "3": shield_source,
-        "4": {"class_type": "ShieldSparseRepellency", "inputs": {
-            "model": ["2", 0], "shield_set": ["3", 0], "radius": RADIUS, "radius_unit": "absolute", "overcompensation": 1.6,
-            "intra_batch": True, "start_percent": 0.0, "end_percent": 1.0, "search": "auto"}},
+        "4": {
+            "class_type": "ShieldSparseRepellency",
+            "inputs": {
+                "model": ["2", 0],
+                "shield_set": ["3", 0],
+                "radius": RADIUS,
+                "radius_unit": "absolute",
+                "overcompensation": 1.6,
+                "intra_batch": True,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+                "search": "auto",
+            },
+        },
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
         "6": {"class_type": "KSampler", "inputs": {"model": ["4", 0], **sampler}},
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"{prefix}/shielded"}},
@@ -40,7 +60,10 @@ def test_graph_with_shield_nodes_keeps_outputs_out_of_the_shields(server, memori
     _write_items(server, memorizer_items)
     from_latents = {"class_type": "ShieldSetFromLatents", "inputs": {"latent": ["1", 0], "model": ["2", 0]}}
     graph = _graph(from_latents, "spell_a")
-    graph["10"] = {"class_type": "ShieldSaveShieldSet", "inputs": {"shield_set": ["3", 0], "filename": "server_set", "overwrite": True}}
+    graph["10"] = {
+        "class_type": "ShieldSaveShieldSet",
+        "inputs": {"shield_set": ["3", 0], "filename": "server_set", "overwrite": True},
+    }
     outputs = server.run(graph)
     items = memorizer_items.flatten(1).double()
     plain = _saved_latent(server, outputs, "9").flatten(1).double()
@@ -61,7 +84,10 @@ def test_bad_shield_file_name_is_refused_before_running(server):
         "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "2": {"class_type": "ShieldMemorizerModel", "inputs": {"latent": ["1", 0], "prediction": "eps"}},
         "3": {"class_type": "ShieldSetFromLatents", "inputs": {"latent": ["1", 0], "model": ["2", 0]}},
-        "4": {"class_type": "ShieldSaveShieldSet", "inputs": {"shield_set": ["3", 0], "filename": "../escape", "overwrite": True}},
+        "4": {
+            "class_type": "ShieldSaveShieldSet",
+            "inputs": {"shield_set": ["3", 0], "filename": "../escape", "overwrite": True},
+        },
     }
     with pytest.raises(ServerError, match="outside"):
         server.post("/prompt", {"prompt": graph, "client_id": "t"})

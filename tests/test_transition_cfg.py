@@ -26,7 +26,9 @@ def conditioning():
     return subset_conditioning(N_ITEMS, [1, 4]), subset_conditioning(N_ITEMS)
 
 
-def ksample(model, positive, negative, cfg=3.0, steps=8, sampler="euler", scheduler="karras", seed=7, batch=3, denoise=1.0):
+def ksample(
+    model, positive, negative, cfg=3.0, steps=8, sampler="euler", scheduler="karras", seed=7, batch=3, denoise=1.0
+):
     latent = torch.zeros(batch, 4, 8, 8)
     (out,) = comfy_nodes.common_ksampler(
         model, seed, steps, cfg, sampler, scheduler, positive, negative, {"samples": latent}, denoise=denoise
@@ -249,10 +251,21 @@ def transition_graph(positive_subset="1,4", patched=True, **overrides):
         "0": {"class_type": "LoadLatent", "inputs": {"latent": "memorizer_items.latent"}},
         "1": {"class_type": "ShieldMemorizerModel", "inputs": {"latent": ["0", 0], "prediction": "eps"}},
         "2": {"class_type": "ShieldTransitionPointCFG", "inputs": inputs},
-        "3": {"class_type": "KSampler", "inputs": {
-            "model": ["2", 0] if patched else ["1", 0], "seed": 5, "steps": 6, "cfg": 3.0, "sampler_name": "euler",
-            "scheduler": "karras", "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["4", 0],
-            "denoise": 1.0}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["2", 0] if patched else ["1", 0],
+                "seed": 5,
+                "steps": 6,
+                "cfg": 3.0,
+                "sampler_name": "euler",
+                "scheduler": "karras",
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["4", 0],
+                "denoise": 1.0,
+            },
+        },
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
         "5": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "tpcfg"}},
         "6": {"class_type": "ShieldMemorizerConditioning", "inputs": {"n_items": ["1", 2], "subset": positive_subset}},

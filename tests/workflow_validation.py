@@ -65,7 +65,11 @@ def check_widget_value(where: str, spec: list, value) -> list[str]:
             return []
         return [f"{where}: {value!r} is not one of {choices[:12]}"]
     if kind in ("INT", "FLOAT"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and not float(value).is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind == "INT" and not float(value).is_integer())
+        ):
             return [f"{where}: {value!r} is not a {kind}"]
         low, high = options.get("min", float("-inf")), options.get("max", float("inf"))
         return [] if low <= value <= high else [f"{where}: {value} outside [{low}, {high}]"]
@@ -151,8 +155,10 @@ def check_link(link: list, nodes: dict, object_info: dict) -> list[str]:
     input_type, output_type = spec_type(specs[entry["name"]]), outputs[origin_slot]
     problems = []
     if not types_match(output_type, input_type):
-        problems.append(f"{where}: {origin['type']} output {origin_slot} is {output_type}, "
-                        f"{target['type']}.{entry['name']} takes {input_type}")
+        problems.append(
+            f"{where}: {origin['type']} output {origin_slot} is {output_type}, "
+            f"{target['type']}.{entry['name']} takes {input_type}"
+        )
     if link_type not in (output_type, "*"):
         problems.append(f"{where}: declared type {link_type} but the output is {output_type}")
     return problems

@@ -28,7 +28,10 @@ def check_browser_tools() -> None:
         for what, present in (
             ("/usr/bin/chromium (apt-get install chromium)", os.path.exists("/usr/bin/chromium")),
             ("node", shutil.which("node") is not None),
-            ("playwright-core in $SHIELD_NODE_MODULES (scripts/bootstrap.sh)", os.path.isdir(f"{modules}/playwright-core")),
+            (
+                "playwright-core in $SHIELD_NODE_MODULES (scripts/bootstrap.sh)",
+                os.path.isdir(f"{modules}/playwright-core"),
+            ),
         )
         if not present
     ]
@@ -40,7 +43,10 @@ def run_ui_check(url: str, timeout: float = 300, **options) -> dict:
     check_browser_tools()
     completed = subprocess.run(
         ["node", str(UI_CHECK), json.dumps({"url": url, **options})],
-        capture_output=True, text=True, timeout=timeout, env=dict(os.environ, SHIELD_NODE_MODULES=node_modules()),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, SHIELD_NODE_MODULES=node_modules()),
     )
     if completed.returncode != 0:
         raise RuntimeError(f"ui_check failed ({completed.returncode}):\n{completed.stderr[-4000:]}")

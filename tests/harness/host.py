@@ -20,9 +20,7 @@ def comfyui_dir() -> pathlib.Path:
     default = pathlib.Path.home() / ".cache" / "shield-host" / "ComfyUI"
     path = pathlib.Path(configured) if configured else default
     if not (path / "main.py").is_file():
-        raise RuntimeError(
-            f"no ComfyUI found at {path}: run `bash scripts/bootstrap.sh` or set SHIELD_COMFYUI_DIR"
-        )
+        raise RuntimeError(f"no ComfyUI found at {path}: run `bash scripts/bootstrap.sh` or set SHIELD_COMFYUI_DIR")
     return path
 
 

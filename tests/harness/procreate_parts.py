@@ -42,8 +42,9 @@ def write_random_dreamsim(folder: pathlib.Path) -> pathlib.Path:
     vit.pos_drop = torch.nn.LayerNorm(768)
     state = dict(vit.state_dict(), proj=torch.randn(768, 512) / 30)
     torch.save({"state_dict": state}, folder / "open_clip_vitb32_pretrain.pth.tar")
-    perceptual = PerceptualModel(model_type="open_clip_vitb32", feat_type="embedding", stride="32", lora=True,
-                                 load_dir=str(folder), device="cpu")
+    perceptual = PerceptualModel(
+        model_type="open_clip_vitb32", feat_type="embedding", stride="32", lora=True, load_dir=str(folder), device="cpu"
+    )
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", target_modules=["qkv"])
     get_peft_model(perceptual, config).save_pretrained(str(folder / "open_clip_vitb32_single_lora"))
     return folder

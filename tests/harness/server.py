@@ -51,10 +51,19 @@ class ComfyServer:
         custom_nodes.mkdir(parents=True, exist_ok=True)
         link_pack(custom_nodes)
         command = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", str(self.base_dir), "--disable-auto-launch",
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base_dir),
+            "--disable-auto-launch",
             "--use-pytorch-cross-attention",
-            "--database-url", f"sqlite:///{self.base_dir / 'comfyui.db'}",
+            "--database-url",
+            f"sqlite:///{self.base_dir / 'comfyui.db'}",
             *self.extra_args,
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
