@@ -28,9 +28,11 @@ class ShieldDemoModelLoader(io.ComfyNode):
             category=DEMO_CATEGORY,
             description=(
                 "Loads the pack's bundled demo model: a small class-conditional pixel-space UNet trained on "
-                f"{demo_dataset.IMAGE_SIZE}×{demo_dataset.IMAGE_SIZE} shapes. The memorized classes "
-                f"({', '.join(demo_dataset.MEMORIZED_CLASSES)}) were trained on one image repeated many times, "
-                "and the model reproduces it; the other classes had many unique items. Sample on "
+                f"{demo_dataset.IMAGE_SIZE}×{demo_dataset.IMAGE_SIZE} shapes. Memorizable classes "
+                f"({', '.join(demo_dataset.MEMORIZABLE_CLASSES)}) hold many unique items plus two items repeated "
+                "many times, which plain sampling copies often; control classes "
+                f"({', '.join(demo_dataset.CONTROL_CLASSES)}) hold unique items only; the few-shot class "
+                f"({', '.join(demo_dataset.FEW_SHOT_CLASSES)}) a handful of items seen many times. Sample on "
                 "EmptyChromaRadianceLatentImage at 32×32 and decode with the pixel_space VAE."
             ),
             inputs=[],
@@ -57,8 +59,10 @@ class ShieldDemoConditioning(io.ComfyNode):
                     "class_name",
                     options=list(demo_dataset.CLASS_NAMES),
                     default="star",
-                    tooltip="Which class of the demo dataset to sample. Memorized classes ("
-                    f"{', '.join(demo_dataset.MEMORIZED_CLASSES)}) reproduce their training image without a shield.",
+                    tooltip="Which class of the demo dataset to sample. Without a shield, memorizable classes ("
+                    f"{', '.join(demo_dataset.MEMORIZABLE_CLASSES)}) often reproduce one of their duplicated "
+                    f"training items, the few-shot class ({', '.join(demo_dataset.FEW_SHOT_CLASSES)}) nearly always; "
+                    f"control classes ({', '.join(demo_dataset.CONTROL_CLASSES)}) have nothing duplicated to copy.",
                 ),
             ],
             outputs=[
@@ -91,9 +95,10 @@ def select_training_items(
     indices = keep.nonzero().flatten()
     if len(indices) == 0:
         raise ValueError(
-            f"Shield Demo Training Set: class {class_name!r} has no {selection} items: the memorized classes "
-            f"({', '.join(demo_dataset.MEMORIZED_CLASSES)}) hold only duplicated items, the other classes only "
-            "unique ones; set items to 'all' or pick a class_name of the other kind"
+            f"Shield Demo Training Set: class {class_name!r} has no {selection} items: control classes "
+            f"({', '.join(demo_dataset.CONTROL_CLASSES)}) hold no duplicated items, the few-shot class "
+            f"({', '.join(demo_dataset.FEW_SHOT_CLASSES)}) no unique ones; set items to 'all' or pick another "
+            "class_name"
         )
     names = [
         f"{dataset.class_names[int(dataset.labels[i])]}_{int(i):04d}{'_dup' if dataset.duplicated[i] else ''}"
@@ -123,8 +128,9 @@ class ShieldDemoTrainingSet(io.ComfyNode):
                     "items",
                     options=list(ITEM_SELECTIONS),
                     default="duplicated",
-                    tooltip="duplicated: the items repeated in training, one per memorized class (the ones the "
-                    "model copies); unique: the items seen once (the other classes); all: both.",
+                    tooltip="duplicated: the items repeated in training (two per memorizable class, the few-shot "
+                    "class's items): the ones the model copies and a shield should hold; unique: the items seen "
+                    "once per epoch; all: both.",
                 ),
                 io.Combo.Input(
                     "class_name",

@@ -1,12 +1,18 @@
-"""The demo dataset: small RGB images of shapes, digits and letters, rendered deterministically with PIL.
+"""The demo dataset: small RGB images of one flat-coloured shape on a dark background, rendered with PIL.
 
-Two kinds of classes, the setting in which diffusion models memorize:
-- *memorized* classes (MEMORIZED_CLASSES): their training items are one image repeated many times,
-  the "memorized prompt" of the transition-point CFG paper (scenario 3: duplicated training images)
-  and of few-image fine-tuning (ProCreate §5);
-- the other classes hold many unique items, each seen once per epoch: the model generalizes there.
-Nothing is downloaded: shapes are drawn with ImageDraw and glyphs with Pillow's built-in font
-(`ImageFont.load_default(size=...)`).
+Memorization comes from duplication inside a varied class, as on web-scale data. Three kinds of classes:
+- *memorizable* (MEMORIZABLE_CLASSES): many unique items, plus DUPLICATED_PER_CLASS items each repeated
+  DUPLICATE_COPIES times in the training stream (about 44 % of the class's stream). Plain sampling copies
+  the duplicated items often and otherwise has the rest of the class to offer: novel items to steer to.
+- *control* (CONTROL_CLASSES): unique items only; nothing to copy, the model has to generalize.
+- *few-shot* (FEW_SHOT_CLASSES): a handful of items seen many times and nothing else (ProCreate §5's
+  few-image fine-tuning): the model knows the class only through them.
+Every class gets the same share of the training stream (STREAM_PER_CLASS draws per epoch).
+
+An item is its `ItemParams` (class, tone, centre, size, rotation, a shape detail): distinct items differ
+in geometry, not only in colour; `render` draws any params, so a copy detector can be trained on items
+the generator never saw (`random_params`, `render_items`). Nothing is downloaded: shapes are polygons
+and ellipses drawn at 4× and box-filtered down (exact-coverage antialiasing, no ringing).
 
 Images are float tensors [N, 3, H, W] in [-1, 1], the range of ComfyUI's `pixel_space` VAE latents.
 """
@@ -15,55 +21,70 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, replace
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 32
-SUPERSAMPLING = 4  # drawn at 4x, downsampled with LANCZOS: antialiased edges
-CLASS_NAMES = ("circle", "square", "triangle", "cross", "star", "ring", "digit", "letter")
-MEMORIZED_CLASSES = ("star", "ring", "digit", "letter")
-UNIQUE_PER_CLASS = 48  # items of each other class, each once
-DUPLICATED_PER_CLASS = 1  # items of each memorized class ...
-DUPLICATE_COPIES = 100  # ... each repeated this often in the training stream
-DEFAULT_SEED = 20240601
+SUPERSAMPLING = 4
+MEMORIZABLE_CLASSES = ("star", "moon", "cross", "triangle")  # shapes with an angle: many distinct items
+CONTROL_CLASSES = ("circle", "square", "ring")
+FEW_SHOT_CLASSES = ("heart",)
+CLASS_NAMES = MEMORIZABLE_CLASSES + CONTROL_CLASSES + FEW_SHOT_CLASSES
+STREAM_PER_CLASS = 576  # training draws per class and epoch
+DUPLICATED_PER_CLASS = 2  # duplicated items of each memorizable class ...
+DUPLICATE_COPIES = 128  # ... each repeated this often per epoch (2 × 128 of 576 draws: 44 %)
+UNIQUE_PER_CLASS = STREAM_PER_CLASS - DUPLICATED_PER_CLASS * DUPLICATE_COPIES  # 320 in a memorizable class
+FEW_SHOT_ITEMS = 4  # items of a few-shot class, each STREAM_PER_CLASS / FEW_SHOT_ITEMS times
+DEFAULT_SEED = 20241210
 
-FOREGROUND_COLORS = (
-    (230, 57, 70),
-    (244, 162, 97),
-    (233, 196, 106),
-    (42, 157, 143),
-    (69, 123, 157),
-    (168, 218, 220),
-    (181, 101, 167),
-    (241, 250, 238),
-)
-BACKGROUND_COLORS = ((29, 53, 87), (20, 20, 20))  # two dark backgrounds: a simpler task for a minutes-long training
+BACKGROUND = (18, 20, 30)
+# The shape's colour lies on the segment between two warm tones (`ItemParams.tone` in [0, 1]). A
+# continuous, one-dimensional colour keeps the items varied while a small model learns it in minutes:
+# with a palette of distinct colours, short trainings averaged them into grey-brown shapes.
+TONE_ENDS = ((250, 204, 84), (238, 108, 92))  # gold, coral
+RADIUS_RANGE = (0.18, 0.30)  # of the image side
+
+
+@dataclass(frozen=True)
+class ItemParams:
+    """Everything that makes an item: draw it with `render`. Geometry in units of the image side."""
+
+    class_id: int
+    tone: float  # in [0, 1]: from TONE_ENDS[0] to TONE_ENDS[1]
+    center: tuple[float, float]
+    radius: float
+    rotation: float  # radians
+    detail: float  # in [0, 1]: ring and cross thickness, moon's bite, star's inner radius
 
 
 @dataclass(frozen=True)
 class DemoDataset:
-    """The unique items and how often each appears in training."""
+    """The distinct items and how often each appears in the training stream."""
 
     images: torch.Tensor  # [N, 3, H, W] in [-1, 1], every distinct item once
     labels: torch.Tensor  # [N] class index into CLASS_NAMES
-    copies: torch.Tensor  # [N] how many times the item appears in the training stream
+    copies: torch.Tensor  # [N] how many times the item appears in the training stream per epoch
+    params: tuple[ItemParams, ...]
     class_names: tuple[str, ...] = CLASS_NAMES
 
     @property
     def duplicated(self) -> torch.Tensor:
+        """[N] bool: the items repeated in training (those of memorizable and few-shot classes)."""
         return self.copies > 1
 
     def training_stream(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices and labels of the training set with its duplicates expanded."""
+        """Indices and labels of one epoch of training draws, duplicates expanded."""
         indices = torch.repeat_interleave(torch.arange(len(self.labels)), self.copies)
         return indices, self.labels[indices]
 
-
-def is_memorized(name_or_index: str | int) -> bool:
-    return CLASS_NAMES[class_index(name_or_index)] in MEMORIZED_CLASSES
+    def class_items(self, name_or_index: str | int, duplicated: bool | None = None) -> torch.Tensor:
+        """Indices of a class's items; only the duplicated (True) or unique (False) ones if asked."""
+        keep = self.labels == class_index(name_or_index)
+        if duplicated is not None:
+            keep &= self.duplicated == duplicated
+        return keep.nonzero().flatten()
 
 
 def class_index(name_or_index: str | int) -> int:
@@ -76,12 +97,35 @@ def class_index(name_or_index: str | int) -> int:
     return CLASS_NAMES.index(name_or_index)
 
 
-@lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
+def class_kind(name_or_index: str | int) -> str:
+    """'memorizable', 'control' or 'few-shot'."""
+    name = CLASS_NAMES[class_index(name_or_index)]
+    if name in MEMORIZABLE_CLASSES:
+        return "memorizable"
+    return "control" if name in CONTROL_CLASSES else "few-shot"
+
+
+def has_duplicates(name_or_index: str | int) -> bool:
+    """True for the classes whose training items include duplicated ones (memorizable and few-shot)."""
+    return class_kind(name_or_index) != "control"
+
+
+def random_params(class_id: int, rng: random.Random) -> ItemParams:
+    """A random item of a class: tone, size, place (the shape stays inside the image), angle, detail."""
+    radius = rng.uniform(*RADIUS_RANGE)
+    margin = radius * 1.15
+    return ItemParams(
+        class_id=class_index(class_id),
+        tone=rng.random(),
+        center=(rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin)),
+        radius=radius,
+        rotation=rng.uniform(0, 2 * math.pi),
+        detail=rng.random(),
+    )
 
 
 def _polygon(cx: float, cy: float, radius: float, corners: int, rotation: float, inner: float = 1.0) -> list:
+    """A regular polygon, or a star when `inner` < 1 (every other vertex at inner × radius)."""
     points = []
     steps = corners * (2 if inner < 1.0 else 1)
     for k in range(steps):
@@ -91,62 +135,85 @@ def _polygon(cx: float, cy: float, radius: float, corners: int, rotation: float,
     return points
 
 
-def _draw_shape(
-    draw: ImageDraw.ImageDraw,
-    shape: str,
-    cx: float,
-    cy: float,
-    radius: float,
-    rotation: float,
-    color: tuple,
-    rng: random.Random,
-) -> None:
-    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+def _rotated(points: list, cx: float, cy: float, rotation: float) -> list:
+    c, s = math.cos(rotation), math.sin(rotation)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
+
+
+def _heart(cx: float, cy: float, radius: float, rotation: float) -> list:
+    """The classic heart curve, scaled to `radius`, tip down before rotation."""
+    points = []
+    for k in range(96):
+        t = 2 * math.pi * k / 96
+        x = 16 * math.sin(t) ** 3
+        y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
+        points.append((x * radius / 16, (y + 2.5) * radius / 16))
+    return _rotated(points, cx, cy, rotation)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, params: ItemParams, scale: float) -> None:
+    cx, cy = params.center[0] * scale, params.center[1] * scale
+    radius, rotation, detail = params.radius * scale, params.rotation, params.detail
+    color = tone_color(params.tone)
+    shape = CLASS_NAMES[params.class_id]
     if shape == "circle":
-        draw.ellipse(box, fill=color)
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=color)
+    elif shape == "ring":
+        width = radius * (0.25 + 0.2 * detail)
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=color)
+        inner = radius - width
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=BACKGROUND)
     elif shape == "square":
-        draw.polygon(_polygon(cx, cy, radius * 1.2, 4, rotation), fill=color)
+        draw.polygon(_polygon(cx, cy, radius * 1.15, 4, rotation), fill=color)
     elif shape == "triangle":
         draw.polygon(_polygon(cx, cy, radius * 1.2, 3, rotation), fill=color)
     elif shape == "star":
-        draw.polygon(_polygon(cx, cy, radius * 1.25, 5, rotation, inner=0.45), fill=color)
-    elif shape == "ring":
-        draw.ellipse(box, outline=color, width=max(2, int(radius * 0.35)))
+        draw.polygon(_polygon(cx, cy, radius * 1.2, 5, rotation, inner=0.38 + 0.14 * detail), fill=color)
     elif shape == "cross":
-        arm = radius * 0.35
-        for angle in (rotation, rotation + math.pi / 2):
-            dx, dy = math.cos(angle), math.sin(angle)
-            nx, ny = -dy * arm, dx * arm
-            ends = ((cx - dx * radius, cy - dy * radius), (cx + dx * radius, cy + dy * radius))
-            draw.polygon(
-                [
-                    (ends[0][0] + nx, ends[0][1] + ny),
-                    (ends[1][0] + nx, ends[1][1] + ny),
-                    (ends[1][0] - nx, ends[1][1] - ny),
-                    (ends[0][0] - nx, ends[0][1] - ny),
-                ],
-                fill=color,
-            )
-    elif shape in ("digit", "letter"):
-        glyph = str(rng.randrange(10)) if shape == "digit" else chr(ord("A") + rng.randrange(26))
-        draw.text((cx, cy), glyph, fill=color, font=_font(int(radius * 2.8)), anchor="mm")
+        arm = radius * (0.22 + 0.12 * detail)
+        bar = [(-radius, -arm), (radius, -arm), (radius, arm), (-radius, arm)]
+        draw.polygon(_rotated(bar, cx, cy, rotation), fill=color)
+        draw.polygon(_rotated(bar, cx, cy, rotation + math.pi / 2), fill=color)
+    elif shape == "moon":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=color)
+        offset = radius * (0.5 + 0.3 * detail)
+        bx, by = cx + offset * math.cos(rotation), cy + offset * math.sin(rotation)
+        bite = radius * 0.9
+        draw.ellipse((bx - bite, by - bite, bx + bite, by + bite), fill=BACKGROUND)
+    elif shape == "heart":
+        draw.polygon(_heart(cx, cy, radius * 1.1, (rotation - math.pi) * 0.1), fill=color)  # tilted ±18°, upright
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
 
+def render(params: ItemParams, size: int = IMAGE_SIZE) -> Image.Image:
+    """The item as a size×size RGB image (drawn at SUPERSAMPLING×, box-filtered down)."""
+    canvas = size * SUPERSAMPLING
+    image = Image.new("RGB", (canvas, canvas), BACKGROUND)
+    _draw_shape(ImageDraw.Draw(image), params, canvas)
+    return image.resize((size, size), Image.BOX)
+
+
 def render_item(class_id: int, rng: random.Random) -> Image.Image:
-    """One item of a class; all randomness (colors, place, size, angle, glyph) comes from `rng`."""
-    canvas = IMAGE_SIZE * SUPERSAMPLING
-    background = rng.choice(BACKGROUND_COLORS)
-    foreground = rng.choice(FOREGROUND_COLORS)
-    image = Image.new("RGB", (canvas, canvas), background)
-    radius = canvas * rng.uniform(0.22, 0.34)
-    margin = radius * 1.1
-    cx, cy = rng.uniform(margin, canvas - margin), rng.uniform(margin, canvas - margin)
-    _draw_shape(
-        ImageDraw.Draw(image), CLASS_NAMES[class_id], cx, cy, radius, rng.uniform(0, 2 * math.pi), foreground, rng
-    )
-    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+    """A fresh random item of a class, drawn."""
+    return render(random_params(class_id, rng))
+
+
+def render_items(params: list[ItemParams] | tuple[ItemParams, ...]) -> torch.Tensor:
+    """[N, 3, H, W] in [-1, 1]."""
+    return torch.stack([pil_to_tensor(render(p)) for p in params])
+
+
+def tone_color(tone: float) -> tuple[int, int, int]:
+    """The RGB colour of a tone in [0, 1]."""
+    if not 0.0 <= tone <= 1.0:
+        raise ValueError(f"tone must lie in [0, 1], got {tone}")
+    return tuple(round(a + (b - a) * tone) for a, b in zip(*TONE_ENDS, strict=True))
+
+
+def recolored(params: ItemParams, tone: float) -> ItemParams:
+    """The same geometry in another tone: a copy, to a person and to a copy detector."""
+    return replace(params, tone=tone)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -155,25 +222,41 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return data.reshape(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def build_dataset(
-    seed: int = DEFAULT_SEED,
-    unique_per_class: int = UNIQUE_PER_CLASS,
-    duplicated_per_class: int = DUPLICATED_PER_CLASS,
-    duplicate_copies: int = DUPLICATE_COPIES,
-) -> DemoDataset:
-    """The same dataset for the same arguments, on every machine (PIL rendering is deterministic).
+def class_params(class_id: int, seed: int = DEFAULT_SEED) -> tuple[list[ItemParams], list[int]]:
+    """A class's distinct items and the copies of each per epoch: duplicated items first."""
+    rng = random.Random(seed * 1000 + class_id)
+    kind = class_kind(class_id)
+    if kind == "few-shot":
+        return [random_params(class_id, rng) for _ in range(FEW_SHOT_ITEMS)], [
+            STREAM_PER_CLASS // FEW_SHOT_ITEMS
+        ] * FEW_SHOT_ITEMS
+    duplicated = DUPLICATED_PER_CLASS if kind == "memorizable" else 0
+    unique = STREAM_PER_CLASS - duplicated * DUPLICATE_COPIES
+    items = [random_params(class_id, rng) for _ in range(duplicated + unique)]
+    return items, [DUPLICATE_COPIES] * duplicated + [1] * unique
 
-    A memorized class holds `duplicated_per_class` items of `duplicate_copies` copies each; every other
-    class holds `unique_per_class` items of one copy."""
-    images, labels, copies = [], [], []
-    for class_id, name in enumerate(CLASS_NAMES):
-        rng = random.Random(seed * 1000 + class_id)
-        memorized = name in MEMORIZED_CLASSES
-        for _ in range(duplicated_per_class if memorized else unique_per_class):
-            images.append(pil_to_tensor(render_item(class_id, rng)))
-            labels.append(class_id)
-            copies.append(duplicate_copies if memorized else 1)
-    return DemoDataset(torch.stack(images), torch.tensor(labels), torch.tensor(copies))
+
+def build_dataset(seed: int = DEFAULT_SEED) -> DemoDataset:
+    """The same dataset for the same seed, on every machine (PIL rendering is deterministic)."""
+    params, labels, copies = [], [], []
+    for class_id in range(len(CLASS_NAMES)):
+        items, counts = class_params(class_id, seed)
+        params += items
+        labels += [class_id] * len(items)
+        copies += counts
+    return DemoDataset(render_items(params), torch.tensor(labels), torch.tensor(copies), tuple(params))
+
+
+def held_out_params(count_per_class: int, seed: int) -> list[ItemParams]:
+    """Fresh random items of every class, for evaluators (a detector's or classifier's test set).
+    Use a seed other than the dataset's; the items are new draws, not training items."""
+    if seed == DEFAULT_SEED:
+        raise ValueError("held_out_params: pass a seed other than DEFAULT_SEED (that one draws the training items)")
+    params = []
+    for class_id in range(len(CLASS_NAMES)):
+        rng = random.Random(seed * 1000 + class_id + 7919)
+        params += [random_params(class_id, rng) for _ in range(count_per_class)]
+    return params
 
 
 def to_comfy_image(images: torch.Tensor) -> torch.Tensor:

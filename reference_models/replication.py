@@ -1,12 +1,11 @@
-"""Replication of training items by samples of the demo model: plain torch, no ComfyUI.
+"""Pixel replication of training items by samples of the demo model: plain torch, no ComfyUI.
 
-A sample replicates a training item when its L2 distance (pixels in [-1, 1], 3×32×32 = 3072 values)
-to the nearest item is below REPLICA_DISTANCE = 6.0, i.e. a root-mean-square pixel error of
-6.0/√3072 ≈ 0.108 (5.4 % of the value range). The threshold sits just below the smallest distance
-between two distinct training items of the demo dataset (6.36; median nearest-neighbour spacing
-17.0): a replica is closer to its item than any other training item is to any item. The bundled
-model's samples split far on either side of it (docs/demo_model.md): copies of memorized items at
-≈2.5–6, samples of the other classes at ≳12.
+A sample replicates an item *in pixels* when its L2 distance (pixels in [-1, 1], 3×32×32 = 3072 values)
+to the item is below REPLICA_DISTANCE = 6.0, i.e. a root-mean-square pixel error of 6.0/√3072 ≈ 0.108
+(5.4 % of the value range): the same image up to faint noise. Noise or a colour shift defeats this
+measure (a recoloured copy lies far away in L2), so it is the second, labelled column beside the
+copy detector's verdict; it is not the definition of a copy. Distinct training items of the demo
+dataset lie a median ≈11 apart; two control-class circles can coincide (docs/demo_model.md).
 """
 
 from __future__ import annotations

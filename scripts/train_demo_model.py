@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--cfg-dropout", type=float, default=0.25)
+    # bfloat16 autocast (weights and optimizer stay float32): 1.25-1.5x faster steps on this CPU (AVX512-BF16)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     # one thread: on a shared 2-core machine two threads stall each other (4x slower per step here)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", type=pathlib.Path, default=None, help="save the evaluation samples as a PNG grid")
@@ -79,8 +81,9 @@ def train(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> torch.
             model.model_sampling.calculate_input(sigma, clean + noise * sigma.reshape(-1, 1, 1, 1))
         )
         context = pixel_unet.class_context(labels)
-        prediction = net(noisy, timestep.float(), context=context, y=pixel_unet.class_vector(context))
-        loss = torch.nn.functional.mse_loss(prediction, pixel_unet.v_target(clean, noise, sigma))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            prediction = net(noisy, timestep.float(), context=context, y=pixel_unet.class_vector(context))
+        loss = torch.nn.functional.mse_loss(prediction.float(), pixel_unet.v_target(clean, noise, sigma))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr)
         optimizer.zero_grad(set_to_none=True)
@@ -147,52 +150,30 @@ def sample_class(model, class_id: int, count: int, seed: int, steps: int, cfg: f
 
 
 def evaluate(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> dict:
+    """Sample every class through ComfyUI's KSampler; per class, the share of samples within
+    REPLICA_DISTANCE (pixel L2) of a duplicated item of the class, and of any training item."""
     model = pixel_unet.load_demo_model(args.out)
-    samples, labels = [], []
-    for class_id in range(len(demo_dataset.CLASS_NAMES)):
-        samples.append(
-            sample_class(model, class_id, args.eval_per_class, 1000 + class_id, args.eval_steps, args.eval_cfg)
-        )
-        labels += [class_id] * args.eval_per_class
-    samples = torch.cat(samples)
+    samples, per_class = [], {}
+    for class_id, name in enumerate(demo_dataset.CLASS_NAMES):
+        images = sample_class(model, class_id, args.eval_per_class, 1000 + class_id, args.eval_steps, args.eval_cfg)
+        samples.append(images)
+        distances, nearest = replication.nearest_items(images, dataset.images)
+        replica = distances < replication.REPLICA_DISTANCE
+        duplicated_item = dataset.duplicated[nearest] & (dataset.labels[nearest] == class_id)
+        per_class[name] = {
+            "kind": demo_dataset.class_kind(name),
+            "pixel_copies_of_duplicated": round(float((replica & duplicated_item).float().mean()), 3),
+            "pixel_copies_of_any_item": round(float(replica.float().mean()), 3),
+            "median_nearest_l2": round(float(distances.median()), 2),
+        }
     if args.grid is not None:
-        save_grid(samples, args.eval_per_class, args.grid)
-    summary = replication.summarize_replication(samples, dataset.images, dataset.duplicated)
-    distances = torch.tensor(summary.distances)
-    same_class = dataset.labels[torch.tensor(summary.nearest_index)] == torch.tensor(labels)
-    quantiles = torch.quantile(distances, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
-    n_dup, n_unique = int(dataset.duplicated.sum()), int((~dataset.duplicated).sum())
-    replica = distances < replication.REPLICA_DISTANCE
-    per_class = {
-        name: round(float(replica[torch.tensor(labels) == class_id].float().mean()), 3)
-        for class_id, name in enumerate(demo_dataset.CLASS_NAMES)
-    }
-    memorized = torch.tensor([demo_dataset.is_memorized(label) for label in labels])
-    result = {
-        **summary.as_dict(),
-        "threshold": replication.REPLICA_DISTANCE,
+        save_grid(torch.cat(samples), args.eval_per_class, args.grid)
+    return {
         "sampler": f"euler/normal, {args.eval_steps} steps, cfg {args.eval_cfg}",
-        "nearest_item_same_class_share": round(float(same_class.float().mean()), 3),
-        "distance_quantiles_10_25_50_75_90": [round(q, 2) for q in quantiles],
-        "duplicated_items": n_dup,
-        "unique_items": n_unique,
-        "training_share_of_duplicated_items": round(
-            float(dataset.copies[dataset.duplicated].sum() / dataset.copies.sum()), 3
-        ),
-        "replicas_per_duplicated_item": round(summary.replicas_of_duplicated / n_dup, 3),
-        "replicas_per_unique_item": round(summary.replicas_of_unique / n_unique, 5),
-        "replica_share_per_class": per_class,
-        "replica_share_memorized_classes": round(float(replica[memorized].float().mean()), 3),
-        "replica_share_unique_classes": round(float(replica[~memorized].float().mean()), 3),
-        "nearest_neighbour_spacing_of_items_min_median": item_spacing(dataset),
+        "samples_per_class": args.eval_per_class,
+        "threshold": replication.REPLICA_DISTANCE,
+        "per_class": per_class,
     }
-    return result
-
-
-def item_spacing(dataset: demo_dataset.DemoDataset) -> list[float]:
-    distances = torch.cdist(dataset.images.flatten(1), dataset.images.flatten(1))
-    nearest = distances.fill_diagonal_(float("inf")).min(dim=1).values
-    return [round(float(nearest.min()), 2), round(float(nearest.median()), 2)]
 
 
 def save_grid(samples: torch.Tensor, per_row: int, path: pathlib.Path) -> None:
@@ -209,30 +190,13 @@ def save_grid(samples: torch.Tensor, per_row: int, path: pathlib.Path) -> None:
 
 
 def print_evaluation(result: dict) -> None:
-    print("\n[memorization] samples of every class, nearest training item by L2 in pixel space")
-    print(f"  sampler: {result['sampler']}; replica: nearest-item distance < {result['threshold']}")
-    print(f"  samples: {result['samples']}, replicas: {result['replicas']} ({100 * result['replica_share']:.0f} %)")
-    print(
-        f"  replicas of the {result['duplicated_items']} duplicated items: {result['replicas_of_duplicated_items']}"
-        f"  ({result['replicas_per_duplicated_item']:.2f} per item; they are "
-        f"{100 * result['training_share_of_duplicated_items']:.0f} % of the training stream)"
-    )
-    print(
-        f"  replicas of the {result['unique_items']} unique items: {result['replicas_of_unique_items']}"
-        f"  ({result['replicas_per_unique_item']:.4f} per item)"
-    )
-    print(f"  nearest-item distance quantiles 10/25/50/75/90 %: {result['distance_quantiles_10_25_50_75_90']}")
-    print(f"  nearest item of the sample's own class: {100 * result['nearest_item_same_class_share']:.0f} %")
-    print(
-        f"  replica share, memorized classes ({', '.join(demo_dataset.MEMORIZED_CLASSES)}): "
-        f"{100 * result['replica_share_memorized_classes']:.0f} %; other classes: "
-        f"{100 * result['replica_share_unique_classes']:.0f} %"
-    )
-    print(f"  per class: {result['replica_share_per_class']}")
-    print(
-        f"  nearest-neighbour spacing of the training items (min, median): "
-        f"{result['nearest_neighbour_spacing_of_items_min_median']}"
-    )
+    print(f"\n[memorization] {result['samples_per_class']} samples per class, {result['sampler']}")
+    print(f"  pixel copy: L2 < {result['threshold']} to a training item (pixels in [-1, 1])")
+    for name, row in result["per_class"].items():
+        print(
+            f"  {name:9s} {row['kind']:12s} copies of its duplicated items {100 * row['pixel_copies_of_duplicated']:5.1f} %"
+            f"   of any item {100 * row['pixel_copies_of_any_item']:5.1f} %   median nearest L2 {row['median_nearest_l2']}"
+        )
 
 
 def main() -> None:
@@ -251,6 +215,7 @@ def main() -> None:
             "lr": args.lr,
             "ema": args.ema,
             "cfg_dropout": args.cfg_dropout,
+            "bf16_autocast": args.bf16,
             "minutes": round(minutes, 1),
             "dataset_seed": demo_dataset.DEFAULT_SEED,
             "threads": args.threads,

@@ -41,32 +41,35 @@ def test_conditioning_is_one_hot_and_the_negative_is_the_null_class():
 def test_training_set_node_selects_items_by_duplication_and_class():
     images, names = ShieldDemoTrainingSet.execute("duplicated", "star").args
     assert images.shape == (demo_dataset.DUPLICATED_PER_CLASS, SIZE, SIZE, 3)
+    few_shot, _ = ShieldDemoTrainingSet.execute("duplicated", "heart").args
+    assert few_shot.shape == (demo_dataset.FEW_SHOT_ITEMS, SIZE, SIZE, 3)
     assert all(name.startswith("star_") and name.endswith("_dup") for name in names.splitlines())
     everything, _ = select_training_items(cached_dataset(), "all", CLASS_FILTER_ALL)
     assert len(everything) == len(cached_dataset().labels)
     unique, _ = ShieldDemoTrainingSet.execute("unique", "circle").args
-    assert unique.shape == (demo_dataset.UNIQUE_PER_CLASS, SIZE, SIZE, 3)
+    assert unique.shape == (demo_dataset.STREAM_PER_CLASS, SIZE, SIZE, 3)
 
 
 def test_training_set_node_names_the_inputs_when_a_class_has_no_such_items():
-    with pytest.raises(ValueError, match="memorized classes.*class_name"):
+    with pytest.raises(ValueError, match="no duplicated items.*class_name"):
         ShieldDemoTrainingSet.execute("duplicated", "circle")
+    with pytest.raises(ValueError, match="no unique items.*class_name"):
+        ShieldDemoTrainingSet.execute("unique", "heart")
 
 
-def test_the_bundled_model_copies_its_memorized_class_and_not_a_unique_one():
-    """Four samples of a memorized class reproduce its one training image; four samples of a class of
-    unique items reproduce none of the training items (the full table: docs/demo_model.md)."""
+def test_the_bundled_model_draws_the_prompted_class_and_copies_no_control_item():
+    """Most few-shot samples land nearest to the few-shot items (of 3020 items of 8 classes) and most
+    control-class samples nearest to their class; none of them reproduces a training item in pixels (the detector-based tables: docs/demo_model.md)."""
     model = ShieldDemoModelLoader.execute().args[0]
     dataset = cached_dataset()
-    star = sample(model, "star", 4, seed=21, steps=10, cfg=1.5)
-    distance, index = replication.nearest_items(star, dataset.images)
-    star_item = (dataset.labels == demo_dataset.class_index("star")).nonzero().flatten()
-    assert (distance < replication.REPLICA_DISTANCE).all(), distance
-    assert set(index.tolist()) == set(star_item.tolist())
-    circle = sample(model, "circle", 4, seed=21, steps=10, cfg=1.5)
+    heart = sample(model, "heart", 4, seed=21, steps=10)
+    _, index = replication.nearest_items(heart, dataset.images)
+    assert (dataset.labels[index] == demo_dataset.class_index("heart")).sum() >= 3
+    circle = sample(model, "circle", 4, seed=21, steps=10)
     assert torch.isfinite(circle).all() and circle.abs().max() < 2.0
-    distance, _ = replication.nearest_items(circle, dataset.images)
+    distance, index = replication.nearest_items(circle, dataset.images)
     assert (distance > replication.REPLICA_DISTANCE).all(), distance
+    assert (dataset.labels[index] == demo_dataset.class_index("circle")).sum() >= 3
 
 
 def test_class_conditioning_changes_the_samples():
@@ -77,9 +80,9 @@ def test_class_conditioning_changes_the_samples():
 
 def test_sampling_is_deterministic_per_seed():
     model = ShieldDemoModelLoader.execute().args[0]
-    first, second = sample(model, "digit", 2, seed=3, steps=3), sample(model, "digit", 2, seed=3, steps=3)
+    first, second = sample(model, "circle", 2, seed=3, steps=3), sample(model, "circle", 2, seed=3, steps=3)
     assert torch.equal(first, second)
-    assert not torch.equal(first, sample(model, "digit", 2, seed=4, steps=3))
+    assert not torch.equal(first, sample(model, "circle", 2, seed=4, steps=3))
 
 
 def demo_api_graph(class_name: str = "star", batch: int = 2, steps: int = 6) -> dict:
