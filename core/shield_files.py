@@ -1,4 +1,4 @@
-"""Shield sets on disk (safetensors, no pickle) and the in-process Shield Memory store.
+"""Shield sets on disk (safetensors, no pickle): names, atomic writes, whole-file checks, index caches.
 
 Plain torch + safetensors; nothing here imports ComfyUI. The nodes pass in the folder to use.
 """
@@ -12,7 +12,6 @@ import os
 import pathlib
 import struct
 import tempfile
-import threading
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
@@ -21,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import paths
-from .shield_set import FORMAT_VERSION, ShieldSet, ShieldSetError, from_latents, hash_tensor, metadata_json
+from .shield_set import FORMAT_VERSION, ShieldSet, ShieldSetError, metadata_json
 
 EXTENSION = ".safetensors"
 # The search-index cache beside a set file: "<set>.safetensors" + this suffix. No set name can reach it
@@ -328,72 +327,3 @@ def load_index(path: pathlib.Path, key: str) -> Optional[dict]:
             return {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception:  # a damaged index is only a cache: rebuild it
         return None
-
-
-# -- memory ----------------------------------------------------------------------------------------
-class ShieldMemoryStore:
-    """Named sets that grow with every finished generation (paper §4.2: repel from previous batches).
-
-    Module-level, so it survives across queue runs in one server process; `version` changes on every
-    append or reset, which is what the Shield Memory node fingerprints.
-    """
-
-    def __init__(self, max_items: int = 4096):
-        self._sets: dict[str, ShieldSet] = {}
-        self._versions: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self.max_items = max_items
-
-    def version(self, memory_id: str) -> int:
-        with self._lock:
-            return self._versions.get(memory_id, 0)
-
-    def reset(self, memory_id: str) -> None:
-        with self._lock:
-            self._sets.pop(memory_id, None)
-            self._versions[memory_id] = self._versions.get(memory_id, 0) + 1
-
-    def snapshot(self, memory_id: str) -> ShieldSet:
-        """The set as it is now; an empty memory is a set of 0 shields without a shape yet."""
-        with self._lock:
-            current = self._sets.get(memory_id)
-        if current is None:
-            return ShieldSet(
-                latents=torch.zeros(0, 0, 0, 0),
-                latent_format="",
-                names=(),
-                hashes=(),
-                settings={"shield_memory_id": memory_id},
-            )
-        return current
-
-    def append(self, memory_id: str, latent_format: str, latents: torch.Tensor) -> int:
-        """Add generations; a latent already remembered (same hash) is skipped, so two patches that share
-        one memory (Sparse Repellency and ProCreate on one model) remember each output once. Returns
-        how many were added."""
-        with self._lock:
-            current = self._sets.get(memory_id)
-            known = set(current.hashes) if current is not None else set()
-            fresh = [i for i, latent in enumerate(latents) if hash_tensor(latent) not in known]
-            if not fresh:
-                return 0
-            latents = latents[fresh]
-            start = len(current) if current is not None else 0
-            names = [f"{memory_id} #{start + index}" for index in range(latents.shape[0])]
-            added = from_latents(latents, latent_format, names=names, settings={"shield_memory_id": memory_id})
-            merged = added if current is None else current.concat(added)
-            if len(merged) > self.max_items:  # keep the newest generations
-                keep = slice(len(merged) - self.max_items, None)
-                merged = ShieldSet(
-                    latents=merged.latents[keep],
-                    latent_format=latent_format,
-                    names=merged.names[keep],
-                    hashes=merged.hashes[keep],
-                    settings=merged.settings,
-                )
-            self._sets[memory_id] = merged
-            self._versions[memory_id] = self._versions.get(memory_id, 0) + 1
-            return len(fresh)
-
-
-MEMORY = ShieldMemoryStore()

@@ -22,7 +22,7 @@ class ShieldInfo(io.ComfyNode):
             node_id="ShieldInfo",
             display_name="Shield Info",
             category=f"{CATEGORY}/utils",
-            description="Reports the Shield pack's version and whether its optional packages (faiss, dreamsim, matplotlib) can be imported.",
+            description="Reports the Shield pack's version and whether its optional packages (faiss, dreamsim, matplotlib, redis) can be imported.",
             inputs=[],
             outputs=[io.String.Output("info", tooltip="Version and optional-dependency status, one per line.")],
             is_output_node=True,

@@ -4,8 +4,8 @@
   `shield.run_summary` {node, kind, label, samples, samples_touched, steps, steps_touched} to the client
   that queued the prompt. `node` is the id of the graph node that made the patch: patch nodes
   register it (their hidden `unique_id` input) with `register_patch` when they execute.
-- `POST /shield/memory/reset` {"memory_id": ...} empties a Shield Memory; `GET /shield/memory/{memory_id}`
-  reports its size.
+- `POST /shield/memory/reset` {"memory_id", "store", "redis_url"} empties a Shield Memory;
+  `GET /shield/memory/{memory_id}?store=...&redis_url=...` reports its size.
 
 ComfyUI's `server` module is only looked up in `sys.modules`: in-process use (tests, scripts) has no
 PromptServer, and then nothing is sent or routed.
@@ -19,8 +19,10 @@ import sys
 import threading
 from typing import Any, Optional
 
+from ..core.memory_redis import default_url
 from ..core.records import RECORDS, RunRecord, touched_summary
-from ..core.shield_files import MEMORY
+from ..core.shield_memory import MEMORY, MemorySpec
+from ..core.shield_set import ShieldSetError
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +90,24 @@ def add_routes() -> None:
             body = await request.json()
         except ValueError:
             body = {}
-        memory_id = str(body.get("memory_id", "")).strip() if isinstance(body, dict) else ""
-        if not memory_id:
-            return web.json_response({"error": 'send {"memory_id": "<name>"} (Shield Memory\'s memory_id)'}, status=400)
-        MEMORY.reset(memory_id)
-        logger.info("Shield Memory %r reset from the frontend", memory_id)
-        return web.json_response({"memory_id": memory_id, "size": 0, "version": MEMORY.version(memory_id)})
+        body = body if isinstance(body, dict) else {}
+        try:
+            key = MEMORY.open(_spec_from(body))
+            MEMORY.reset(key)
+            size, version = len(MEMORY.contents(key)), MEMORY.version(key)
+        except ShieldSetError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        logger.info("Shield Memory %r reset from the frontend", key)
+        return web.json_response({"memory_id": body.get("memory_id"), "size": size, "version": version})
 
     @instance.routes.get("/shield/memory/{memory_id}")
     async def memory_size(request):
-        memory_id = request.match_info["memory_id"]
-        return web.json_response(
-            {"memory_id": memory_id, "size": len(MEMORY.snapshot(memory_id)), "version": MEMORY.version(memory_id)}
-        )
+        try:
+            key = MEMORY.open(_spec_from({**request.query, "memory_id": request.match_info["memory_id"]}))
+            size, version = len(MEMORY.contents(key)), MEMORY.version(key)
+        except ShieldSetError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        return web.json_response({"memory_id": request.match_info["memory_id"], "size": size, "version": version})
 
     _routes_added = True
 
@@ -108,3 +115,12 @@ def add_routes() -> None:
 def install() -> None:
     RECORDS.add_listener(publish)
     add_routes()
+
+
+def _spec_from(fields) -> MemorySpec:
+    """A memory named by the frontend: memory_id, and the node's store and redis_url when not the defaults."""
+    store = str(fields.get("store") or "server")
+    redis_url = str(fields.get("redis_url") or "").strip()
+    if store == "redis" and not redis_url:
+        redis_url = default_url()
+    return MemorySpec(str(fields.get("memory_id", "")).strip(), store, redis_url=redis_url)

@@ -18,14 +18,16 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..core import image_folder
+from ..core.memory_file import FileStore
+from ..core.memory_redis import RedisStore, default_url
 from ..core.shield_files import (
     EXTENSION,
-    MEMORY,
     STORAGE_DTYPES,
     load_shield_set,
     resolve_inside,
     save_shield_set,
 )
+from ..core.shield_memory import DEFAULT_CAP, MAX_CAP, MEMORY, STORES, WHEN_FULL, MemorySpec, full_error
 from ..core.shield_set import ShieldSet, ShieldSetError, from_latents, latent_format_name  # noqa: F401
 from ..samplers import spell_math
 from .common import CATEGORY, SHIELD_SET
@@ -33,6 +35,7 @@ from .common import CATEGORY, SHIELD_SET
 logger = logging.getLogger(__name__)
 
 FOLDER = "shield_sets"
+MEMORY_FOLDER = "memories"  # models/shield_sets/memories/<id>.shield-memory: the file store
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
 
@@ -352,42 +355,125 @@ class LoadShieldSet(io.ComfyNode):
         return io.NodeOutput(shield_set, ui=set_preview(cls, shield_set))
 
 
+MEMORY_NAME = "Shield Memory"
+
+
+def memory_spec(memory_id: str, store: str, max_items: int, when_full: str, redis_url: str) -> MemorySpec:
+    """The Shield Memory node's inputs as a spec (an empty redis_url: SHIELD_MEMORY_REDIS_URL or the default)."""
+    return MemorySpec(
+        memory_id, store, max_items, when_full, (redis_url.strip() or default_url()) if store == "redis" else ""
+    )
+
+
 class ShieldMemory(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ShieldMemory",
-            display_name="Shield Memory",
+            display_name=MEMORY_NAME,
             category=f"{CATEGORY}/sets",
             description="A shield set that grows with the final latents of every generation that used it (SPELL §4.2: "
-            "repel from previous batches). Lives in this ComfyUI server until restart or reset.",
+            "repel from previous batches). Kept in this server until restart, in a file under models/shield_sets/memories "
+            "that survives restarts, or in a Redis server shared by a farm of ComfyUI servers.",
             inputs=[
                 io.String.Input(
-                    "memory_id", default="default", tooltip="Name of the memory; graphs using the same name share it."
+                    "memory_id",
+                    default="default",
+                    tooltip="Name of the memory; graphs using the same name (and store) share it. For the file and "
+                    "redis stores: letters, digits, '_', '-', '.'.",
                 ),
                 io.Boolean.Input(
                     "reset", default=False, tooltip="Empty the memory every time this node runs (off keeps growing it)."
+                ),
+                io.Combo.Input(
+                    "store",
+                    options=list(STORES),
+                    default="server",
+                    optional=True,
+                    tooltip="Where the memory lives. server: in this ComfyUI process, gone at restart. file: "
+                    "models/shield_sets/memories/<memory_id>.shield-memory, append-only, survives restarts and "
+                    "crashes (a kill loses at most the run being written). redis: a Redis server shared by several "
+                    "ComfyUI servers (see redis_url).",
+                ),
+                io.Int.Input(
+                    "max_items",
+                    default=DEFAULT_CAP,
+                    min=1,
+                    max=MAX_CAP,
+                    optional=True,
+                    tooltip="Cap on remembered outputs; what happens beyond it is when_full's choice.",
+                ),
+                io.Combo.Input(
+                    "when_full",
+                    options=list(WHEN_FULL),
+                    default="drop oldest",
+                    optional=True,
+                    tooltip="At the cap: drop oldest forgets the oldest outputs to make room; refuse stops with an "
+                    "error before sampling (and refuses a run that would overflow), keeping the memory as it is.",
+                ),
+                io.String.Input(
+                    "redis_url",
+                    default="",
+                    optional=True,
+                    tooltip="For store redis: the shared Redis server, e.g. redis://10.0.0.5:6379/0. Empty uses the "
+                    "SHIELD_MEMORY_REDIS_URL environment variable of this server, else redis://127.0.0.1:6379/0. "
+                    "Ignored by the other stores.",
                 ),
             ],
             outputs=[SHIELD_SET.Output(display_name="shield_set")],
         )
 
     @classmethod
-    def validate_inputs(cls, memory_id, **unused) -> bool | str:
-        return True if memory_id.strip() else "Shield Memory: memory_id is empty; give the memory a name"
+    def validate_inputs(cls, memory_id, store="server", redis_url="", **unused) -> bool | str:
+        try:
+            MemorySpec(memory_id, store, redis_url=redis_url)
+        except ShieldSetError as error:
+            return str(error)
+        return True
 
     @classmethod
-    def fingerprint_inputs(cls, memory_id, reset) -> str:
+    def fingerprint_inputs(
+        cls, memory_id, reset, store="server", max_items=DEFAULT_CAP, when_full="drop oldest", redis_url=""
+    ) -> str:
         # The memory is state outside the graph: re-run whenever it grew, and always when resetting.
-        return f"reset:{time.monotonic_ns()}" if reset else f"{memory_id}:{MEMORY.version(memory_id)}"
+        if reset:
+            return f"reset:{time.monotonic_ns()}"
+        try:
+            key = MEMORY.open(memory_spec(memory_id, store, max_items, when_full, redis_url))
+            return f"{key}:{MEMORY.version(key)}"
+        except ShieldSetError:
+            return f"invalid:{time.monotonic_ns()}"  # let execute raise the clear error
 
     @classmethod
-    def execute(cls, memory_id, reset) -> io.NodeOutput:
+    def execute(
+        cls, memory_id, reset, store="server", max_items=DEFAULT_CAP, when_full="drop oldest", redis_url=""
+    ) -> io.NodeOutput:
+        spec = memory_spec(memory_id, store, max_items, when_full, redis_url)
+        key = MEMORY.open(spec)
         if reset:
-            MEMORY.reset(memory_id)
-        memory = MEMORY.snapshot(memory_id)
-        text = f"memory '{memory_id}': {len(memory)} earlier outputs remembered"
-        return io.NodeOutput(memory, ui={"text": [text]})
+            MEMORY.reset(key)
+        contents = MEMORY.contents(key)
+        if spec.when_full == "refuse" and len(contents) >= spec.cap:
+            raise full_error(spec, len(contents), 1)
+        text = f"{spec.describe()}: {len(contents)} earlier outputs remembered (max_items {spec.cap}, {spec.when_full})"
+        return io.NodeOutput(contents.as_shield_set(key), ui={"text": [text]})
+
+
+def restore_file_memories() -> None:
+    """At startup: read every persisted memory, so a damaged file is reported in the log (the server
+    starts anyway; the memory's node then errors naming the file and offering the reset)."""
+    for spec in FILE_STORE.stored_specs():
+        key = MEMORY.open(spec)
+        try:
+            logger.info("Shield Memory: restored %s with %d entries", spec.describe(), len(MEMORY.contents(key)))
+        except ShieldSetError as error:
+            logger.warning("%s", error)
+
+
+FILE_STORE = FileStore(lambda: pathlib.Path(shield_folder()) / MEMORY_FOLDER)
+MEMORY.attach_store("file", FILE_STORE)
+MEMORY.attach_store("redis", RedisStore())
+restore_file_memories()
 
 
 class ShieldRadiusCalibration(io.ComfyNode):

@@ -9,7 +9,7 @@ import comfy.samplers
 import nodes as comfy_nodes
 from comfy_api.v0_0_2 import io
 
-from ..core.shield_files import MEMORY
+from ..core.shield_memory import MEMORY
 from ..core.shield_set import ShieldSet, ShieldSetError
 from ..samplers.spell_hook import RepellencySettings, SparseRepellencyPatch
 from ..samplers.spell_math import SEARCH_METHODS

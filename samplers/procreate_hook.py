@@ -30,7 +30,7 @@ import comfy.samplers
 import torch
 
 from ..core.records import RECORDS, RunRecord
-from ..core.shield_files import MEMORY
+from ..core.shield_memory import MEMORY
 from ..core.shield_set import ShieldSet, ShieldSetError, latent_format_name
 from . import procreate_math as pm
 from .embedders import Embedder, grad_capable

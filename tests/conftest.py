@@ -10,6 +10,7 @@ import torch
 from harness.families import FamilyFiles
 from harness.host import import_comfyui_in_process
 from harness.outbound import OutboundRecorder
+from harness.redis_server import RedisServer
 from harness.server import ComfyServer
 
 torch.set_num_threads(1)
@@ -96,3 +97,16 @@ def input_folder(tmp_path, monkeypatch) -> pathlib.Path:
     root.mkdir()
     monkeypatch.setattr(folder_paths, "input_directory", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server for the session (loopback, bounded memory, stopped in finally)."""
+    if not RedisServer.available():
+        pytest.skip("redis-server is not installed: scripts/bootstrap.sh installs Debian's package when run as root")
+    store = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        store.start()
+        yield store
+    finally:
+        store.stop()

@@ -287,7 +287,7 @@ def test_mismatched_vae_and_reference_set_are_named(items, vae, embedder):
 
 # -- a Shield Memory as the growing reference set ---------------------------------------------------------
 def test_shield_memory_reference_set_grows_with_every_run(items, vae, embedder):
-    from comfyui_shield.core.shield_files import MEMORY
+    from comfyui_shield.core.shield_memory import MEMORY
     from comfyui_shield.nodes.shield_sets import ShieldMemory
     from comfyui_shield.samplers.procreate_hook import cached_embedding_count
 

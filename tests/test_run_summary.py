@@ -73,8 +73,15 @@ def test_listeners_hear_each_finished_run_once(memorizer_items):
 
 
 def test_memory_routes_on_the_server(server):
-    assert server.get("/shield/memory/route-test") == {"memory_id": "route-test", "size": 0, "version": 0}
+    assert server.get("/shield/memory/route-test") == {"memory_id": "route-test", "size": 0, "version": "0"}
     answer = server.post("/shield/memory/reset", {"memory_id": "route-test"})
-    assert answer["memory_id"] == "route-test" and answer["size"] == 0 and answer["version"] == 1
+    assert answer["memory_id"] == "route-test" and answer["size"] == 0 and answer["version"] == "1"
     with pytest.raises(ServerError, match="400"):
         server.post("/shield/memory/reset", {"memory_id": "  "})
+    # a file memory: the store travels with the request, as the node's widgets say
+    folder = server.base_dir / "models" / "shield_sets" / "memories"
+    assert server.get("/shield/memory/route-file?store=file")["size"] == 0
+    answer = server.post("/shield/memory/reset", {"memory_id": "route-file", "store": "file"})
+    assert answer["size"] == 0 and not (folder / "route-file.shield-memory").exists()
+    with pytest.raises(ServerError, match=r"400.*needs an id of letters"):
+        server.post("/shield/memory/reset", {"memory_id": "../escape", "store": "file"})

@@ -8,6 +8,7 @@ import pytest
 
 from comfyui_shield.core.shield_files import load_shield_set
 from harness.files import damaged_set_files, read_only_folder
+from harness.memorizer_graphs import sparse_repellency
 from harness.procreate_parts import rgb_items, write_random_dreamsim
 from harness.server import ServerError
 
@@ -86,20 +87,7 @@ def spell_on(set_file: str) -> dict:
         "1": {"class_type": "LoadLatent", "inputs": {"latent": f"{ITEMS}.latent"}},
         "2": {"class_type": "ShieldMemorizerModel", "inputs": {"latent": ["1", 0], "prediction": "eps"}},
         "3": {"class_type": "ShieldLoadShieldSet", "inputs": {"filename": set_file}},
-        "4": {
-            "class_type": "ShieldSparseRepellency",
-            "inputs": {
-                "model": ["2", 0],
-                "shield_set": ["3", 0],
-                "radius": 4.0,
-                "radius_unit": "absolute",
-                "overcompensation": 1.6,
-                "intra_batch": False,
-                "start_percent": 0.0,
-                "end_percent": 1.0,
-                "search": "clustered",
-            },
-        },
+        "4": sparse_repellency(["2", 0], ["3", 0], 4.0, intra_batch=False, search="clustered"),
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
         "6": {
             "class_type": "KSampler",

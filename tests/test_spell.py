@@ -8,7 +8,7 @@ import torch
 from comfy_extras.nodes_model_advanced import RescaleCFG
 
 from comfyui_shield.core.records import RECORDS
-from comfyui_shield.core.shield_files import MEMORY
+from comfyui_shield.core.shield_memory import MEMORY
 from comfyui_shield.core.shield_set import ShieldSetError, from_latents
 from comfyui_shield.nodes.shield_sets import ShieldMemory, ShieldSetFromLatents
 from comfyui_shield.nodes.spell import SparseRepellency, SparseRepellencyKSampler, repellency_model

@@ -71,12 +71,20 @@ function onRunSummary(event) {
   showText(node, RUN_WIDGET, "shield-run-summary", runSummaryText(detail));
 }
 
+function widgetValue(node, name, fallback) {
+  return node.widgets?.find((widget) => widget.name === name)?.value ?? fallback;
+}
+
 async function resetMemory(node) {
-  const memoryId = node.widgets?.find((widget) => widget.name === "memory_id")?.value ?? "";
+  const memory = {
+    memory_id: widgetValue(node, "memory_id", ""),
+    store: widgetValue(node, "store", "server"),
+    redis_url: widgetValue(node, "redis_url", ""),
+  };
   const response = await api.fetchApi("/shield/memory/reset", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ memory_id: memoryId }),
+    body: JSON.stringify(memory),
   });
   const answer = await response.json();
   const text = response.ok ? `memory '${answer.memory_id}' emptied` : `reset failed: ${answer.error}`;

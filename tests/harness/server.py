@@ -103,6 +103,12 @@ class ComfyServer:
             except subprocess.TimeoutExpired:
                 continue
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an out-of-memory kill would end it: no cleanup runs."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
