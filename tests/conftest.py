@@ -7,6 +7,7 @@ import pathlib
 import pytest
 import torch
 
+from harness.families import FamilyFiles
 from harness.host import import_comfyui_in_process
 from harness.server import ComfyServer
 
@@ -15,6 +16,7 @@ COMFYUI_ROOT = import_comfyui_in_process()
 
 BROKEN_PACK_SOURCE = 'raise RuntimeError("deliberately broken pack: the import-failure check must see this")\n'
 BROKEN_PACK_NAME = "shield_selftest_broken_pack"
+FAMILY_TEST_NODES = pathlib.Path(__file__).parent / "harness" / "family_nodes"
 
 
 @pytest.fixture(scope="session")
@@ -24,18 +26,27 @@ def server(tmp_path_factory) -> ComfyServer:
     Graphs sample real models without weight files through the pack's own Shield Memorizer Model and
     Shield Memorizer Conditioning nodes (items written with `server.write_input_latent`).
     The broken pack proves that `import_failures()` sees a pack whose import raised (ComfyUI only
-    logs it), so the tests that assert our pack has no import failure can fail.
+    logs it), so the tests that assert our pack has no import failure can fail. The family test nodes
+    (harness/family_nodes) fabricate conditioning for the random-weight family checkpoints.
     """
     base_dir = tmp_path_factory.mktemp("comfy-base")
     broken = base_dir / "custom_nodes" / BROKEN_PACK_NAME
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text(BROKEN_PACK_SOURCE)
+    (base_dir / "custom_nodes" / "shield_family_test_nodes").symlink_to(FAMILY_TEST_NODES, target_is_directory=True)
     comfy_server = ComfyServer(base_dir)
     try:
         comfy_server.start()
         yield comfy_server
     finally:
         comfy_server.stop()
+
+
+@pytest.fixture(scope="session")
+def family_files(tmp_path_factory) -> FamilyFiles:
+    """Random-weight checkpoints of the real families (harness/families.py), written once per session
+    on first use; `family_files.link_into(server.base_dir / "models", name)` puts one in a server."""
+    return FamilyFiles(tmp_path_factory.mktemp("family-models"))
 
 
 @pytest.fixture(scope="session")
