@@ -91,9 +91,7 @@ def test_procreate_with_real_dreamsim_runs_in_a_server_graph(server):
     assert guided.shape == plain.shape == (2, 3, 16, 16)
     assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
     text = "".join(outputs["report"]["text"])
-    assert re.search(
-        r"ProCreate \(run #\d+, dreamsim/open_clip_vitb32/\w+\): 4 steps recorded", text
-    ), text
+    assert re.search(r"ProCreate \(run #\d+, dreamsim/open_clip_vitb32/\w+\): 4 steps recorded", text), text
     # a sample counts as guided only when its gradient through VAE decode + DreamSim was finite
     assert re.search(r"ProCreate .*\n  touched \d+ step-samples .*samples touched: \[0, 1\]", text), text
 
