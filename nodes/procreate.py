@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io as std_io
+import json
 import logging
 import os
 
@@ -15,6 +16,7 @@ import comfy.model_management
 import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
+from safetensors import safe_open
 
 from ..core.shield_set import latent_format_name
 from ..optional_deps import require
@@ -44,15 +46,31 @@ DREAMSIM_FILES = {
     "clip_vitb32": ["clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora"],
     "open_clip_vitb32": ["open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora"],
 }
+# dreamsim 0.2.1 builds the DINO backbones of these with torch.hub.load("facebookresearch/dino..."): code
+# fetched from GitHub (or imported from a cached copy) and a trusted_list written into the folder. The
+# pack fetches nothing and runs no downloaded code at run time, so it refuses them before dreamsim runs.
 NEEDS_TORCH_HUB = ("ensemble", "dino_vitb16", "dinov2_vitb14")
+OFFLINE_VARIANTS = [variant for variant in DREAMSIM_FILES if variant not in NEEDS_TORCH_HUB]
+LORA_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "bias", "target_modules")
+LORA_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def dreamsim_folders() -> list[str]:
     return folder_paths.get_folder_paths(DREAMSIM_FOLDER)
 
 
+def refuse_torch_hub_variant(variant: str) -> None:
+    if variant in NEEDS_TORCH_HUB:
+        raise ValueError(
+            f"DreamSim Loader: variant {variant!r} cannot load offline: dreamsim 0.2.1 builds its DINO backbone "
+            f"through torch.hub, which downloads code from GitHub and runs it, and this pack never fetches anything "
+            f"at run time. Choose variant {', '.join(OFFLINE_VARIANTS)} (they load from the unzipped files alone)."
+        )
+
+
 def find_dreamsim_folder(variant: str) -> str:
     """The first registered dreamsim folder that holds every file `variant` needs, or a clear error."""
+    refuse_torch_hub_variant(variant)
     expected = DREAMSIM_FILES[variant]
     for folder in dreamsim_folders():
         if all(os.path.exists(os.path.join(folder, name)) for name in expected):
@@ -62,8 +80,45 @@ def find_dreamsim_folder(variant: str) -> str:
         f"folder with adapter_config.json and adapter_model.*) in one of: {', '.join(dreamsim_folders())}. "
         f"Unzip the dreamsim_{variant}_checkpoint.zip release of github.com/ssundaram21/dreamsim "
         f"(v0.2.x checkpoints) into that folder. Nothing is downloaded at run time."
-        + (" This variant also needs its DINO backbone in torch.hub's cache." if variant in NEEDS_TORCH_HUB else "")
     )
+
+
+def check_dreamsim_files(folder: str, variant: str) -> None:
+    """Read what dreamsim will read before it runs: a damaged or incomplete file must fail here with its
+    name, never reach a library fallback that downloads (peft fetches a missing adapter from the HF hub)."""
+    replace = f"replace it with the one from the unzipped dreamsim_{variant}_checkpoint.zip (dreamsim 0.2.x)"
+    for name in DREAMSIM_FILES[variant]:
+        path = os.path.join(folder, name)
+        if not name.endswith("_lora"):
+            _check_torch_file(path, replace)
+            continue
+        config_path = os.path.join(path, "adapter_config.json")
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"DreamSim Loader: cannot read {config_path} ({error}); {replace}") from error
+        missing = [key for key in LORA_CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+        if missing:
+            raise ValueError(f"DreamSim Loader: {config_path} lacks {', '.join(missing)}; {replace}")
+        weights = [os.path.join(path, w) for w in LORA_WEIGHTS if os.path.isfile(os.path.join(path, w))]
+        if not weights:
+            raise ValueError(f"DreamSim Loader: {path} has no {' or '.join(LORA_WEIGHTS)}; {replace}")
+        _check_torch_file(weights[0], replace)
+
+
+def _check_torch_file(path: str, replace: str) -> None:
+    """The file opens as safetensors or as a weights-only torch archive (memory-mapped: nothing is copied)."""
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch and safetensors raise many types for damaged archives
+        raise ValueError(
+            f"DreamSim Loader: {path} is damaged or not a weights file ({type(error).__name__}: {error}); {replace}"
+        ) from error
 
 
 def folder_fingerprint(folder: str, variant: str) -> str:
@@ -80,6 +135,7 @@ def folder_fingerprint(folder: str, variant: str) -> str:
 def load_dreamsim(variant: str) -> DreamSimEmbedder:
     dreamsim_package = require("dreamsim", "DreamSim Loader")
     folder = find_dreamsim_folder(variant)
+    check_dreamsim_files(folder, variant)
     device = comfy.model_management.get_torch_device()
     chatter = std_io.StringIO()  # dreamsim prints "Using cached ..." to stdout
     try:
@@ -109,20 +165,29 @@ class ShieldDreamSimLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "variant",
-                    options=list(DREAMSIM_FILES),
-                    default="ensemble",
-                    tooltip="DreamSim model. ensemble is the paper's; the clip/open_clip/synclr variants need no "
-                    "torch.hub cache. Weights go unzipped into ComfyUI/models/dreamsim.",
+                    options=OFFLINE_VARIANTS,
+                    default="open_clip_vitb32",
+                    tooltip="DreamSim model, from its unzipped checkpoint in ComfyUI/models/dreamsim. The paper's "
+                    "ensemble and the DINO variants are not offered: dreamsim 0.2.1 fetches their backbone code "
+                    "through torch.hub, and nothing is downloaded at run time.",
                 ),
             ],
             outputs=[EMBEDDER.Output("embedder", tooltip="A differentiable DreamSim image embedder.")],
         )
 
     @classmethod
+    def validate_inputs(cls, variant) -> bool | str:
+        try:
+            refuse_torch_hub_variant(variant)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, variant):
         try:
             folder = find_dreamsim_folder(variant)
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError, KeyError):
             return "missing"
         return folder_fingerprint(folder, variant)
 

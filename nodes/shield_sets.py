@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import pathlib
 import time
 import weakref
 from typing import Optional
@@ -19,7 +20,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..core import image_folder
 from ..core.bounded_cache import BoundedCache
 from ..core.shield_files import (
-    INDEX_EXTENSION,
+    EXTENSION,
     MEMORY,
     STORAGE_DTYPES,
     load_shield_set,
@@ -48,8 +49,26 @@ def shield_folder() -> str:
 
 
 def shield_set_files() -> list[str]:
-    """The set files (search index files saved beside them are not sets)."""
-    return [name for name in folder_paths.get_filename_list(FOLDER) if not name.endswith(INDEX_EXTENSION)]
+    """The .safetensors files under models/shield_sets (search-index caches have their own suffix)."""
+    return folder_paths.get_filename_list(FOLDER)
+
+
+def resolve_set_file(filename: str) -> pathlib.Path:
+    """The real path of a listed set file, by the pack's one path rule: symlinks (of the file or of a
+    sub-folder) are followed only when the real path stays inside the shield_sets folder it is in."""
+    where = "Load Shield Set: filename"
+    if not filename.endswith(EXTENSION):
+        raise ShieldSetError(f"{where}: {filename!r} is not a .safetensors file; pick a set file from the list")
+    for root in folder_paths.get_folder_paths(FOLDER):
+        if os.path.lexists(os.path.join(root, filename)):
+            path = resolve_inside(root, filename, where)
+            if not path.is_file():
+                raise ShieldSetError(f"{where}: {filename!r} in {root} is not a file (a folder, or a broken link)")
+            return path
+    raise ShieldSetError(
+        f"{where}: no file {filename!r} in models/shield_sets ({shield_folder()}); refresh the list (press r) or "
+        f"save the set there first"
+    )
 
 
 # -- images -> latents -------------------------------------------------------------------------------
@@ -114,8 +133,9 @@ def read_input_folder(folder: str, width: int, height: int) -> tuple[torch.Tenso
     """The images of input/<folder>, each scaled to cover width x height and centre-cropped (as the IMAGE
     path does, one image at a time so mixed sizes stack), and their relative names."""
     where = f"{FROM_IMAGES}: folder"
-    root = image_folder.resolve_input_folder(folder_paths.get_input_directory(), folder, where)
-    listing = image_folder.list_image_folder(root, where)
+    input_dir = folder_paths.get_input_directory()
+    root = image_folder.resolve_input_folder(input_dir, folder, where)
+    listing = image_folder.list_image_folder(root, where, input_dir)
     progress = comfy.utils.ProgressBar(len(listing.images))
 
     def before_each():
@@ -194,8 +214,9 @@ class ShieldSetFromImages(io.ComfyNode):
         if not folder:
             return ""
         try:
-            root = image_folder.resolve_input_folder(folder_paths.get_input_directory(), folder, FROM_IMAGES)
-            return image_folder.list_image_folder(root, FROM_IMAGES).fingerprint()
+            input_dir = folder_paths.get_input_directory()
+            root = image_folder.resolve_input_folder(input_dir, folder, FROM_IMAGES)
+            return image_folder.list_image_folder(root, FROM_IMAGES, input_dir).fingerprint()
         except ShieldSetError:
             return f"invalid:{time.monotonic_ns()}"  # let execute raise the clear error
 
@@ -295,12 +316,7 @@ class SaveShieldSet(io.ComfyNode):
     @classmethod
     def execute(cls, shield_set, filename, overwrite, storage="float32") -> io.NodeOutput:
         path = resolve_inside(shield_folder(), filename, "Save Shield Set: filename")
-        if not overwrite:
-            stem, counter = path.with_suffix(""), 1
-            while path.exists():
-                path = stem.with_name(f"{stem.name}_{counter}").with_suffix(".safetensors")
-                counter += 1
-        save_shield_set(shield_set, path, storage)
+        path = save_shield_set(shield_set, path, storage, overwrite=overwrite)
         text = f"saved {shield_set.describe()} to {path}"
         logger.info(text)
         return io.NodeOutput(str(path), ui={"text": [text]})
@@ -326,18 +342,15 @@ class LoadShieldSet(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, filename) -> str:
-        path = folder_paths.get_full_path(FOLDER, filename)
-        if path is None:
-            return filename
-        stat = os.stat(path)
-        return f"{filename}:{stat.st_mtime_ns}:{stat.st_size}"
+        try:
+            stat = resolve_set_file(filename).stat()
+        except (ShieldSetError, OSError):
+            return f"invalid:{time.monotonic_ns()}"  # let execute raise the clear error
+        return f"{filename}:{stat.st_mtime_ns}:{stat.st_size}:{stat.st_ino}"
 
     @classmethod
     def execute(cls, filename) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, filename)
-        if path is None:
-            raise ShieldSetError(f"Load Shield Set: no file {filename!r} in models/shield_sets ({shield_folder()})")
-        shield_set = load_shield_set(resolve_inside(os.path.dirname(path), os.path.basename(path), "Load Shield Set"))
+        shield_set = load_shield_set(resolve_set_file(filename))
         return io.NodeOutput(shield_set, ui=set_preview(cls, shield_set))
 
 

@@ -240,7 +240,7 @@ def test_dreamsim_loader_reports_missing_and_corrupt_files(dreamsim_folder):
     (dreamsim_folder / "open_clip_vitb32_pretrain.pth.tar").write_bytes(b"not a checkpoint")
     (dreamsim_folder / "open_clip_vitb32_single_lora").mkdir()
     (dreamsim_folder / "open_clip_vitb32_single_lora" / "adapter_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="could not be loaded"):
+    with pytest.raises(ValueError, match="open_clip_vitb32_pretrain.pth.tar is damaged"):
         ShieldDreamSimLoader.execute("open_clip_vitb32")
 
 

@@ -1,6 +1,5 @@
 """Shield set nodes: from images (real pixel_space VAE), save/load files, bad files, memory store."""
 
-import folder_paths
 import nodes as comfy_nodes
 import pytest
 import torch
@@ -16,14 +15,6 @@ from comfyui_shield.nodes.shield_sets import (
     cover_and_centre_crop,
 )
 from comfyui_shield.reference_models.memorizer import build_memorizer
-
-
-@pytest.fixture
-def shield_folder(tmp_path, monkeypatch):
-    folder = tmp_path / "shield_sets"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, nodes_module.FOLDER, ([str(folder)], {".safetensors"}))
-    return folder
 
 
 def test_cover_and_centre_crop_keeps_the_centre():
@@ -135,14 +126,6 @@ def test_set_from_images_shows_thumbnails_and_memory_reports_its_size():
 
 
 # -- Shield Set from Images: folder input ------------------------------------------------------------
-@pytest.fixture
-def input_folder(tmp_path, monkeypatch):
-    root = tmp_path / "input"
-    root.mkdir()
-    monkeypatch.setattr(folder_paths, "input_directory", str(root))
-    return root
-
-
 def _write_images(folder):
     from PIL import Image
 

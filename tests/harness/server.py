@@ -36,8 +36,9 @@ class ServerError(RuntimeError):
 
 
 class ComfyServer:
-    def __init__(self, base_dir: pathlib.Path, extra_args: tuple[str, ...] = ()):
+    def __init__(self, base_dir: pathlib.Path, extra_args: tuple[str, ...] = (), extra_env: dict | None = None):
         self.base_dir = base_dir
+        self.extra_env = dict(extra_env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base_dir / "server.log"
@@ -66,7 +67,7 @@ class ComfyServer:
             f"sqlite:///{self.base_dir / 'comfyui.db'}",
             *self.extra_args,
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **self.extra_env)
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             command, cwd=comfyui_dir(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
