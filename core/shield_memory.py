@@ -313,7 +313,3 @@ class ShieldMemory:
 
 MEMORY = ShieldMemory()
 
-
-def memory_key_of(shield_set: ShieldSet) -> str:
-    """The memory a shield set comes from ("" for a set that is not a Shield Memory)."""
-    return str(shield_set.settings.get(SETTINGS_KEY, ""))

@@ -3,6 +3,7 @@
 from comfy_api.v0_0_2 import ComfyExtension, io
 from typing_extensions import override
 
+from ..samplers import methods  # noqa: F401 (registers the methods' records for the Report and the frontend)
 from .demo_model import ShieldDemoConditioning, ShieldDemoModelLoader, ShieldDemoTrainingSet
 from .info import ShieldInfo
 from .procreate import NODES as PROCREATE_NODES

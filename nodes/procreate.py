@@ -11,7 +11,6 @@ import io as std_io
 import json
 import logging
 import os
-import uuid
 
 import comfy.model_management
 import folder_paths
@@ -24,7 +23,8 @@ from ..optional_deps import require
 from ..samplers.embedders import ClipVisionEmbedder, DreamSimEmbedder, PixelEmbedder
 from ..samplers.procreate_hook import GRADIENT_MODES, ProCreateGuidance, ProCreateSettings, reference_embeddings
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
-from .run_summary import node_id_of, register_patch
+from .method_node import method_schema, patched_model
+from .run_summary import node_id_of
 from .shield_sets import encode_images
 
 logger = logging.getLogger(__name__)
@@ -280,10 +280,9 @@ class ShieldReferenceSetFromImages(io.ComfyNode):
 class ShieldProCreateGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return method_schema(
             node_id="ShieldProCreateGuidance",
             display_name="ProCreate Energy Guidance (Shield)",
-            category=f"{CATEGORY}/procreate",
             description="Pushes each sample's predicted image away from its nearest reference image in an "
             "embedding space (ProCreate, arXiv 2408.02226). Works per sample with every sampler.",
             inputs=[
@@ -368,8 +367,6 @@ class ShieldProCreateGuidance(io.ComfyNode):
                     "Off (default) repels from the reference set only; needs batch size ≥ 2 to act.",
                 ),
             ],
-            outputs=[io.Model.Output(tooltip="The patched model.")],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -409,13 +406,8 @@ class ShieldProCreateGuidance(io.ComfyNode):
             intra_batch=bool(intra_batch),
         )
         settings.validate()
-        if strength == 0:
-            return io.NodeOutput(model.clone())
-        patched = model.clone()
-        patch_id = uuid.uuid4().hex[:12]
-        ProCreateGuidance(vae, embedder, reference_set, settings, patch_id=patch_id).attach(patched)
-        register_patch(patch_id, node_id_of(cls))
-        return io.NodeOutput(patched)
+        patch = None if strength == 0 else ProCreateGuidance(vae, embedder, reference_set, settings)
+        return io.NodeOutput(patched_model(model, patch, node_id_of(cls)))
 
 
 NODES = [

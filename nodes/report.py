@@ -13,14 +13,7 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..core.records import RECORDS
-from ..core.report import (
-    ReportData,
-    measure_outputs,
-    procreate_curves,
-    repellency_timeline,
-    summary_text,
-    transition_curves,
-)
+from ..core.report import ReportData, latest_runs, measure_outputs, summary_text
 from ..core.report_charts import render_report
 from ..core.shield_set import ShieldSet
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
@@ -38,7 +31,7 @@ class ShieldReport(io.ComfyNode):
             description=(
                 "Measures a batch of outputs: latent L2 distance and embedder cosine similarity to the "
                 "nearest shield, violations of the radius, batch diversity (Vendi score, mean pairwise "
-                "similarity), and the newest sparse-repellency, transition-point CFG and ProCreate run records."
+                "similarity), and the newest run record of every Shield method (what it touched, its curves)."
             ),
             inputs=[
                 io.Image.Input(
@@ -80,8 +73,8 @@ class ShieldReport(io.ComfyNode):
                 io.Boolean.Input(
                     "include_run_records",
                     default=True,
-                    tooltip="Add the newest sparse-repellency, transition-point CFG and ProCreate run records (timeline, d_t "
-                    "curves, similarity per step). Off: outputs only.",
+                    tooltip="Add the newest run record of every Shield method (SPELL, Transition-Point CFG, "
+                    "ProCreate, ...): the samples and steps it touched and its curves. Off: outputs only.",
                 ),
             ],
             outputs=[
@@ -147,9 +140,7 @@ def build_report(
     if shield_set is not None and latents is None:
         report.notes.append("no 'latent' connected: latent L2 distances to the shields are not measured")
     if include_run_records:
-        report.repellency = repellency_timeline(RECORDS.latest("sparse_repellency"))
-        report.transition = transition_curves(RECORDS.latest("transition_cfg"))
-        report.procreate = procreate_curves(RECORDS.latest("procreate"))
+        report.runs = latest_runs(RECORDS)
     return report
 
 

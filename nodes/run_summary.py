@@ -1,7 +1,8 @@
 """What the frontend (web/shield.js) hears from the pack: run summaries and the Shield Memory reset route.
 
 - When a patch's sampling run ends, the record book calls `publish`, which sends the event
-  `shield.run_summary` {node, kind, label, samples, samples_touched, steps, steps_touched} to the client
+  `shield.run_summary` {node, kind, title, label, samples, samples_touched, steps, steps_touched} (title:
+  the method's name from its registered record, core/records.py) to the client
   that queued the prompt. `node` is the id of the graph node that made the patch: patch nodes
   register it (their hidden `unique_id` input) with `register_patch` when they execute.
 - `POST /shield/memory/reset` {"memory_id", "store", "redis_url"} empties a Shield Memory;
@@ -13,12 +14,11 @@ PromptServer, and then nothing is sent or routed.
 
 from __future__ import annotations
 
-import collections
 import logging
 import sys
-import threading
 from typing import Any, Optional
 
+from ..core.bounded_cache import BoundedCache
 from ..core.memory_redis import default_url
 from ..core.records import RECORDS, RunRecord, touched_summary
 from ..core.shield_memory import MEMORY, MemorySpec
@@ -27,9 +27,7 @@ from ..core.shield_set import ShieldSetError
 logger = logging.getLogger(__name__)
 
 EVENT = "shield.run_summary"
-_MAX_PATCHES = 1024
-_patch_nodes: "collections.OrderedDict[str, str]" = collections.OrderedDict()
-_lock = threading.Lock()
+PATCH_NODES: BoundedCache[str, str] = BoundedCache(1024)  # patch id -> graph node id
 _routes_added = False
 
 
@@ -42,18 +40,12 @@ def node_id_of(node_class) -> Optional[str]:
 
 def register_patch(patch_id: str, node_id: Optional[str]) -> None:
     """Remember which graph node made the patch `patch_id` (its runs are reported on that node)."""
-    if node_id is None:
-        return
-    with _lock:
-        _patch_nodes[patch_id] = node_id
-        _patch_nodes.move_to_end(patch_id)
-        while len(_patch_nodes) > _MAX_PATCHES:
-            _patch_nodes.popitem(last=False)
+    if node_id is not None:
+        PATCH_NODES.put(patch_id, node_id)
 
 
 def node_for_patch(patch_id: str) -> Optional[str]:
-    with _lock:
-        return _patch_nodes.get(patch_id)
+    return PATCH_NODES.get(patch_id)
 
 
 def run_message(record: RunRecord) -> Optional[dict[str, Any]]:

@@ -18,6 +18,7 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..core import image_folder
+from ..core.bounded_cache import BoundedCache
 from ..core.memory_file import FileStore
 from ..core.memory_redis import RedisStore, default_url
 from ..core.shield_files import (
@@ -30,6 +31,7 @@ from ..core.shield_files import (
 from ..core.shield_memory import DEFAULT_CAP, MAX_CAP, MEMORY, STORES, WHEN_FULL, MemorySpec, full_error
 from ..core.shield_set import ShieldSet, ShieldSetError, from_latents, latent_format_name  # noqa: F401
 from ..samplers import spell_math
+from ..samplers.latent_space import latent_format_of, to_model_space
 from .common import CATEGORY, SHIELD_SET
 
 logger = logging.getLogger(__name__)
@@ -39,8 +41,9 @@ MEMORY_FOLDER = "memories"  # models/shield_sets/memories/<id>.shield-memory: th
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
 
-# VAE -> {(pixels hash, width, height, format): ShieldSet}; weak keys, so a freed VAE drops its entries.
-_ENCODE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# VAE -> bounded cache {(pixels hash, width, height, format, ...): ShieldSet}; weak keys, so a freed VAE
+# drops its entries.
+_ENCODE_CACHE: "weakref.WeakKeyDictionary[object, BoundedCache]" = weakref.WeakKeyDictionary()
 _ENCODE_CACHE_PER_VAE = 8
 
 
@@ -241,12 +244,11 @@ class ShieldSetFromImages(io.ComfyNode):
             source,
             tuple(names or ()),
         )
-        per_vae = _ENCODE_CACHE.setdefault(vae, {})
-        if key not in per_vae:
-            per_vae[key] = encode_images(vae, images, latent_format, width, height, names, source)
-            while len(per_vae) > _ENCODE_CACHE_PER_VAE:
-                per_vae.pop(next(iter(per_vae)))
-        return io.NodeOutput(per_vae[key], ui=set_preview(cls, per_vae[key]))
+        per_vae = _ENCODE_CACHE.setdefault(vae, BoundedCache(_ENCODE_CACHE_PER_VAE))
+        shield_set = per_vae.get_or_build(
+            key, lambda: encode_images(vae, images, latent_format, width, height, names, source)
+        )
+        return io.NodeOutput(shield_set, ui=set_preview(cls, shield_set))
 
 
 class ShieldSetFromLatents(io.ComfyNode):
@@ -505,7 +507,7 @@ class ShieldRadiusCalibration(io.ComfyNode):
         samples = latent["samples"]
         if samples.shape[0] < 2:
             raise ValueError("Shield Radius Calibration: latent needs a batch of at least 2 (raise batch_size)")
-        scaled = model.model.process_latent_in(samples.float().clone())
+        scaled = to_model_space(samples, latent_format_of(model))
         median = spell_math.median_pairwise_distance(scaled)
         relative = median / samples[0].numel() ** 0.5
         text = (

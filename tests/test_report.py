@@ -11,7 +11,7 @@ import torch
 
 from comfyui_shield.core import metrics
 from comfyui_shield.core.records import RECORDS
-from comfyui_shield.core.report import procreate_curves, repellency_timeline, transition_curves
+from comfyui_shield.core.report import method_curves
 from comfyui_shield.core.shield_set import from_latents
 from comfyui_shield.nodes.report import ShieldReport
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
@@ -133,51 +133,77 @@ def test_stored_shield_embeddings_are_used_instead_of_embedding_again():
     assert numbers_after("cosine", text)[0] == pytest.approx(1.0, abs=1e-6)
 
 
+def add_spell_step(record, sigma, touched, correction, hits):
+    record.add_step(
+        sigma=sigma,
+        in_window=True,
+        touched=touched,
+        shield_hits=hits,
+        batch_hits=[0] * len(sigma),
+        relative_correction=correction,
+    )
+
+
 def test_run_records_become_a_timeline_and_curves():
     repel = RECORDS.start("sparse_repellency", "patch-1", label="r=4")
     for step in range(6):
         active = step < 3
-        repel.add_step(
+        add_spell_step(
+            repel,
             sigma=[10.0 / (step + 1)] * 2,
-            active_shields=[2 if active else 0, 1 if step == 0 else 0],
-            delta_ratio=[0.3 / (step + 1) if active else 0.0, 0.1 if step == 0 else 0.0],
             touched=[active, step == 0],
+            correction=[0.3 / (step + 1) if active else 0.0, 0.1 if step == 0 else 0.0],
+            hits=[2 if active else 0, 1 if step == 0 else 0],
         )
     tp = RECORDS.start("transition_cfg", "patch-2")
     for step in range(5):
-        tp.add_step(sigma=[1.0, 1.0], d_t=[5.0 - step, 3.0 - abs(step - 1)], switched=[step >= 4, step >= 1])
+        switched = [step >= 4, step >= 1]
+        tp.add_step(
+            sigma=[1.0, 1.0],
+            in_window=True,
+            touched=[not s for s in switched],
+            d_t=[5.0 - step, 3.0 - abs(step - 1)],
+            guidance=[3.0 if s else 0.0 for s in switched],
+            switched=switched,
+            counted=[True, True],
+            cfg=3.0,
+        )
     latent = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))}
     charts, text, _ = run_report(latent=latent)
-    assert "sparse repellency (run #" in text and ", r=4): 6 steps recorded" in text
-    assert "intervened on 4 step-samples in 3 steps, last at step 2; samples touched: [0, 1]" in text
-    assert "max ‖Δ‖ ratio 0.3" in text
+    assert "Sparse Repellency (run #" in text and ", r=4): 6 steps recorded" in text
+    assert "touched 4 step-samples in 3 steps, last at step 2; samples touched: [0, 1]" in text
+    assert "max ‖λΔ‖ / ‖x − x̂0‖ 0.3" in text and "max shields within r at one step: 2" in text
     assert "switched to normal CFG: 2/2 samples, at steps [4, 1]" in text
-    assert_chart_image(charts, min_height=600)  # summary + timeline + curves: two rows of panels
+    assert_chart_image(charts, min_height=600)  # summary + heatmap + curves: two rows of panels
 
     _, without, _ = run_report(latent=latent, include_run_records=False)
-    assert "repellency" not in without and "transition" not in without and "procreate" not in without
+    assert "Sparse Repellency" not in without and "Transition-Point CFG" not in without
 
 
 def test_procreate_records_become_similarity_curves():
     latent = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
     bare_charts, bare_text, _ = run_report(latent=latent)
-    assert "procreate" not in bare_text
+    assert "ProCreate" not in bare_text
     record = RECORDS.start("procreate", "pc-1", label="test/embedder")
-    record.add_step(sigma=[9.0, 9.0], active=[False, False], in_window=False)  # outside the window: nothing measured
+    record.add_step(sigma=[9.0, 9.0], touched=[False, False], in_window=False)  # outside the window
     for step, (first, second) in enumerate([(0.95, 0.4), (0.9, 0.42), (0.7, 0.41), (0.5, 0.4)]):
         record.add_step(
             sigma=[4.0 / (step + 1)] * 2,
             similarity=[first, second],
             nearest=[0, 1],
-            active=[first > 0.6, False],
+            touched=[first > 0.6, False],
             in_window=True,
         )
-    curves = procreate_curves(record)
-    assert curves.similarity.shape == (5, 2) and np.isnan(curves.similarity[0]).all()
-    assert curves.guided[:, 0].tolist() == [False, True, True, True, False] and curves.guided_samples() == [0]
+    record.set_summary(
+        guided_steps=3, skipped_nonfinite=0, references=2, memory_id=None, embedder="test/embedder", settings={}
+    )
+    curves = method_curves(record)
+    assert curves.field("similarity").shape == (5, 2) and np.isnan(curves.field("similarity")[0]).all()
+    assert curves.touched[:, 0].tolist() == [False, True, True, True, False] and curves.touched_samples() == [0]
+    assert curves.sample(0)["similarity"][1] == 0.95
     charts, text, _ = run_report(latent=latent)
-    assert "procreate energy guidance (run #" in text and ", test/embedder): 5 steps recorded" in text
-    assert "guided 3 step-samples in 3 steps, last at step 3; samples guided: [0]" in text
+    assert "ProCreate (run #" in text and ", test/embedder): 5 steps recorded, 2 references" in text
+    assert "touched 3 step-samples in 3 steps, last at step 3; samples touched: [0]" in text
     assert "max nearest-reference similarity: first measured step 0.95, last 0.5" in text
     assert_chart_image(charts)
     assert charts.shape[2] >= 2 * bare_charts.shape[2] - 10  # a second panel: the similarity curves
@@ -203,29 +229,26 @@ def test_report_reads_a_real_procreate_run(memorizer_items):
     out = sample_memorizer_model(model, items, batch=3)
     _, text, _ = run_report(latent=out)
     record = RECORDS.latest("procreate")
-    guided = sorted({i for step in record.steps for i, on in enumerate(step["active"]) if on})
-    assert guided and f"samples guided: {guided}" in text
-    assert f"{len(record.steps)} steps recorded" in text
+    guided = sorted({i for step in record.steps for i, on in enumerate(step["touched"]) if on})
+    assert guided and f"samples touched: {guided}" in text
+    assert f"{len(record.steps)} steps recorded, 3 references" in text
 
 
-def test_records_with_missing_keys_scalars_and_index_lists_are_read():
+def test_a_record_refuses_fields_its_method_does_not_declare():
     record = RECORDS.start("sparse_repellency", "p")
-    record.add_step(sigma=[2.0, 2.0, 2.0], touched=[2])  # indices of touched samples
-    record.add_step(sigma=1.0)  # nothing else recorded at this step
-    record.add_step(sigma=[0.5, 0.5, 0.5], delta_ratio=0.2, touched=torch.tensor([True, False, False]))
-    timeline = repellency_timeline(record)
-    assert timeline.touched.tolist() == [[False, False, True], [False, False, False], [True, False, False]]
-    assert timeline.delta_ratio.shape == (3, 1) and np.isnan(timeline.delta_ratio[0, 0])
-    assert timeline.active_shields is None
-    curves = transition_curves(RECORDS.start("transition_cfg", "q"))
-    assert curves is None  # a run without steps has nothing to plot
-    record = RECORDS.start("transition_cfg", "q")
-    record.add_step(d_t=[1.0, 2.0])  # no "switched", no "sigma"
-    curves = transition_curves(record)
-    assert curves.switch_steps() == [] and curves.d_t.tolist() == [[1.0, 2.0]]
-    charts, text, _ = run_report(latent={"samples": torch.ones(3, 4, 2, 2)})
-    assert "transition-point CFG" in text and "Vendi 1 of 3" in text
-    assert_chart_image(charts)
+    with pytest.raises(KeyError, match=r"\['delta_ratio'\] not declared in SpellStep"):
+        record.add_step(sigma=[1.0], in_window=True, touched=[True], shield_hits=[1], batch_hits=[0],
+                        relative_correction=[0.1], delta_ratio=[0.1])  # fmt: skip
+    with pytest.raises(KeyError, match=r"fields \['touched'\] missing"):
+        record.add_step(sigma=[1.0], in_window=True, shield_hits=[1], batch_hits=[0], relative_correction=[0.1])
+    with pytest.raises(KeyError, match="not declared in TransitionSummary"):
+        RECORDS.start("transition_cfg", "q").set_summary(switch_steps=[1])
+    assert record.steps == []
+    unknown = RECORDS.start("not_a_method", "r")
+    unknown.add_step(anything=1)  # unregistered kinds are kept, unchecked, and not reported
+    assert method_curves(unknown) is None and method_curves(RECORDS.start("transition_cfg", "s")) is None
+    _, text, _ = run_report(latent={"samples": torch.ones(3, 4, 2, 2)})
+    assert "not_a_method" not in text and "Vendi 1 of 3" in text
 
 
 def test_bad_connections_name_the_input_to_fix():
