@@ -17,11 +17,12 @@ from ..core.report import ReportData, latest_runs, measure_outputs, summary_text
 from ..core.report_charts import render_report
 from ..core.shield_set import ShieldSet
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
+from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
 
 
-class ShieldReport(io.ComfyNode):
+class ShieldReport(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
