@@ -312,4 +312,3 @@ class ShieldMemory:
 
 
 MEMORY = ShieldMemory()
-

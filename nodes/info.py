@@ -5,6 +5,7 @@ from comfy_api.v0_0_2 import io
 from ..optional_deps import INSTALL_HINTS, is_available
 from ..version import __version__
 from .common import CATEGORY
+from .validation import ShieldNode
 
 
 def describe_installation() -> str:
@@ -15,7 +16,7 @@ def describe_installation() -> str:
     return "\n".join(lines)
 
 
-class ShieldInfo(io.ComfyNode):
+class ShieldInfo(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

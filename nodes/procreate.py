@@ -26,6 +26,7 @@ from .common import CATEGORY, EMBEDDER, SHIELD_SET
 from .method_node import method_schema, patched_model
 from .run_summary import node_id_of
 from .shield_sets import encode_images
+from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def load_dreamsim(variant: str) -> DreamSimEmbedder:
     return DreamSimEmbedder(model, variant, folder_fingerprint(folder, variant))
 
 
-class ShieldDreamSimLoader(io.ComfyNode):
+class ShieldDreamSimLoader(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -196,7 +197,7 @@ class ShieldDreamSimLoader(io.ComfyNode):
         return io.NodeOutput(load_dreamsim(variant))
 
 
-class ShieldClipVisionEmbedder(io.ComfyNode):
+class ShieldClipVisionEmbedder(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -215,7 +216,7 @@ class ShieldClipVisionEmbedder(io.ComfyNode):
         return io.NodeOutput(ClipVisionEmbedder(clip_vision))
 
 
-class ShieldPixelEmbedder(io.ComfyNode):
+class ShieldPixelEmbedder(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -244,7 +245,7 @@ class ShieldPixelEmbedder(io.ComfyNode):
         return io.NodeOutput(PixelEmbedder(size))
 
 
-class ShieldReferenceSetFromImages(io.ComfyNode):
+class ShieldReferenceSetFromImages(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -277,7 +278,7 @@ class ShieldReferenceSetFromImages(io.ComfyNode):
         return io.NodeOutput(reference.with_embeddings(embedder.key, reference_embeddings(reference, embedder)))
 
 
-class ShieldProCreateGuidance(io.ComfyNode):
+class ShieldProCreateGuidance(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return method_schema(
@@ -370,11 +371,12 @@ class ShieldProCreateGuidance(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, strength=100.0, start_percent=0.0, end_percent=1.0, **_):
-        if strength < 0:
-            return f"strength must be ≥ 0 (0 turns the guidance off), got {strength}"
+    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **_):
         if start_percent > end_percent:
-            return f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
+            return (
+                f"ProCreate Energy Guidance: start_percent ({start_percent}) must not exceed end_percent "
+                f"({end_percent})"
+            )
         return True
 
     @classmethod

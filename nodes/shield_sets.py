@@ -33,6 +33,7 @@ from ..core.shield_set import ShieldSet, ShieldSetError, from_latents, latent_fo
 from ..samplers import spell_math
 from ..samplers.latent_space import latent_format_of, to_model_space
 from .common import CATEGORY, SHIELD_SET
+from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def read_input_folder(folder: str, width: int, height: int) -> tuple[torch.Tenso
     return pixels, [str(path.relative_to(root)) for path in listing.images]
 
 
-class ShieldSetFromImages(io.ComfyNode):
+class ShieldSetFromImages(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -251,7 +252,7 @@ class ShieldSetFromImages(io.ComfyNode):
         return io.NodeOutput(shield_set, ui=set_preview(cls, shield_set))
 
 
-class ShieldSetFromLatents(io.ComfyNode):
+class ShieldSetFromLatents(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -274,7 +275,7 @@ class ShieldSetFromLatents(io.ComfyNode):
         return io.NodeOutput(from_latents(samples, latent_format_name(model), settings={"source": "latents"}))
 
 
-class SaveShieldSet(io.ComfyNode):
+class SaveShieldSet(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -325,7 +326,7 @@ class SaveShieldSet(io.ComfyNode):
         return io.NodeOutput(str(path), ui={"text": [text]})
 
 
-class LoadShieldSet(io.ComfyNode):
+class LoadShieldSet(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -367,7 +368,7 @@ def memory_spec(memory_id: str, store: str, max_items: int, when_full: str, redi
     )
 
 
-class ShieldMemory(io.ComfyNode):
+class ShieldMemory(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -478,7 +479,7 @@ MEMORY.attach_store("redis", RedisStore())
 restore_file_memories()
 
 
-class ShieldRadiusCalibration(io.ComfyNode):
+class ShieldRadiusCalibration(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

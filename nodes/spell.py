@@ -15,6 +15,7 @@ from ..samplers.spell_hook import RepellencySettings, SparseRepellencyPatch
 from .common import CATEGORY, SHIELD_SET
 from .method_node import method_schema, patched_model
 from .run_summary import node_id_of
+from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def repellency_model(
     return patched_model(model, SparseRepellencyPatch(sets, settings, label=label), node_id)
 
 
-class SparseRepellency(io.ComfyNode):
+class SparseRepellency(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return method_schema(
@@ -198,7 +199,7 @@ class SparseRepellency(io.ComfyNode):
         )
 
 
-class SparseRepellencyKSampler(io.ComfyNode):
+class SparseRepellencyKSampler(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

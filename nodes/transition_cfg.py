@@ -10,15 +10,12 @@ from ..samplers.transition_math import BEFORE_GUIDANCE_CHOICES, OPPOSITE, UNCOND
 from .common import NODE_ID_PREFIX
 from .method_node import method_schema, patched_model
 from .run_summary import node_id_of
+from .validation import ShieldNode
 
 
 def check_settings(mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent):
-    """The static checks; returns a message naming the input to fix, or None."""
-    for name, value in (("transition_percent", transition_percent), ("cap_percent", cap_percent)):
-        if not 0.0 <= value <= 1.0:
-            return f"{name} must lie in [0, 1] (a fraction of the schedule), got {value}"
-    if transition_sigma < 0:
-        return f"transition_sigma must be ≥ 0 (0 uses transition_percent), got {transition_sigma}"
+    """The relations between the inputs (each input's range is checked against the schema first);
+    returns a message naming the input to fix, or None."""
     if before_guidance == OPPOSITE and not opposite_scale > 0:
         return (
             f"opposite_scale must be > 0 when before_guidance is 'opposite' (Eq. 5 needs λ > 0), got {opposite_scale}"
@@ -31,7 +28,7 @@ def check_settings(mode, transition_percent, transition_sigma, before_guidance, 
     return None
 
 
-class TransitionPointCFG(io.ComfyNode):
+class TransitionPointCFG(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return method_schema(
@@ -102,7 +99,7 @@ class TransitionPointCFG(io.ComfyNode):
         message = check_settings(
             mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent
         )
-        return message if message is not None else True
+        return True if message is None else f"Transition-Point CFG: {message}"
 
     @classmethod
     def execute(

@@ -278,7 +278,9 @@ def _save_index_quietly(path, key: str, state: dict) -> None:
 
 
 def _calibration(x0: Optional[torch.Tensor], radius: float) -> dict:
-    """The paper's calibration aid (appendix D): median pairwise distance of the last plain x̂0 batch."""
+    """The paper's calibration aid (appendix D): median pairwise distance of the last step's x̂0 before that
+    step's repellency. It lies on the repelled trajectory, so it is inflated when the patch acted; Radius
+    Calibration on a plain batch is the calibration proper."""
     if x0 is None or x0.shape[0] < 2:
         return {}
     median = spell_math.median_pairwise_distance(x0)

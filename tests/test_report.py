@@ -3,6 +3,7 @@ and the node runs on the real server."""
 
 import re
 
+import comfy.latent_formats
 import folder_paths
 import nodes as comfy_nodes
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from comfyui_shield.core import metrics
 from comfyui_shield.core.records import RECORDS
 from comfyui_shield.core.report import method_curves
-from comfyui_shield.core.shield_set import from_latents
+from comfyui_shield.core.shield_set import ShieldSetError, from_latents
 from comfyui_shield.nodes.report import ShieldReport
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 
@@ -85,19 +86,20 @@ def test_latent_report_matches_direct_computation(memorizer_items):
     # the memorizer reproduces its items, so its outputs sit on (or very near) the shields
     latent = sample_memorizer(memorizer_items, batch=4)
     shields = from_latents(memorizer_items[:3], "SD15", names=["a", "b", "c"])
-    radius = 5.0
+    radius = 1.0
     charts, text, ui = run_report(latent=latent, shield_set=shields, radius=radius)
 
-    distances = torch.cdist(latent["samples"].flatten(1).double(), memorizer_items[:3].flatten(1).double())
+    scale = comfy.latent_formats.SD15().scale_factor  # the set says SD15: distances in SD1.5's model space
+    distances = torch.cdist(latent["samples"].flatten(1).double(), memorizer_items[:3].flatten(1).double()) * scale
     nearest, index = distances.min(dim=1)
     reported = numbers_after("L2", text)
     assert reported == pytest.approx(nearest.tolist(), rel=1e-3, abs=1e-3)
     for row, shield in enumerate(index.tolist()):
         assert f"output {row}: nearest shield '{'abc'[shield]}'" in text
     inside = int((nearest <= radius).sum())
-    assert f"inside the radius r=5: {inside}/4" in text
+    assert f"inside the radius r=1: {inside}/4" in text
     assert inside >= 1  # at least one output reproduced one of the three shielded items
-    vendi = metrics.vendi_score(latent["samples"])
+    vendi = metrics.vendi_score(latent["samples"] * scale)
     assert f"Vendi {vendi:.4g} of 4" in text and "(latent cosine)" in text
     assert ui["text"] == [text]
     assert ui["images"] and (folder_paths.get_temp_directory()) is not None
@@ -249,6 +251,56 @@ def test_a_record_refuses_fields_its_method_does_not_declare():
     assert method_curves(unknown) is None and method_curves(RECORDS.start("transition_cfg", "s")) is None
     _, text, _ = run_report(latent={"samples": torch.ones(3, 4, 2, 2)})
     assert "not_a_method" not in text and "Vendi 1 of 3" in text
+
+
+# -- item 11: distances in the model's space, as Sparse Repellency measures them ---------------------------
+FAMILIES = {"SD15": 4, "SDXL": 4, "SD3": 16}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_distances_and_diversity_are_measured_in_the_models_space(family):
+    latent_format = getattr(comfy.latent_formats, family)()
+    generator = torch.Generator().manual_seed(8)
+    shields_latent = torch.randn(3, FAMILIES[family], 4, 4, generator=generator) * 3 + 0.5
+    outputs = shields_latent[[0, 1]] + 0.4 * torch.randn(2, FAMILIES[family], 4, 4, generator=generator)
+    _, text, _ = run_report(latent={"samples": outputs}, shield_set=from_latents(shields_latent, family))
+    in_model = torch.cdist(
+        latent_format.process_in(outputs).flatten(1), latent_format.process_in(shields_latent).flatten(1)
+    )
+    raw = torch.cdist(outputs.flatten(1), shields_latent.flatten(1))
+    assert numbers_after("L2", text) == pytest.approx(in_model.min(dim=1).values.tolist(), rel=1e-3)  # 4 digits
+    ratio = latent_format.scale_factor  # L2: the scale only (a shift cancels in differences)
+    assert in_model.min(dim=1).values.tolist() == pytest.approx((raw.min(dim=1).values * ratio).tolist(), rel=1e-4)
+    similarity = metrics.mean_pairwise_similarity(latent_format.process_in(outputs))  # cosine: a shift matters
+    assert f"mean pairwise similarity {similarity:.4g}" in text
+    if family == "SD3":
+        assert f"mean pairwise similarity {metrics.mean_pairwise_similarity(outputs):.4g}" not in text
+
+
+def test_the_report_agrees_with_sparse_repellency_on_an_sd15_model(memorizer_items):
+    """SPELL keeps outputs r away from the shields in the model's space; the report says the same."""
+    from comfyui_shield.nodes.spell import repellency_model
+
+    sd15 = comfy.latent_formats.SD15()
+    model = build_memorizer(memorizer_items).clone()
+    model.add_object_patch("latent_format", sd15)  # an SD1.5 latent format (scale 0.18215) on the memorizer
+    shields = from_latents(sd15.process_out(memorizer_items), "SD15")  # the set holds LATENTs, as VAE Encode gives
+    radius = 6.0
+    patched = repellency_model(model, shields, None, radius, "absolute", 1.6, False, 0.0, 1.0, "auto")
+    out = sample_memorizer_model(patched, memorizer_items, batch=4)
+    _, text, _ = run_report(latent=out, shield_set=shields, radius=radius, model=model)
+    in_model = torch.cdist(sd15.process_in(out["samples"]).flatten(1), memorizer_items.flatten(1)).min(dim=1).values
+    assert float(in_model.min()) >= radius - 1e-3  # SPELL's guarantee, in the model's space
+    assert "inside the radius r=6: 0/4" in text
+    assert numbers_after("L2", text) == pytest.approx(in_model.tolist(), rel=1e-3)  # printed with 4 digits
+    _, same, _ = run_report(latent=out, shield_set=shields, radius=radius)  # the set's format, no model
+    assert numbers_after("L2", same) == numbers_after("L2", text)
+    with pytest.raises(ShieldSetError, match="Shield Report: shield_set.*SD15 latents but the model makes SDXL"):
+        other = model.clone()
+        other.add_object_patch("latent_format", comfy.latent_formats.SDXL())
+        run_report(latent=out, shield_set=shields, model=other)
+    _, unknown, _ = run_report(latent=out, shield_set=from_latents(out["samples"], "VAE4ch"))
+    assert "L2 distances are in LATENT units" in unknown
 
 
 def test_bad_connections_name_the_input_to_fix():

@@ -78,7 +78,8 @@ def test_index_cache_has_a_suffix_no_set_name_reaches(shield_folder, shields):
     for name in listed:
         assert LoadShieldSet.execute(name).result[0].hashes == shields.hashes
     assert shield_files.load_index(index, "key") is not None  # no save touched the index
-    with pytest.raises(ShieldSetError, match="not a .safetensors file"):
+    # not one of the listed files: the pack's combo check refuses it before the loader sees it
+    with pytest.raises(ValueError, match=r"'filename' must be one of \['clash.index.safetensors'"):
         LoadShieldSet.execute("clash.safetensors.shield-index")
 
 
@@ -217,8 +218,8 @@ def test_torch_hub_variants_are_refused_before_anything_runs(dreamsim_folder, no
         (dreamsim_folder / name).write_bytes(b"corrupt") if "lora" not in name else (dreamsim_folder / name).mkdir()
     for variant in NEEDS_TORCH_HUB:
         assert "through torch.hub" in ShieldDreamSimLoader.validate_inputs(variant=variant)
-        with pytest.raises(ValueError, match=r"cannot load offline.*open_clip_vitb32"):
-            ShieldDreamSimLoader.execute(variant)
+        with pytest.raises(ValueError, match=r"'variant' must be one of .*open_clip_vitb32.*torch.hub"):
+            ShieldDreamSimLoader.execute(variant)  # the pack's combo check, with the tooltip's reason
     assert no_network == [] and not list(dreamsim_folder.rglob("trusted_list"))
     assert not (dreamsim_folder / "hub").exists() and len(list(dreamsim_folder.iterdir())) == 7
 

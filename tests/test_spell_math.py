@@ -128,3 +128,34 @@ def test_an_exact_copy_is_pushed_to_the_sphere_along_the_fallback():
     assert torch.allclose(result.denoised, torch.tensor([[1.0, 2.0, 1.0]]))
     without = sm.sparse_repellency_step(x0, [rs.ExactRangeSearch(shields)], 2.0, 1.0, False)
     assert float((without.denoised - shields).norm()) == pytest.approx(2.0)
+
+
+def test_intra_batch_can_pull_a_sample_into_a_shield():
+    """docs/spell.md's counter-example: the batch's own x̂0 are shields that are not disjoint from the set's,
+    so the appendix-B guarantee does not cover intra-batch repellency."""
+    from comfyui_shield.samplers.range_search import ExactRangeSearch
+
+    shield = ExactRangeSearch(torch.zeros(1, 1))
+    x0 = torch.tensor([[0.5], [1.2]])  # A inside the shield's ball, B outside it but within r of A
+    with_batch = sm.sparse_repellency_step(x0, [shield], 1.0, 1.0, intra_batch=True).denoised
+    without = sm.sparse_repellency_step(x0, [shield], 1.0, 1.0, intra_batch=False).denoised
+    assert float(with_batch[0, 0]) == pytest.approx(0.7)  # 0.5 + 0.5 (shield) − 0.3 (B): inside r = 1
+    assert float(without[0, 0]) == pytest.approx(1.0)  # on the sphere, as appendix B says
+
+
+def test_the_float32_filter_slack_covers_the_rounding():
+    """The filter's slack (FILTER_SLACK relative to ‖a‖² + ‖b‖²) against the float32 rounding of the
+    expanded squared distance, measured on near-duplicates with a large common offset (docs/spell.md)."""
+    from comfyui_shield.samplers.range_search import FILTER_SLACK
+
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for offset in (0.0, 10.0):
+        shields = torch.randn(500, 16384, generator=generator) + offset
+        queries = torch.cat([shields[:8] + 0.01 * torch.randn(8, 16384, generator=generator), shields[8:16] * 1.0])
+        query_norms, shield_norms = queries.pow(2).sum(1), shields.pow(2).sum(1)
+        expanded = query_norms[:, None] - 2.0 * queries @ shields.T + shield_norms[None, :]
+        exact = torch.cdist(queries.double(), shields.double()).pow(2)
+        error = (expanded.double() - exact).abs() / (query_norms[:, None] + shield_norms[None, :]).double()
+        worst = max(worst, float(error.max()))
+    assert worst * 20 < FILTER_SLACK  # measured: ~150x (docs/spell.md)
