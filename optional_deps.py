@@ -11,6 +11,7 @@ INSTALL_HINTS = {
     "faiss": "pip install faiss-cpu",
     "dreamsim": "pip install dreamsim==0.2.1",
     "matplotlib": "pip install matplotlib",
+    "redis": "pip install redis",
 }
 
 

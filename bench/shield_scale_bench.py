@@ -36,7 +36,7 @@ import_comfyui_in_process()
 import faiss  # noqa: E402
 
 from comfyui_shield.core.shield_files import memory_map_tensor  # noqa: E402
-from comfyui_shield.samplers import shield_index, spell_math  # noqa: E402
+from comfyui_shield.samplers import range_search, shield_index  # noqa: E402
 
 faiss.omp_set_num_threads(1)
 DIM, BATCH, BATCHES, WITHIN_RANK, ISOTROPIC, NOISE = 4096, 4, 8, 32, 0.1, 0.2
@@ -88,7 +88,7 @@ def near_duplicate_queries(shields: torch.Tensor, seed: int = 1) -> list[torch.T
     return list(queries.split(BATCH))
 
 
-def kth_neighbour_radius(rows: spell_math.ShieldRows, queries: torch.Tensor, k: int = 20) -> float:
+def kth_neighbour_radius(rows: range_search.ShieldRows, queries: torch.Tensor, k: int = 20) -> float:
     best = None
     for _, block in rows.chunks(16384):
         distances = torch.cdist(queries, block)
@@ -115,7 +115,7 @@ class IvfFlat:
     def search(self, queries, radius):
         limits, distances, labels = self.index.range_search(queries.float().numpy(), radius * radius)
         counts = torch.from_numpy(limits[1:] - limits[:-1]).long()
-        return spell_math.Neighbours(
+        return range_search.Neighbours(
             torch.repeat_interleave(torch.arange(queries.shape[0]), counts),
             torch.from_numpy(labels).long(),
             torch.from_numpy(distances).double().sqrt(),
@@ -131,11 +131,11 @@ def pairs_of(found, offset: int) -> set:
 
 def bench_size(count: int, data_dir: pathlib.Path, repeats: int, dims_list, with_ivf: bool) -> None:
     shields = shields_file(data_dir, count)
-    rows = spell_math.ShieldRows(shields)
+    rows = range_search.ShieldRows(shields)
     batches = near_duplicate_queries(shields)
     radius = kth_neighbour_radius(rows, torch.cat(batches))
     start = time.perf_counter()
-    exact = spell_math.ExactRangeSearch(rows)
+    exact = range_search.ExactRangeSearch(rows)
     truth = set()
     exact_times = []
     for index, queries in enumerate(batches):

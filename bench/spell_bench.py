@@ -34,7 +34,7 @@ import nodes as comfy_nodes  # noqa: E402
 from comfyui_shield.core.shield_set import from_latents, latent_format_name  # noqa: E402
 from comfyui_shield.nodes.spell import repellency_model  # noqa: E402
 from comfyui_shield.reference_models.tiny_unet import build_tiny_unet, random_text_conditioning  # noqa: E402
-from comfyui_shield.samplers import shield_index, spell_math  # noqa: E402
+from comfyui_shield.samplers import range_search, shield_index, spell_math  # noqa: E402
 
 faiss.omp_set_num_threads(1)
 
@@ -96,7 +96,7 @@ def overhead(quick: bool) -> None:
         if name != "unpatched":
             count = int(name.split("=")[1].split(" ")[0])
             searches = (
-                [spell_math.build_range_search(torch.randn(count, x0[0].numel(), generator=generator) * 3)]
+                [shield_index.build_range_search(torch.randn(count, x0[0].numel(), generator=generator) * 3)]
                 if count
                 else []
             )
@@ -148,7 +148,7 @@ class IvfFlat:
     def search(self, queries, radius):
         limits, distances, labels = self.index.range_search(queries.float().numpy(), radius * radius)
         counts = torch.from_numpy(limits[1:] - limits[:-1]).long()
-        return spell_math.Neighbours(
+        return range_search.Neighbours(
             torch.repeat_interleave(torch.arange(queries.shape[0]), counts),
             torch.from_numpy(labels).long(),
             torch.from_numpy(distances).double().sqrt(),
@@ -161,7 +161,7 @@ def index_bytes(search) -> int:
     full = search.shields.data.numel() * search.shields.data.element_size()
     if isinstance(search, shield_index.ClusteredProjectionSearch):
         return search.index_bytes() + full
-    if isinstance(search, spell_math.ProjectionRangeSearch):
+    if isinstance(search, range_search.ProjectionRangeSearch):
         return search.codes.numel() * 4 + search.basis.numel() * 4 + full
     return full
 
@@ -185,7 +185,7 @@ def search_rows(count: int, dim: int, batch: int, repeats: int) -> None:
     generator = torch.Generator().manual_seed(1)
     picks = torch.randint(0, count, (batch,), generator=generator)
     queries = shields[picks].float() + 0.2 * torch.randn(batch, dim, generator=generator)
-    exact = spell_math.ExactRangeSearch(shields)
+    exact = range_search.ExactRangeSearch(shields)
     distances = torch.cat([torch.cdist(queries, shields[s : s + 8192].float()) for s in range(0, count, 8192)], dim=1)
     radius = float(distances.sort(dim=1).values[:, 20].median())  # ~20 shields per query, many near r
     truth = exact.search(queries, radius)
@@ -195,16 +195,16 @@ def search_rows(count: int, dim: int, batch: int, repeats: int) -> None:
         methods.append(
             (
                 f"clustered m={dims} (pruned lists, exact)",
-                lambda d=dims: spell_math.build_range_search(shields, "clustered", d),
+                lambda d=dims: shield_index.build_range_search(shields, "clustered", d),
             )
         )
         methods.append(
-            (f"projection m={dims} (torch scan)", lambda d=dims: spell_math.ProjectionRangeSearch(shields, d))
+            (f"projection m={dims} (torch scan)", lambda d=dims: range_search.ProjectionRangeSearch(shields, d))
         )
         methods.append(
             (
                 f"projection m={dims} (faiss scan)",
-                lambda d=dims: spell_math.ProjectionRangeSearch(shields, d, use_faiss=True),
+                lambda d=dims: range_search.ProjectionRangeSearch(shields, d, use_faiss=True),
             )
         )
     for nprobe in (1, 10):

@@ -87,23 +87,19 @@ def main() -> None:
 def hook_cost(torch, batch, size, cfg, repeats):
     """Median time of one call of the pre-CFG hook, outside the sampler (a stable overhead estimate)."""
     from comfyui_shield.core.records import RECORDS
-    from comfyui_shield.samplers.run_state import RunStateHolder
-    from comfyui_shield.samplers.transition_hook import TransitionRun, TransitionSettings, make_pre_cfg_function
+    from comfyui_shield.samplers.transition_hook import TransitionRun, TransitionSettings, transition_step
 
     settings = TransitionSettings("dynamic", "unconditional", 0.0)
-    holder = RunStateHolder(lambda context: None)
-    hook = make_pre_cfg_function(holder)
     generator = torch.Generator().manual_seed(0)
     cond, uncond = (torch.randn(batch, 4, size, size, generator=generator) for _ in range(2))
     sigmas = torch.linspace(14.6, 0.03, repeats)
-    holder.current = TransitionRun(settings, RECORDS.start("bench", "bench"))
+    run = TransitionRun(settings, RECORDS.start("transition_cfg", "bench"))
     durations = []
     for sigma in sigmas:
         args = {"conds": [[{}], [{}]], "conds_out": [cond, uncond], "cond_scale": cfg, "sigma": sigma.repeat(batch)}
         start = time.perf_counter()
-        hook(args)
+        transition_step(run, args)
         durations.append(time.perf_counter() - start)
-    holder.current = None
     return statistics.median(durations)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import paths
 from .shield_set import ShieldSetError
 
 logger = logging.getLogger(__name__)
@@ -39,40 +40,37 @@ class FolderListing:
         return digest.hexdigest()
 
 
+FOLDER_EXAMPLES = "a sub-folder name such as 'my_protected_images'"
+
+
 def resolve_input_folder(input_dir: str, folder: str, where: str) -> pathlib.Path:
-    """input_dir/folder, refusing absolute paths, '..' and symlinks that lead outside input_dir."""
-    if not folder.strip() or "\x00" in folder:
-        raise ShieldSetError(f"{where}: the folder name is empty; give a sub-folder of ComfyUI's input directory")
-    root = pathlib.Path(input_dir).resolve()
-    path = (root / folder).resolve()
-    if pathlib.PurePath(folder).is_absolute() or (path != root and root not in path.parents):
-        raise ShieldSetError(
-            f"{where}: {folder!r} points outside ComfyUI's input directory {root}; use a sub-folder name "
-            f"such as 'my_protected_images', without '..' or an absolute path"
-        )
-    return path
+    """input_dir/folder by the pack's path rule (core/paths.py): its real path must be inside input_dir."""
+    paths.check_relative_name(folder, where, FOLDER_EXAMPLES)
+    return paths.real_path_inside(pathlib.Path(input_dir), folder, where, FOLDER_EXAMPLES, "ComfyUI's input directory")
 
 
-def list_image_folder(path: pathlib.Path, where: str) -> FolderListing:
-    """The image files under `path` (recursively) and the non-image files that will be skipped."""
+def list_image_folder(path: pathlib.Path, where: str, input_dir: Optional[str] = None) -> FolderListing:
+    """The image files under `path` (recursively) and the non-image files that will be skipped.
+
+    Symlinked files and sub-folders are followed when their real path is inside input_dir (default:
+    `path` itself) and refused otherwise: an image from elsewhere never becomes a shield unnoticed."""
     if not path.is_dir():
         raise ShieldSetError(f"{where}: the folder {path} does not exist; create it under ComfyUI's input directory")
+    real_root = pathlib.Path(input_dir if input_dir is not None else path).resolve()
     images, skipped = [], []
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        if file.name.startswith("."):
-            continue  # hidden files (.DS_Store, editor swap files) are neither images nor worth a warning
-        (images if file.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(file)
+    for listed, real in paths.walk_files(path, real_root, where):
+        (images if listed.suffix.lower() in IMAGE_EXTENSIONS else skipped).append((listed, real))
     if not images:
         raise ShieldSetError(
             f"{where}: the folder {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
             + (f"; found only {len(skipped)} other file(s)" if skipped else "; it is empty")
         )
-    skipped_names = tuple(str(f.relative_to(path)) for f in skipped)
+    skipped_names = tuple(str(listed.relative_to(path)) for listed, _ in skipped)
     if skipped_names:
         logger.warning(
             "%s: skipped %d non-image file(s) in %s: %s", where, len(skipped_names), path, ", ".join(skipped_names)
         )
-    return FolderListing(path, tuple(images), skipped_names)
+    return FolderListing(path, tuple(listed for listed, _ in images), skipped_names)
 
 
 def read_image(path: pathlib.Path, where: str) -> torch.Tensor:

@@ -2,12 +2,10 @@
 
 Per output: L2 distance in latent space to the nearest shield (relative to the radius when one is
 given, SPELL section 4.6) and the embedder's cosine similarity to the nearest shield; for the batch:
-Vendi score and mean pairwise similarity (core/metrics.py); and, from the newest run records
-(core/records.py), the sparse-repellency intervention timeline, the transition-point d_t curves and
-ProCreate's nearest-reference similarity per step and sample.
-
-Run records are read tolerantly: a step entry may hold a scalar or one value per sample, and any key
-may be missing; whatever is there is reported.
+Vendi score and mean pairwise similarity (core/metrics.py); and the newest run record of every
+registered method (core/records.py): which samples and steps it touched, its per-sample step fields
+as [steps x samples] matrices, and the method's own report lines and chart panel. No method is named
+here: a method registered in core/records.py appears in the report as it is.
 """
 
 from __future__ import annotations
@@ -20,58 +18,36 @@ import numpy as np
 import torch
 
 from . import metrics
-from .records import RunRecord
+from .records import MethodRecord, RecordBook, RunRecord, registered_methods
 
 
 @dataclasses.dataclass
-class RepellencyTimeline:
-    """Sparse repellency per step (rows) and sample (columns); NaN where the record has no value."""
+class MethodCurves:
+    """One run of one method, per step (rows) and sample (columns)."""
 
+    method: MethodRecord
     run_number: int
     label: str
-    steps: int
-    delta_ratio: Optional[np.ndarray]  # [steps, samples] ‖Δ‖ relative to the update, 0 = untouched
-    touched: Optional[np.ndarray]  # [steps, samples] bool
-    active_shields: Optional[np.ndarray]  # [steps, samples] or [steps, 1] shield count within r
-    sigma: Optional[np.ndarray]  # [steps]
+    touched: np.ndarray  # [steps, samples] bool: the method changed this sample at this step
+    sigma: np.ndarray  # [steps] the largest sigma of the batch at each step
+    fields: dict[str, np.ndarray]  # per-sample step field -> [steps, samples], NaN where not recorded
+    summary: dict[str, Any]
 
+    @property
+    def steps(self) -> int:
+        return int(self.touched.shape[0])
 
-@dataclasses.dataclass
-class TransitionCurves:
-    """Transition-point CFG per step (rows) and sample (columns)."""
+    def field(self, name: str) -> Optional[np.ndarray]:
+        return self.fields.get(name)
 
-    run_number: int
-    label: str
-    steps: int
-    d_t: Optional[np.ndarray]  # [steps, samples] ‖ε_cond − ε_uncond‖²
-    switched: Optional[np.ndarray]  # [steps, samples] bool: normal CFG is on at this step
-    sigma: Optional[np.ndarray]  # [steps]
+    def touched_samples(self) -> list[int]:
+        return np.flatnonzero(self.touched.any(axis=0)).tolist()
 
-    def switch_steps(self) -> list[Optional[int]]:
-        """Per sample, the first step with normal CFG (None if it never switched)."""
-        if self.switched is None:
-            return []
-        steps = []
-        for column in self.switched.T:
-            hits = np.flatnonzero(column)
-            steps.append(int(hits[0]) if hits.size else None)
-        return steps
-
-
-@dataclasses.dataclass
-class ProCreateCurves:
-    """ProCreate energy guidance per step (rows) and sample (columns)."""
-
-    run_number: int
-    label: str
-    steps: int
-    similarity: Optional[np.ndarray]  # [steps, samples] cosine to the nearest reference, NaN where not measured
-    guided: Optional[np.ndarray]  # [steps, samples] bool: the guidance moved this sample at this step
-    sigma: Optional[np.ndarray]  # [steps]
-    references: Optional[int] = None  # how many references the run repelled from (a memory grows)
-
-    def guided_samples(self) -> list[int]:
-        return [] if self.guided is None else np.flatnonzero(self.guided.any(axis=0)).tolist()
+    def sample(self, index: int) -> dict[str, np.ndarray]:
+        """One sample's columns: its touched flags and every per-sample field, over the steps."""
+        columns = {"touched": self.touched[:, index]}
+        columns.update({name: matrix[:, index] for name, matrix in self.fields.items() if index < matrix.shape[1]})
+        return columns
 
 
 @dataclasses.dataclass
@@ -87,9 +63,7 @@ class ReportData:
     diversity_space: str = ""
     vendi: float = float("nan")
     mss: float = float("nan")
-    repellency: Optional[RepellencyTimeline] = None
-    transition: Optional[TransitionCurves] = None
-    procreate: Optional[ProCreateCurves] = None
+    runs: list[MethodCurves] = dataclasses.field(default_factory=list)  # one per method with a record
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -149,108 +123,43 @@ def measure_outputs(
 
 
 # -- run records ------------------------------------------------------------------------------------
-def _per_sample(value: Any) -> Optional[list[float]]:
-    """A step value as one float per sample: a scalar becomes [scalar]; None stays None."""
-    if value is None:
+def method_curves(record: Optional[RunRecord]) -> Optional[MethodCurves]:
+    """A registered method's run as matrices; None for no record, a run without steps or an unknown kind."""
+    if record is None or not record.steps or record.method is None:
         return None
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().reshape(-1).tolist()
-    if isinstance(value, (int, float, bool, np.number, np.bool_)):
-        return [float(value)]
-    try:
-        return [float(v) for v in value]
-    except (TypeError, ValueError):
-        return None
+    fields = {}
+    for name in record.method.per_sample_fields():
+        matrix = _step_matrix(record.steps, name)
+        if matrix is not None:
+            fields[name] = matrix
+    return MethodCurves(
+        method=record.method,
+        run_number=record.run_number,
+        label=record.label,
+        touched=np.array(record.touched_matrix(), dtype=bool).reshape(len(record.steps), -1),
+        sigma=np.nanmax(fields["sigma"], axis=1),
+        fields=fields,
+        summary=dict(record.summary),
+    )
 
 
-def _touched_flags(value: Any, samples: int) -> Optional[list[float]]:
-    """Per-sample flags from either booleans per sample or a list of touched sample indices."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().reshape(-1).tolist()
-    if isinstance(value, (bool, np.bool_)):
-        return [float(value)] * max(samples, 1)
-    if isinstance(value, (int, np.integer)):  # a count of touched samples: no per-sample detail
-        return None
-    values = list(value)
-    if all(isinstance(v, (bool, np.bool_)) for v in values):
-        return [float(v) for v in values]
-    flags = [0.0] * max(samples, (max(values) + 1) if values else 0)
-    for index in values:
-        flags[int(index)] = 1.0
-    return flags
+def latest_runs(book: RecordBook) -> list[MethodCurves]:
+    """The newest run of every registered method, in registration order."""
+    runs = (method_curves(book.latest(method.kind)) for method in registered_methods())
+    return [run for run in runs if run is not None]
 
 
-def _step_matrix(steps: list[dict], key: str, convert=_per_sample) -> Optional[np.ndarray]:
-    """[steps, samples] from the steps' `key` values, NaN-padded; None if no step has the key."""
-    rows = [convert(step.get(key)) for step in steps]
+def _step_matrix(steps: list[dict], key: str) -> Optional[np.ndarray]:
+    """[steps, samples] of a per-sample list field, NaN-padded (steps without it stay NaN)."""
+    rows = [[float(v) for v in step[key]] if key in step else None for step in steps]
     if all(row is None for row in rows):
         return None
     width = max(len(row) for row in rows if row is not None)
     matrix = np.full((len(rows), width), np.nan)
     for index, row in enumerate(rows):
-        if row is not None:
+        if row:
             matrix[index, : len(row)] = row
     return matrix
-
-
-def _sigma_column(steps: list[dict]) -> Optional[np.ndarray]:
-    matrix = _step_matrix(steps, "sigma")
-    return None if matrix is None else np.nanmax(matrix, axis=1)
-
-
-def _sample_count(steps: list[dict]) -> int:
-    counts = [len(row) for row in (_per_sample(step.get("sigma")) for step in steps) if row is not None]
-    return max(counts, default=0)
-
-
-def repellency_timeline(record: Optional[RunRecord]) -> Optional[RepellencyTimeline]:
-    if record is None or not record.steps:
-        return None
-    samples = _sample_count(record.steps)
-    touched = _step_matrix(record.steps, "touched", lambda value: _touched_flags(value, samples))
-    delta_ratio = _step_matrix(record.steps, "delta_ratio")
-    if touched is None and delta_ratio is not None:
-        touched = np.nan_to_num(delta_ratio) > 0
-    return RepellencyTimeline(
-        run_number=record.run_number,
-        label=record.label,
-        steps=len(record.steps),
-        delta_ratio=delta_ratio,
-        touched=None if touched is None else np.nan_to_num(touched) > 0,
-        active_shields=_step_matrix(record.steps, "active_shields"),
-        sigma=_sigma_column(record.steps),
-    )
-
-
-def transition_curves(record: Optional[RunRecord]) -> Optional[TransitionCurves]:
-    if record is None or not record.steps:
-        return None
-    switched = _step_matrix(record.steps, "switched")
-    return TransitionCurves(
-        run_number=record.run_number,
-        label=record.label,
-        steps=len(record.steps),
-        d_t=_step_matrix(record.steps, "d_t"),
-        switched=None if switched is None else np.nan_to_num(switched) > 0,
-        sigma=_sigma_column(record.steps),
-    )
-
-
-def procreate_curves(record: Optional[RunRecord]) -> Optional[ProCreateCurves]:
-    if record is None or not record.steps:
-        return None
-    guided = _step_matrix(record.steps, "active")
-    return ProCreateCurves(
-        run_number=record.run_number,
-        label=record.label,
-        steps=len(record.steps),
-        similarity=_step_matrix(record.steps, "similarity"),
-        guided=None if guided is None else np.nan_to_num(guided) > 0,
-        sigma=_sigma_column(record.steps),
-        references=record.summary.get("references"),
-    )
 
 
 # -- text -------------------------------------------------------------------------------------------
@@ -275,55 +184,20 @@ def _output_line(report: ReportData, index: int) -> str:
     return " ".join(parts) if len(parts) > 1 else ""
 
 
-def _repellency_lines(timeline: RepellencyTimeline) -> list[str]:
-    head = f"sparse repellency (run #{timeline.run_number}{', ' + timeline.label if timeline.label else ''}):"
-    lines = [f"{head} {timeline.steps} steps recorded"]
-    if timeline.touched is not None:
-        per_step = timeline.touched.any(axis=1)
-        active_steps = np.flatnonzero(per_step)
-        last = f", last at step {int(active_steps[-1])}" if active_steps.size else ""
-        lines.append(
-            f"  intervened on {int(timeline.touched.sum())} step-samples in {active_steps.size} steps{last}; "
-            f"samples touched: {np.flatnonzero(timeline.touched.any(axis=0)).tolist()}"
-        )
-    if timeline.delta_ratio is not None and np.isfinite(timeline.delta_ratio).any():
-        lines.append(f"  max ‖Δ‖ ratio {_number(float(np.nanmax(timeline.delta_ratio)))}")
-    if timeline.active_shields is not None and np.isfinite(timeline.active_shields).any():
-        lines.append(f"  max shields within r at one step: {int(np.nanmax(timeline.active_shields))}")
-    return lines
-
-
-def _transition_lines(curves: TransitionCurves) -> list[str]:
-    head = f"transition-point CFG (run #{curves.run_number}{', ' + curves.label if curves.label else ''}):"
-    lines = [f"{head} {curves.steps} steps recorded"]
-    switch_steps = curves.switch_steps()
-    if switch_steps:
-        switched = sum(step is not None for step in switch_steps)
-        lines.append(f"  switched to normal CFG: {switched}/{len(switch_steps)} samples, at steps {switch_steps}")
-    if curves.d_t is not None and np.isfinite(curves.d_t).any():
-        lines.append(f"  d_t range {_number(float(np.nanmin(curves.d_t)))} .. {_number(float(np.nanmax(curves.d_t)))}")
-    return lines
-
-
-def _procreate_lines(curves: ProCreateCurves) -> list[str]:
-    head = f"procreate energy guidance (run #{curves.run_number}{', ' + curves.label if curves.label else ''}):"
-    references = "" if curves.references is None else f", {curves.references} references"
-    lines = [f"{head} {curves.steps} steps recorded{references}"]
-    if curves.guided is not None:
-        guided_steps = np.flatnonzero(curves.guided.any(axis=1))
-        last = f", last at step {int(guided_steps[-1])}" if guided_steps.size else ""
-        lines.append(
-            f"  guided {int(curves.guided.sum())} step-samples in {guided_steps.size} steps{last}; "
-            f"samples guided: {curves.guided_samples()}"
-        )
-    similarity = curves.similarity
-    if similarity is not None and np.isfinite(similarity).any():
-        measured = [row for row in similarity if np.isfinite(row).any()]
-        first, last = np.nanmax(measured[0]), np.nanmax(measured[-1])
-        lines.append(
-            f"  max nearest-reference similarity: first measured step {_number(float(first))}, "
-            f"last {_number(float(last))}"
-        )
+def method_lines(run: MethodCurves) -> list[str]:
+    """The run's head line, what it touched, then the method's own lines."""
+    label = f", {run.label}" if run.label else ""
+    headline = "".join(f", {run.summary[key]} {key}" for key in run.method.headline if key in run.summary)
+    lines = [f"{run.method.title} (run #{run.run_number}{label}): {run.steps} steps recorded{headline}"]
+    per_step = run.touched.any(axis=1)
+    touched_steps = np.flatnonzero(per_step)
+    last = f", last at step {int(touched_steps[-1])}" if touched_steps.size else ""
+    lines.append(
+        f"  touched {int(run.touched.sum())} step-samples in {touched_steps.size} steps{last}; "
+        f"samples touched: {run.touched_samples()}"
+    )
+    if run.method.describe is not None:
+        lines += run.method.describe(run)
     return lines
 
 
@@ -352,11 +226,7 @@ def summary_text(report: ReportData) -> str:
             f"diversity ({report.diversity_space} cosine): Vendi {_number(report.vendi, 4)} of {report.count}, "
             f"mean pairwise similarity {_number(report.mss, 4)}"
         )
-    if report.repellency is not None:
-        lines += _repellency_lines(report.repellency)
-    if report.transition is not None:
-        lines += _transition_lines(report.transition)
-    if report.procreate is not None:
-        lines += _procreate_lines(report.procreate)
+    for run in report.runs:
+        lines += method_lines(run)
     lines += report.notes
     return "\n".join(lines)

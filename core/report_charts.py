@@ -11,7 +11,8 @@ import math
 import numpy as np
 
 from ..optional_deps import require
-from .report import ProCreateCurves, RepellencyTimeline, ReportData, TransitionCurves
+from .records import Curves, Heatmap
+from .report import MethodCurves, ReportData
 
 PANEL_SIZE = (6.0, 3.6)  # inches per panel
 DPI = 100
@@ -43,15 +44,12 @@ def _panels(report: ReportData) -> list:
         panels.append(lambda axes, figure: _draw_distances(axes, report))
     if report.cosine is not None:
         panels.append(lambda axes, figure: _draw_cosines(axes, report))
-    timeline = report.repellency
-    if timeline is not None and (timeline.delta_ratio is not None or timeline.touched is not None):
-        panels.append(lambda axes, figure: _draw_repellency(axes, figure, timeline))
-    curves = report.transition
-    if curves is not None and (curves.d_t is not None or curves.switched is not None):
-        panels.append(lambda axes, figure: _draw_transition(axes, curves))
-    procreate = report.procreate
-    if procreate is not None and procreate.similarity is not None:
-        panels.append(lambda axes, figure: _draw_procreate(axes, procreate))
+    for run in report.runs:
+        panel = run.method.chart
+        if isinstance(panel, Heatmap):
+            panels.append(lambda axes, figure, run=run, panel=panel: _draw_heatmap(axes, figure, run, panel))
+        elif isinstance(panel, Curves) and run.field(panel.value) is not None:
+            panels.append(lambda axes, figure, run=run, panel=panel: _draw_curves(axes, run, panel))
     return panels
 
 
@@ -70,14 +68,8 @@ def _draw_summary(axes, report: ReportData) -> None:
         lines.append(f"nearest shield L2: min {report.l2_distance.min():.3g}")
     if report.cosine is not None:
         lines.append(f"nearest-shield cosine: max {report.cosine.max():.3f} ({report.embedder_key})")
-    if report.repellency is not None and report.repellency.touched is not None:
-        lines.append(f"repellency touched {int(report.repellency.touched.sum())} step-samples")
-    if report.transition is not None:
-        steps = report.transition.switch_steps()
-        if steps:
-            lines.append(f"CFG switch steps: {steps}")
-    if report.procreate is not None and report.procreate.guided is not None:
-        lines.append(f"ProCreate guided {int(report.procreate.guided.sum())} step-samples")
+    for run in report.runs:
+        lines.append(f"{run.method.title} touched {int(run.touched.sum())} step-samples")
     axes.text(0.0, 0.92, "\n".join(lines), va="top", ha="left", fontsize=12, transform=axes.transAxes, linespacing=1.6)
 
 
@@ -110,74 +102,47 @@ def _draw_cosines(axes, report: ReportData) -> None:
     _output_ticks(axes, report.count)
 
 
-def _draw_repellency(axes, figure, timeline: RepellencyTimeline) -> None:
-    if timeline.delta_ratio is not None:
-        values, label = np.nan_to_num(timeline.delta_ratio).T, "‖Δ‖ ratio"
-    else:
-        values, label = timeline.touched.T.astype(float), "touched"
-    image = axes.imshow(values, aspect="auto", cmap="magma", interpolation="nearest", origin="lower")
+def _draw_heatmap(axes, figure, run: MethodCurves, panel: Heatmap) -> None:
+    """The panel's field over steps (x) and samples (y); the touched flags where the field is missing."""
+    values, label = run.field(panel.value), panel.label
+    if values is None:
+        values, label = run.touched.astype(float), "touched"
+    image = axes.imshow(np.nan_to_num(values).T, aspect="auto", cmap="magma", interpolation="nearest", origin="lower")
     figure.colorbar(image, ax=axes, label=label)
     axes.set_xlabel("step")
     axes.set_ylabel("sample")
     _integer_ticks(axes.xaxis)
     _integer_ticks(axes.yaxis)
-    axes.set_title(f"Sparse repellency interventions (run #{timeline.run_number})")
+    axes.set_title(f"{run.method.title} (run #{run.run_number})")
 
 
-def _draw_transition(axes, curves: TransitionCurves) -> None:
-    switch_steps = curves.switch_steps()
-    if curves.d_t is not None:
-        steps = np.arange(curves.d_t.shape[0])
-        for sample in range(curves.d_t.shape[1]):
-            (line,) = axes.plot(steps, curves.d_t[:, sample], marker=".", label=f"sample {sample}")
-            if sample < len(switch_steps) and switch_steps[sample] is not None:
-                step = switch_steps[sample]
-                axes.plot(
-                    [step],
-                    [curves.d_t[step, sample]],
-                    marker="o",
-                    markersize=10,
-                    color=line.get_color(),
-                    fillstyle="none",
-                )
-        positive = curves.d_t[np.isfinite(curves.d_t)]
-        if positive.size and positive.min() > 0 and positive.max() / positive.min() > 100:
-            axes.set_yscale("log")
-        axes.set_ylabel("d_t = ‖ε_cond − ε_uncond‖²")
-        if curves.d_t.shape[1] <= 8:
-            axes.legend(fontsize=8, loc="best")
-    else:
-        for sample, step in enumerate(switch_steps):
-            if step is not None:
-                axes.plot([step], [sample], marker="o")
-        axes.set_ylabel("sample")
-    axes.set_xlabel("step (circle: switch to normal CFG)")
-    _integer_ticks(axes.xaxis)
-    axes.set_title(f"Transition-point CFG (run #{curves.run_number})")
-
-
-def _draw_procreate(axes, curves: ProCreateCurves) -> None:
-    """Nearest-reference similarity per step, one line per sample; filled dots where the guidance acted."""
-    similarity = curves.similarity
-    steps = np.arange(similarity.shape[0])
-    for sample in range(similarity.shape[1]):
-        (line,) = axes.plot(steps, similarity[:, sample], marker=".", label=f"sample {sample}")
-        if curves.guided is not None and sample < curves.guided.shape[1]:
-            guided = curves.guided[:, sample]
-            axes.plot(
-                steps[guided],
-                similarity[guided, sample],
-                linestyle="none",
-                marker="o",
-                markersize=7,
-                color=line.get_color(),
-            )
-    axes.set_ylabel("cosine to nearest reference")
-    axes.set_xlabel("step (dot: guided)")
-    if similarity.shape[1] <= 8:
+def _draw_curves(axes, run: MethodCurves, panel: Curves) -> None:
+    """One line per sample; markers where the method touched it, or where it stopped touching it."""
+    values = run.field(panel.value)
+    steps = np.arange(values.shape[0])
+    touched = run.touched
+    for sample in range(values.shape[1]):
+        (line,) = axes.plot(steps, values[:, sample], marker=".", label=f"sample {sample}")
+        column = touched[:, sample] if sample < touched.shape[1] else np.zeros(len(steps), dtype=bool)
+        if panel.markers == "last_touched":
+            hits = np.flatnonzero(column)
+            marked = [] if not hits.size or hits[-1] + 1 >= len(steps) else [hits[-1] + 1]
+            if not hits.size:
+                marked = [0]  # never touched: normal from the first step
+            style = {"markersize": 10, "fillstyle": "none"}
+        else:
+            marked = np.flatnonzero(column)
+            style = {"markersize": 7}
+        axes.plot(steps[marked], values[marked, sample], linestyle="none", marker="o", color=line.get_color(), **style)
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 100:
+        axes.set_yscale("log")
+    axes.set_ylabel(panel.label)
+    axes.set_xlabel(f"step ({panel.marker_label})")
+    if values.shape[1] <= 8:
         axes.legend(fontsize=8, loc="best")
     _integer_ticks(axes.xaxis)
-    axes.set_title(f"ProCreate energy guidance (run #{curves.run_number})")
+    axes.set_title(f"{run.method.title} (run #{run.run_number})")
 
 
 def _output_ticks(axes, count: int) -> None:

@@ -1,82 +1,142 @@
-"""Shield sets on disk (safetensors, no pickle) and the in-process Shield Memory store.
+"""Shield sets on disk (safetensors, no pickle): names, atomic writes, whole-file checks, index caches.
 
 Plain torch + safetensors; nothing here imports ComfyUI. The nodes pass in the folder to use.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import pathlib
 import struct
 import tempfile
-import threading
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .shield_set import FORMAT_VERSION, ShieldSet, ShieldSetError, from_latents, hash_tensor, metadata_json
+from . import paths
+from .shield_set import FORMAT_VERSION, ShieldSet, ShieldSetError, metadata_json
 
 EXTENSION = ".safetensors"
-INDEX_EXTENSION = ".index.safetensors"
+# The search-index cache beside a set file: "<set>.safetensors" + this suffix. No set name can reach it
+# (every set file name ends in .safetensors) and the folder listing never shows it.
+INDEX_SUFFIX = ".shield-index"
+LEGACY_INDEX_EXTENSION = ".index.safetensors"  # before 0.2: collided with a set named "x.index"
 EMBEDDING_PREFIX = "embedding."
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16}
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 FINITE_CHECK_ROWS = 8192
+MAX_NUMBERED_NAMES = 10_000  # Save Shield Set with overwrite off tries name, name_1 ... name_9999
+SET_NAME_EXAMPLES = "a plain name such as 'my_shields' (sub-folders allowed)"
+DAMAGED_FIX = "rebuild the set (Shield Set from Images or from Latents) and save it again with Save Shield Set"
 
 
-# -- files -----------------------------------------------------------------------------------------
+# -- file names ------------------------------------------------------------------------------------
 def resolve_inside(folder: str, filename: str, where: str) -> pathlib.Path:
-    """folder/filename(.safetensors), refusing names that would leave the folder."""
-    if not filename or filename.strip() != filename or "\x00" in filename:
-        raise ShieldSetError(f"{where}: the file name {filename!r} is empty or has leading/trailing spaces")
+    """folder/filename(.safetensors), its real path required inside the folder (paths.real_path_inside)."""
+    paths.check_relative_name(filename, where, SET_NAME_EXAMPLES)
     name = filename if filename.endswith(EXTENSION) else filename + EXTENSION
-    root = pathlib.Path(folder).resolve()
-    path = (root / name).resolve()
-    if pathlib.PurePath(name).is_absolute() or root not in path.parents:
-        raise ShieldSetError(
-            f"{where}: {filename!r} points outside {root}; use a plain name (sub-folders allowed), without '..' or an absolute path"
-        )
-    return path
+    paths.check_name_lengths(pathlib.Path(folder), name, where)
+    return paths.real_path_inside(pathlib.Path(folder), name, where, SET_NAME_EXAMPLES, "the shield set folder")
 
 
-def save_shield_set(shield_set: ShieldSet, path: pathlib.Path, storage: str = "float32") -> None:
-    """Write atomically: a temp file in the same folder, then rename, so a crash never leaves half a file.
+def numbered_names(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """path, then name_1.safetensors, name_2... (bounded). The number goes before the extension, never
+    through `with_suffix`: a stem such as "v1.5" or "clash.index" has dots of its own."""
+    stem = path.name[: -len(EXTENSION)] if path.name.endswith(EXTENSION) else path.name
+    yield path
+    for number in range(1, MAX_NUMBERED_NAMES):
+        yield path.with_name(f"{stem}_{number}{EXTENSION}")
+
+
+# -- writing ---------------------------------------------------------------------------------------
+class AllNamesTaken(Exception):
+    """Every candidate name of a no-overwrite write exists."""
+
+
+def save_shield_set(
+    shield_set: ShieldSet,
+    path: pathlib.Path,
+    storage: str = "float32",
+    overwrite: bool = True,
+    where: str = "Save Shield Set",
+) -> pathlib.Path:
+    """Write atomically (a temp file in the same folder, then a rename: a crash never leaves half a file)
+    and return the path written. overwrite off never replaces a file: the first free numbered name is
+    taken, even when another process creates files meanwhile.
 
     storage "float16" halves the file (and the disk reads of the exact re-check); the fp16 values ARE
     the shields from then on (rounding ~5e-4 relative), and every distance is exact on them."""
     if len(shield_set) == 0:
-        raise ShieldSetError("Save Shield Set: the shield set is empty (an empty Shield Memory?); nothing to save")
+        raise ShieldSetError(f"{where}: the shield set is empty (an empty Shield Memory?); nothing to save")
     if storage not in STORAGE_DTYPES:
-        raise ShieldSetError(f"Save Shield Set: storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
+        raise ShieldSetError(f"{where}: storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
     latents = shield_set.latents.contiguous().to(STORAGE_DTYPES[storage])
     if not torch.isfinite(latents).all():
-        raise ShieldSetError(
-            "Save Shield Set: the latents exceed the float16 range (|x| > 65504); save with storage float32"
-        )
+        raise ShieldSetError(f"{where}: the latents exceed the float16 range (|x| > 65504); save with storage float32")
     tensors = {"latents": latents}
     if shield_set.images is not None:
         tensors["images"] = shield_set.images.contiguous().float()
     for key, value in shield_set.embeddings.items():
         tensors[EMBEDDING_PREFIX + key] = value.contiguous().float()
-    write_safetensors_atomically(tensors, path, metadata_json(shield_set))
+    candidates = [path] if overwrite else numbered_names(path)
+    try:
+        return write_safetensors_atomically(tensors, candidates, metadata_json(shield_set), replace=overwrite)
+    except AllNamesTaken as error:
+        raise ShieldSetError(
+            f"{where}: filename: {path.name} and its numbered names up to _{MAX_NUMBERED_NAMES - 1} all exist; "
+            f"choose another filename, or turn overwrite on"
+        ) from error
+    except OSError as error:
+        raise ShieldSetError(paths.explain_write_error(error, where, path, "the filename input")) from error
 
 
-def write_safetensors_atomically(tensors: dict, path: pathlib.Path, metadata: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=".shield-", suffix=".tmp", dir=path.parent)
+def write_safetensors_atomically(
+    tensors: dict, candidates: Iterable[pathlib.Path], metadata: dict, replace: bool = True
+) -> pathlib.Path:
+    """Write to a temp file beside the target, then move it into place; return the path used.
+
+    replace: the first candidate is replaced if it exists. Otherwise the temp file is hard-linked to the
+    first candidate that does not exist (a link never replaces, so a file made meanwhile is kept) and a
+    AllNamesTaken means every candidate exists."""
+    candidates = iter(candidates)
+    first = next(candidates)
+    first.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=".shield-", suffix=".tmp", dir=first.parent)
     os.close(handle)
     try:
         save_file(tensors, temp_name, metadata=metadata)
-        os.replace(temp_name, path)
-    except BaseException:
+        if replace:
+            os.replace(temp_name, first)
+            return first
+        for candidate in itertools.chain([first], candidates):
+            try:
+                _link_without_replacing(temp_name, candidate)
+                return candidate
+            except FileExistsError:
+                continue
+        raise AllNamesTaken(first)
+    finally:
         pathlib.Path(temp_name).unlink(missing_ok=True)
+
+
+def _link_without_replacing(source: str, target: pathlib.Path) -> None:
+    try:
+        os.link(source, target)
+    except FileExistsError:
         raise
+    except OSError:  # a file system without hard links: reserve the name exclusively, then move in
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(source, target)
 
 
+# -- reading ---------------------------------------------------------------------------------------
 def memory_map_tensor(path: pathlib.Path, key: str) -> torch.Tensor:
     """A read-only view of one tensor of a safetensors file, backed by the page cache (np.memmap on the
     payload): nothing is read until rows are indexed. The header is parsed as the format defines it
@@ -95,52 +155,149 @@ def memory_map_tensor(path: pathlib.Path, key: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+@dataclasses.dataclass(frozen=True)
+class _FileContents:
+    metadata: dict
+    dtypes: dict  # tensor name -> safetensors dtype name ("F32", ...)
+    shapes: dict  # tensor name -> list of sizes
+
+
+def _read_header(path: pathlib.Path, where: str) -> _FileContents:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            dtypes = {key: part.get_dtype() for key, part in slices.items()}
+            shapes = {key: list(part.get_shape()) for key, part in slices.items()}
+    except Exception as error:  # safetensors raises its own error types for bad headers/truncation
+        raise ShieldSetError(
+            f"{where} is not a readable safetensors file (corrupt or truncated?): {error}. Replace it with a good "
+            f"copy, or {DAMAGED_FIX}"
+        ) from error
+    return _FileContents(metadata, dtypes, shapes)
+
+
+def _check_format(contents: _FileContents, where: str) -> None:
+    version = contents.metadata.get("shield_format_version")
+    if version is None and "shield_index_key" in contents.metadata:
+        raise ShieldSetError(
+            f"{where} is a search-index cache written by an older Shield version, not a shield set; delete it "
+            f"(the index is rebuilt beside its set as needed)"
+        )
+    if version is None:
+        raise ShieldSetError(
+            f"{where} is not a Shield set file (no shield metadata); make one with Shield Set from Images or from "
+            f"Latents and Save Shield Set"
+        )
+    if version != str(FORMAT_VERSION):
+        raise ShieldSetError(
+            f"{where} has shield format version {version!r}; this Shield version reads version {FORMAT_VERSION}. "
+            f"Update the Shield pack if the file comes from a newer one; otherwise {DAMAGED_FIX}"
+        )
+    if "latents" not in contents.dtypes:
+        raise ShieldSetError(f"{where} has shield metadata but no 'latents' tensor; {DAMAGED_FIX}")
+    if contents.dtypes["latents"] not in _NUMPY_DTYPES:
+        raise ShieldSetError(
+            f"{where}: latents stored as {contents.dtypes['latents']}; only F32 and F16 are supported. {DAMAGED_FIX}"
+        )
+    shape = contents.shapes["latents"]
+    if len(shape) < 4:
+        raise ShieldSetError(
+            f"{where}: the latents have shape {shape}; a shield set holds [count, channels, height, width] "
+            f"(or 5-D video latents). {DAMAGED_FIX}"
+        )
+    if shape[0] == 0:
+        raise ShieldSetError(f"{where} holds no shields; {DAMAGED_FIX}")
+
+
+def _metadata_value(contents: _FileContents, key: str, expected: type, where: str, required: bool = True):
+    """One metadata entry parsed from JSON (or the plain string for expected=str), type-checked."""
+    if key not in contents.metadata:
+        if required:
+            raise ShieldSetError(f"{where}: its metadata has no {key!r}; {DAMAGED_FIX}")
+        return expected()
+    raw = contents.metadata[key]
+    try:
+        value = raw if expected is str else json.loads(raw)
+    except ValueError as error:
+        raise ShieldSetError(f"{where}: its metadata {key!r} is not valid JSON ({error}); {DAMAGED_FIX}") from error
+    if not isinstance(value, expected) or isinstance(value, bool) and expected is int:
+        raise ShieldSetError(
+            f"{where}: its metadata {key!r} should be a {expected.__name__}, found {type(value).__name__} "
+            f"{str(value)[:60]!r}; {DAMAGED_FIX}"
+        )
+    return value
+
+
+def _check_listing(values: list, count: int, key: str, item_type: type, where: str) -> tuple:
+    if len(values) != count or not all(isinstance(value, item_type) for value in values):
+        raise ShieldSetError(
+            f"{where}: the file holds {count} latents but its metadata {key!r} lists {len(values)} entries"
+            + ("" if all(isinstance(v, item_type) for v in values) else f" (not all {item_type.__name__})")
+            + f"; {DAMAGED_FIX}"
+        )
+    return tuple(values)
+
+
+def _check_side_tensors(contents: _FileContents, count: int, where: str) -> None:
+    for key, shape in contents.shapes.items():
+        if key == "latents":
+            continue
+        expected_rank = 4 if key == "images" else 2 if key.startswith(EMBEDDING_PREFIX) else None
+        if expected_rank is None:
+            continue  # a tensor this version does not know about: ignored
+        if contents.dtypes[key] not in _FLOAT_DTYPES or len(shape) != expected_rank or shape[0] != count:
+            layout = "[count, height, width, 3]" if key == "images" else "[count, dimensions]"
+            raise ShieldSetError(
+                f"{where}: tensor {key!r} is {contents.dtypes[key]} {shape}; it must be float {layout} with "
+                f"count {count}. {DAMAGED_FIX}"
+            )
+
+
 def load_shield_set(path: pathlib.Path) -> ShieldSet:
-    """Read a file written by `save_shield_set`; every problem becomes a ShieldSetError naming the file.
+    """Read a file written by `save_shield_set`, checking the whole file first: every problem becomes a
+    ShieldSetError that names the file and says what to do.
 
     The latents are memory-mapped (float32 or float16 as stored), so a set larger than RAM loads: the
     range search reads its compact index per step and full rows only for the candidates."""
     where = f"Load Shield Set: {path.name}"
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            keys = list(handle.keys())
-            tensors = {key: handle.get_tensor(key) for key in keys if key != "latents"}
-            if "latents" in keys:
-                dtype_name = handle.get_slice("latents").get_dtype()
-    except Exception as error:  # safetensors raises its own error types for bad headers/truncation
-        raise ShieldSetError(f"{where} is not a readable safetensors file (corrupt or truncated?): {error}") from error
-    if metadata.get("shield_format_version") != str(FORMAT_VERSION) or "latents" not in keys:
+    contents = _read_header(path, where)
+    _check_format(contents, where)
+    count, *item_shape = contents.shapes["latents"]
+    latent_format = _metadata_value(contents, "latent_format", str, where)
+    if not latent_format:
+        raise ShieldSetError(f"{where}: its metadata 'latent_format' is empty; {DAMAGED_FIX}")
+    names = _check_listing(_metadata_value(contents, "names", list, where), count, "names", str, where)
+    hashes = _check_listing(_metadata_value(contents, "hashes", list, where), count, "hashes", str, where)
+    settings = _metadata_value(contents, "settings", dict, where, required=False)
+    if _metadata_value(contents, "latent_shape", list, where) != item_shape:
         raise ShieldSetError(
-            f"{where} is not a Shield set file (no shield metadata or latents); save it with Save Shield Set"
+            f"{where}: latents {[count, *item_shape]} disagree with the metadata latent_shape "
+            f"{contents.metadata['latent_shape']}; {DAMAGED_FIX}"
         )
-    if dtype_name not in _NUMPY_DTYPES:
+    if "count" in contents.metadata and _metadata_value(contents, "count", int, where) != count:
         raise ShieldSetError(
-            f"{where}: latents stored as {dtype_name}; only F32 and F16 are supported. Re-save the set"
+            f"{where}: the file holds {count} latents but its metadata count says {contents.metadata['count']}; "
+            f"{DAMAGED_FIX}"
         )
-    try:
-        names = json.loads(metadata["names"])
-        hashes = json.loads(metadata["hashes"])
-        settings = json.loads(metadata.get("settings", "{}"))
-        latent_format = metadata["latent_format"]
-        shape = json.loads(metadata["latent_shape"])
-    except (KeyError, ValueError) as error:
-        raise ShieldSetError(f"{where}: its metadata is damaged ({error}); re-save the set") from error
+    _check_side_tensors(contents, count, where)
     latents = memory_map_tensor(path, "latents")
-    if latents.shape[0] == 0:
-        raise ShieldSetError(f"{where} holds no shields")
-    if list(latents.shape[1:]) != shape:
-        raise ShieldSetError(f"{where}: latents {tuple(latents.shape)} disagree with the metadata shape {shape}")
-    for start in range(0, latents.shape[0], FINITE_CHECK_ROWS):  # one sequential pass, bounded memory
+    for start in range(0, count, FINITE_CHECK_ROWS):  # one sequential pass, bounded memory
         if not torch.isfinite(latents[start : start + FINITE_CHECK_ROWS]).all():
-            raise ShieldSetError(f"{where}: the latents contain NaN or inf; rebuild the set")
-    embeddings = {k[len(EMBEDDING_PREFIX) :]: v.float() for k, v in tensors.items() if k.startswith(EMBEDDING_PREFIX)}
+            raise ShieldSetError(f"{where}: the latents contain NaN or inf; {DAMAGED_FIX}")
+    with safe_open(str(path), framework="pt") as handle:
+        images = handle.get_tensor("images").float() if "images" in contents.shapes else None
+        embeddings = {
+            key[len(EMBEDDING_PREFIX) :]: handle.get_tensor(key).float()
+            for key in contents.shapes
+            if key.startswith(EMBEDDING_PREFIX)
+        }
     return ShieldSet(
         latents=latents,
         latent_format=latent_format,
-        names=tuple(names),
-        hashes=tuple(hashes),
-        images=tensors.get("images"),
+        names=names,
+        hashes=hashes,
+        images=images,
         embeddings=embeddings,
         settings=settings,
         source_path=str(path),
@@ -150,13 +307,12 @@ def load_shield_set(path: pathlib.Path) -> ShieldSet:
 # -- the search index beside a set file -------------------------------------------------------------
 def index_path_for(set_path: str) -> pathlib.Path:
     path = pathlib.Path(set_path)
-    return path.with_name(
-        path.name[: -len(EXTENSION)] + INDEX_EXTENSION if path.name.endswith(EXTENSION) else path.name + INDEX_EXTENSION
-    )
+    return path.with_name(path.name + INDEX_SUFFIX)
 
 
 def save_index(path: pathlib.Path, key: str, state: dict) -> None:
-    write_safetensors_atomically({name: t.contiguous() for name, t in state.items()}, path, {"shield_index_key": key})
+    tensors = {name: t.contiguous() for name, t in state.items()}
+    write_safetensors_atomically(tensors, [path], {"shield_index_key": key})
 
 
 def load_index(path: pathlib.Path, key: str) -> Optional[dict]:
@@ -171,72 +327,3 @@ def load_index(path: pathlib.Path, key: str) -> Optional[dict]:
             return {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception:  # a damaged index is only a cache: rebuild it
         return None
-
-
-# -- memory ----------------------------------------------------------------------------------------
-class ShieldMemoryStore:
-    """Named sets that grow with every finished generation (paper §4.2: repel from previous batches).
-
-    Module-level, so it survives across queue runs in one server process; `version` changes on every
-    append or reset, which is what the Shield Memory node fingerprints.
-    """
-
-    def __init__(self, max_items: int = 4096):
-        self._sets: dict[str, ShieldSet] = {}
-        self._versions: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self.max_items = max_items
-
-    def version(self, memory_id: str) -> int:
-        with self._lock:
-            return self._versions.get(memory_id, 0)
-
-    def reset(self, memory_id: str) -> None:
-        with self._lock:
-            self._sets.pop(memory_id, None)
-            self._versions[memory_id] = self._versions.get(memory_id, 0) + 1
-
-    def snapshot(self, memory_id: str) -> ShieldSet:
-        """The set as it is now; an empty memory is a set of 0 shields without a shape yet."""
-        with self._lock:
-            current = self._sets.get(memory_id)
-        if current is None:
-            return ShieldSet(
-                latents=torch.zeros(0, 0, 0, 0),
-                latent_format="",
-                names=(),
-                hashes=(),
-                settings={"shield_memory_id": memory_id},
-            )
-        return current
-
-    def append(self, memory_id: str, latent_format: str, latents: torch.Tensor) -> int:
-        """Add generations; a latent already remembered (same hash) is skipped, so two patches that share
-        one memory (Sparse Repellency and ProCreate on one model) remember each output once. Returns
-        how many were added."""
-        with self._lock:
-            current = self._sets.get(memory_id)
-            known = set(current.hashes) if current is not None else set()
-            fresh = [i for i, latent in enumerate(latents) if hash_tensor(latent) not in known]
-            if not fresh:
-                return 0
-            latents = latents[fresh]
-            start = len(current) if current is not None else 0
-            names = [f"{memory_id} #{start + index}" for index in range(latents.shape[0])]
-            added = from_latents(latents, latent_format, names=names, settings={"shield_memory_id": memory_id})
-            merged = added if current is None else current.concat(added)
-            if len(merged) > self.max_items:  # keep the newest generations
-                keep = slice(len(merged) - self.max_items, None)
-                merged = ShieldSet(
-                    latents=merged.latents[keep],
-                    latent_format=latent_format,
-                    names=merged.names[keep],
-                    hashes=merged.hashes[keep],
-                    settings=merged.settings,
-                )
-            self._sets[memory_id] = merged
-            self._versions[memory_id] = self._versions.get(memory_id, 0) + 1
-            return len(fresh)
-
-
-MEMORY = ShieldMemoryStore()

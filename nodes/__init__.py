@@ -3,6 +3,7 @@
 from comfy_api.v0_0_2 import ComfyExtension, io
 from typing_extensions import override
 
+from ..samplers import methods  # noqa: F401 (registers the methods' records for the Report and the frontend)
 from .demo_model import ShieldDemoConditioning, ShieldDemoModelLoader, ShieldDemoTrainingSet
 from .info import ShieldInfo
 from .procreate import NODES as PROCREATE_NODES
@@ -12,6 +13,7 @@ from .run_summary import install as install_frontend_link
 from .shield_sets import SHIELD_SET_NODES
 from .spell import SPELL_NODES
 from .transition_cfg import TransitionPointCFG
+from .validation import install_raw_type_check
 
 NODE_LIST: list[type[io.ComfyNode]] = [
     ShieldInfo,
@@ -35,4 +37,5 @@ class ShieldExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> ShieldExtension:
     install_frontend_link()  # run summaries to the frontend, Shield Memory reset route
+    install_raw_type_check(NODE_LIST)  # "false" for a BOOLEAN, "NaN" for a FLOAT: refused, not converted
     return ShieldExtension()

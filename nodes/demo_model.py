@@ -13,13 +13,14 @@ from comfy_api.v0_0_2 import io
 
 from ..reference_models import demo_dataset, pixel_unet
 from .common import CATEGORY
+from .validation import ShieldNode
 
 DEMO_CATEGORY = f"{CATEGORY}/demo"
 ITEM_SELECTIONS = ("all", "duplicated", "unique")
 CLASS_FILTER_ALL = "all classes"
 
 
-class ShieldDemoModelLoader(io.ComfyNode):
+class ShieldDemoModelLoader(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -46,7 +47,7 @@ class ShieldDemoModelLoader(io.ComfyNode):
         return io.NodeOutput(pixel_unet.load_demo_model())
 
 
-class ShieldDemoConditioning(io.ComfyNode):
+class ShieldDemoConditioning(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -112,7 +113,7 @@ def cached_dataset() -> demo_dataset.DemoDataset:
     return demo_dataset.build_dataset()
 
 
-class ShieldDemoTrainingSet(io.ComfyNode):
+class ShieldDemoTrainingSet(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

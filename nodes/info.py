@@ -5,6 +5,7 @@ from comfy_api.v0_0_2 import io
 from ..optional_deps import INSTALL_HINTS, is_available
 from ..version import __version__
 from .common import CATEGORY
+from .validation import ShieldNode
 
 
 def describe_installation() -> str:
@@ -15,14 +16,14 @@ def describe_installation() -> str:
     return "\n".join(lines)
 
 
-class ShieldInfo(io.ComfyNode):
+class ShieldInfo(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ShieldInfo",
             display_name="Shield Info",
             category=f"{CATEGORY}/utils",
-            description="Reports the Shield pack's version and whether its optional packages (faiss, dreamsim, matplotlib) can be imported.",
+            description="Reports the Shield pack's version and whether its optional packages (faiss, dreamsim, matplotlib, redis) can be imported.",
             inputs=[],
             outputs=[io.String.Output("info", tooltip="Version and optional-dependency status, one per line.")],
             is_output_node=True,

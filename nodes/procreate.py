@@ -8,22 +8,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io as std_io
+import json
 import logging
 import os
-import uuid
 
 import comfy.model_management
 import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
+from safetensors import safe_open
 
 from ..core.shield_set import latent_format_name
 from ..optional_deps import require
 from ..samplers.embedders import ClipVisionEmbedder, DreamSimEmbedder, PixelEmbedder
 from ..samplers.procreate_hook import GRADIENT_MODES, ProCreateGuidance, ProCreateSettings, reference_embeddings
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
-from .run_summary import node_id_of, register_patch
+from .method_node import method_schema, patched_model
+from .run_summary import node_id_of
 from .shield_sets import encode_images
+from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +47,31 @@ DREAMSIM_FILES = {
     "clip_vitb32": ["clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora"],
     "open_clip_vitb32": ["open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora"],
 }
+# dreamsim 0.2.1 builds the DINO backbones of these with torch.hub.load("facebookresearch/dino..."): code
+# fetched from GitHub (or imported from a cached copy) and a trusted_list written into the folder. The
+# pack fetches nothing and runs no downloaded code at run time, so it refuses them before dreamsim runs.
 NEEDS_TORCH_HUB = ("ensemble", "dino_vitb16", "dinov2_vitb14")
+OFFLINE_VARIANTS = [variant for variant in DREAMSIM_FILES if variant not in NEEDS_TORCH_HUB]
+LORA_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "bias", "target_modules")
+LORA_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def dreamsim_folders() -> list[str]:
     return folder_paths.get_folder_paths(DREAMSIM_FOLDER)
 
 
+def refuse_torch_hub_variant(variant: str) -> None:
+    if variant in NEEDS_TORCH_HUB:
+        raise ValueError(
+            f"DreamSim Loader: variant {variant!r} cannot load offline: dreamsim 0.2.1 builds its DINO backbone "
+            f"through torch.hub, which downloads code from GitHub and runs it, and this pack never fetches anything "
+            f"at run time. Choose variant {', '.join(OFFLINE_VARIANTS)} (they load from the unzipped files alone)."
+        )
+
+
 def find_dreamsim_folder(variant: str) -> str:
     """The first registered dreamsim folder that holds every file `variant` needs, or a clear error."""
+    refuse_torch_hub_variant(variant)
     expected = DREAMSIM_FILES[variant]
     for folder in dreamsim_folders():
         if all(os.path.exists(os.path.join(folder, name)) for name in expected):
@@ -62,8 +81,45 @@ def find_dreamsim_folder(variant: str) -> str:
         f"folder with adapter_config.json and adapter_model.*) in one of: {', '.join(dreamsim_folders())}. "
         f"Unzip the dreamsim_{variant}_checkpoint.zip release of github.com/ssundaram21/dreamsim "
         f"(v0.2.x checkpoints) into that folder. Nothing is downloaded at run time."
-        + (" This variant also needs its DINO backbone in torch.hub's cache." if variant in NEEDS_TORCH_HUB else "")
     )
+
+
+def check_dreamsim_files(folder: str, variant: str) -> None:
+    """Read what dreamsim will read before it runs: a damaged or incomplete file must fail here with its
+    name, never reach a library fallback that downloads (peft fetches a missing adapter from the HF hub)."""
+    replace = f"replace it with the one from the unzipped dreamsim_{variant}_checkpoint.zip (dreamsim 0.2.x)"
+    for name in DREAMSIM_FILES[variant]:
+        path = os.path.join(folder, name)
+        if not name.endswith("_lora"):
+            _check_torch_file(path, replace)
+            continue
+        config_path = os.path.join(path, "adapter_config.json")
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"DreamSim Loader: cannot read {config_path} ({error}); {replace}") from error
+        missing = [key for key in LORA_CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+        if missing:
+            raise ValueError(f"DreamSim Loader: {config_path} lacks {', '.join(missing)}; {replace}")
+        weights = [os.path.join(path, w) for w in LORA_WEIGHTS if os.path.isfile(os.path.join(path, w))]
+        if not weights:
+            raise ValueError(f"DreamSim Loader: {path} has no {' or '.join(LORA_WEIGHTS)}; {replace}")
+        _check_torch_file(weights[0], replace)
+
+
+def _check_torch_file(path: str, replace: str) -> None:
+    """The file opens as safetensors or as a weights-only torch archive (memory-mapped: nothing is copied)."""
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch and safetensors raise many types for damaged archives
+        raise ValueError(
+            f"DreamSim Loader: {path} is damaged or not a weights file ({type(error).__name__}: {error}); {replace}"
+        ) from error
 
 
 def folder_fingerprint(folder: str, variant: str) -> str:
@@ -80,6 +136,7 @@ def folder_fingerprint(folder: str, variant: str) -> str:
 def load_dreamsim(variant: str) -> DreamSimEmbedder:
     dreamsim_package = require("dreamsim", "DreamSim Loader")
     folder = find_dreamsim_folder(variant)
+    check_dreamsim_files(folder, variant)
     device = comfy.model_management.get_torch_device()
     chatter = std_io.StringIO()  # dreamsim prints "Using cached ..." to stdout
     try:
@@ -98,7 +155,7 @@ def load_dreamsim(variant: str) -> DreamSimEmbedder:
     return DreamSimEmbedder(model, variant, folder_fingerprint(folder, variant))
 
 
-class ShieldDreamSimLoader(io.ComfyNode):
+class ShieldDreamSimLoader(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -109,20 +166,29 @@ class ShieldDreamSimLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "variant",
-                    options=list(DREAMSIM_FILES),
-                    default="ensemble",
-                    tooltip="DreamSim model. ensemble is the paper's; the clip/open_clip/synclr variants need no "
-                    "torch.hub cache. Weights go unzipped into ComfyUI/models/dreamsim.",
+                    options=OFFLINE_VARIANTS,
+                    default="open_clip_vitb32",
+                    tooltip="DreamSim model, from its unzipped checkpoint in ComfyUI/models/dreamsim. The paper's "
+                    "ensemble and the DINO variants are not offered: dreamsim 0.2.1 fetches their backbone code "
+                    "through torch.hub, and nothing is downloaded at run time.",
                 ),
             ],
             outputs=[EMBEDDER.Output("embedder", tooltip="A differentiable DreamSim image embedder.")],
         )
 
     @classmethod
+    def validate_inputs(cls, variant) -> bool | str:
+        try:
+            refuse_torch_hub_variant(variant)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, variant):
         try:
             folder = find_dreamsim_folder(variant)
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError, KeyError):
             return "missing"
         return folder_fingerprint(folder, variant)
 
@@ -131,7 +197,7 @@ class ShieldDreamSimLoader(io.ComfyNode):
         return io.NodeOutput(load_dreamsim(variant))
 
 
-class ShieldClipVisionEmbedder(io.ComfyNode):
+class ShieldClipVisionEmbedder(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -150,7 +216,7 @@ class ShieldClipVisionEmbedder(io.ComfyNode):
         return io.NodeOutput(ClipVisionEmbedder(clip_vision))
 
 
-class ShieldPixelEmbedder(io.ComfyNode):
+class ShieldPixelEmbedder(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -179,7 +245,7 @@ class ShieldPixelEmbedder(io.ComfyNode):
         return io.NodeOutput(PixelEmbedder(size))
 
 
-class ShieldReferenceSetFromImages(io.ComfyNode):
+class ShieldReferenceSetFromImages(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -212,13 +278,12 @@ class ShieldReferenceSetFromImages(io.ComfyNode):
         return io.NodeOutput(reference.with_embeddings(embedder.key, reference_embeddings(reference, embedder)))
 
 
-class ShieldProCreateGuidance(io.ComfyNode):
+class ShieldProCreateGuidance(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return method_schema(
             node_id="ShieldProCreateGuidance",
             display_name="ProCreate Energy Guidance (Shield)",
-            category=f"{CATEGORY}/procreate",
             description="Pushes each sample's predicted image away from its nearest reference image in an "
             "embedding space (ProCreate, arXiv 2408.02226). Works per sample with every sampler.",
             inputs=[
@@ -303,16 +368,15 @@ class ShieldProCreateGuidance(io.ComfyNode):
                     "Off (default) repels from the reference set only; needs batch size ≥ 2 to act.",
                 ),
             ],
-            outputs=[io.Model.Output(tooltip="The patched model.")],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def validate_inputs(cls, strength=100.0, start_percent=0.0, end_percent=1.0, **_):
-        if strength < 0:
-            return f"strength must be ≥ 0 (0 turns the guidance off), got {strength}"
+    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **_):
         if start_percent > end_percent:
-            return f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
+            return (
+                f"ProCreate Energy Guidance: start_percent ({start_percent}) must not exceed end_percent "
+                f"({end_percent})"
+            )
         return True
 
     @classmethod
@@ -344,13 +408,8 @@ class ShieldProCreateGuidance(io.ComfyNode):
             intra_batch=bool(intra_batch),
         )
         settings.validate()
-        if strength == 0:
-            return io.NodeOutput(model.clone())
-        patched = model.clone()
-        patch_id = uuid.uuid4().hex[:12]
-        ProCreateGuidance(vae, embedder, reference_set, settings, patch_id=patch_id).attach(patched)
-        register_patch(patch_id, node_id_of(cls))
-        return io.NodeOutput(patched)
+        patch = None if strength == 0 else ProCreateGuidance(vae, embedder, reference_set, settings)
+        return io.NodeOutput(patched_model(model, patch, node_id_of(cls)))
 
 
 NODES = [

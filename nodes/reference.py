@@ -9,6 +9,7 @@ from comfy_api.v0_0_2 import io
 
 from ..reference_models.memorizer import PREDICTION_TYPES, build_memorizer, subset_conditioning
 from .common import CATEGORY
+from .validation import ShieldNode
 
 MAX_ITEMS = 4096
 
@@ -34,7 +35,7 @@ def parse_subset(subset: str, n_items: int) -> list[int] | None:
     return indices
 
 
-class ShieldMemorizerModel(io.ComfyNode):
+class ShieldMemorizerModel(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -77,7 +78,7 @@ class ShieldMemorizerModel(io.ComfyNode):
         )
 
 
-class ShieldMemorizerConditioning(io.ComfyNode):
+class ShieldMemorizerConditioning(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

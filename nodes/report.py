@@ -13,22 +13,17 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..core.records import RECORDS
-from ..core.report import (
-    ReportData,
-    measure_outputs,
-    procreate_curves,
-    repellency_timeline,
-    summary_text,
-    transition_curves,
-)
+from ..core.report import ReportData, latest_runs, measure_outputs, summary_text
 from ..core.report_charts import render_report
-from ..core.shield_set import ShieldSet
+from ..core.shield_set import ShieldSet, latent_format_name
+from ..samplers.latent_space import latent_format_named, latent_format_of, to_model_space
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
+from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
 
 
-class ShieldReport(io.ComfyNode):
+class ShieldReport(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -38,7 +33,7 @@ class ShieldReport(io.ComfyNode):
             description=(
                 "Measures a batch of outputs: latent L2 distance and embedder cosine similarity to the "
                 "nearest shield, violations of the radius, batch diversity (Vendi score, mean pairwise "
-                "similarity), and the newest sparse-repellency, transition-point CFG and ProCreate run records."
+                "similarity), and the newest run record of every Shield method (what it touched, its curves)."
             ),
             inputs=[
                 io.Image.Input(
@@ -67,7 +62,8 @@ class ShieldReport(io.ComfyNode):
                     min=0.0,
                     max=100000.0,
                     step=0.1,
-                    tooltip="Shield radius in latent L2 (as in Sparse Repellency): outputs within it count as violations. 0 turns the check off.",
+                    tooltip="Shield radius, L2 in the model's latent space (Sparse Repellency's absolute radius): outputs "
+                    "within it count as violations. 0 turns the check off.",
                 ),
                 io.Float.Input(
                     "similarity_threshold",
@@ -77,11 +73,17 @@ class ShieldReport(io.ComfyNode):
                     step=0.01,
                     tooltip="Embedder cosine similarity at or above which an output counts as too similar to a shield. 0 turns the check off.",
                 ),
+                io.Model.Input(
+                    "model",
+                    optional=True,
+                    tooltip="The model that made the outputs: its latent format turns latents into the model's space, "
+                    "where Sparse Repellency measures its radius. Unconnected: the shield set's latent format.",
+                ),
                 io.Boolean.Input(
                     "include_run_records",
                     default=True,
-                    tooltip="Add the newest sparse-repellency, transition-point CFG and ProCreate run records (timeline, d_t "
-                    "curves, similarity per step). Off: outputs only.",
+                    tooltip="Add the newest run record of every Shield method (SPELL, Transition-Point CFG, "
+                    "ProCreate, ...): the samples and steps it touched and its curves. Off: outputs only.",
                 ),
             ],
             outputs=[
@@ -103,8 +105,11 @@ class ShieldReport(io.ComfyNode):
         radius: float = 0.0,
         similarity_threshold: float = 0.0,
         include_run_records: bool = True,
+        model=None,
     ) -> io.NodeOutput:
-        report = build_report(images, latent, shield_set, embedder, radius, similarity_threshold, include_run_records)
+        report = build_report(
+            images, latent, shield_set, embedder, radius, similarity_threshold, include_run_records, model
+        )
         text = summary_text(report)
         charts = torch.from_numpy(render_report(report)).unsqueeze(0)
         preview = ui.PreviewImage(charts, cls=cls).as_dict()
@@ -119,6 +124,7 @@ def build_report(
     radius: float,
     similarity_threshold: float,
     include_run_records: bool,
+    model=None,
 ) -> ReportData:
     latents = None if latent is None else latent["samples"].float().cpu()
     if latents is None and images is None:
@@ -131,13 +137,18 @@ def build_report(
             "connect the latents and their decoded images from the same batch."
         )
     if shield_set is not None and latents is not None:
-        _check_latent_shape(shield_set, latents)
+        _check_latent_shape(shield_set, latents, model)
     output_embeddings, shield_embeddings = _embeddings(images, shield_set, embedder)
+    latent_format = _latent_format(shield_set, model)
+    shield_latents = None if shield_set is None else shield_set.latents
+    if latent_format is not None:  # distances in the model's space, the units of SPELL's radius
+        latents = None if latents is None else to_model_space(latents, latent_format)
+        shield_latents = None if shield_latents is None else to_model_space(shield_latents, latent_format)
     report = measure_outputs(
         latents=latents,
         images=images,
         output_embeddings=output_embeddings,
-        shield_latents=None if shield_set is None else shield_set.latents,
+        shield_latents=shield_latents,
         shield_names=() if shield_set is None else shield_set.names,
         shield_embeddings=shield_embeddings,
         radius=radius,
@@ -146,14 +157,26 @@ def build_report(
     )
     if shield_set is not None and latents is None:
         report.notes.append("no 'latent' connected: latent L2 distances to the shields are not measured")
+    elif shield_set is not None and latent_format is None:
+        report.notes.append(
+            f"the shield set's latent format {shield_set.latent_format!r} is not a ComfyUI model family: L2 "
+            "distances are in LATENT units, not the model's; connect 'model' to measure as Sparse Repellency does"
+        )
     if include_run_records:
-        report.repellency = repellency_timeline(RECORDS.latest("sparse_repellency"))
-        report.transition = transition_curves(RECORDS.latest("transition_cfg"))
-        report.procreate = procreate_curves(RECORDS.latest("procreate"))
+        report.runs = latest_runs(RECORDS)
     return report
 
 
-def _check_latent_shape(shield_set: ShieldSet, latents: torch.Tensor) -> None:
+def _latent_format(shield_set: Optional[ShieldSet], model):
+    """The model's latent format, else the shield set's family's default one (None when unknown)."""
+    if model is not None:
+        return latent_format_of(model)
+    return None if shield_set is None else latent_format_named(shield_set.latent_format)
+
+
+def _check_latent_shape(shield_set: ShieldSet, latents: torch.Tensor, model=None) -> None:
+    if model is not None and len(shield_set):
+        shield_set.check_compatible(shield_set.item_shape, latent_format_name(model), "Shield Report: shield_set")
     if tuple(latents.shape[1:]) != shield_set.item_shape:
         raise ValueError(
             f"Shield Report: the 'latent' items have shape {tuple(latents.shape[1:])} but the 'shield_set' holds "

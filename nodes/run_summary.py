@@ -1,11 +1,12 @@
 """What the frontend (web/shield.js) hears from the pack: run summaries and the Shield Memory reset route.
 
 - When a patch's sampling run ends, the record book calls `publish`, which sends the event
-  `shield.run_summary` {node, kind, label, samples, samples_touched, steps, steps_touched} to the client
+  `shield.run_summary` {node, kind, title, label, samples, samples_touched, steps, steps_touched} (title:
+  the method's name from its registered record, core/records.py) to the client
   that queued the prompt. `node` is the id of the graph node that made the patch: patch nodes
   register it (their hidden `unique_id` input) with `register_patch` when they execute.
-- `POST /shield/memory/reset` {"memory_id": ...} empties a Shield Memory; `GET /shield/memory/{memory_id}`
-  reports its size.
+- `POST /shield/memory/reset` {"memory_id", "store", "redis_url"} empties a Shield Memory;
+  `GET /shield/memory/{memory_id}?store=...&redis_url=...` reports its size.
 
 ComfyUI's `server` module is only looked up in `sys.modules`: in-process use (tests, scripts) has no
 PromptServer, and then nothing is sent or routed.
@@ -13,21 +14,20 @@ PromptServer, and then nothing is sent or routed.
 
 from __future__ import annotations
 
-import collections
 import logging
 import sys
-import threading
 from typing import Any, Optional
 
+from ..core.bounded_cache import BoundedCache
+from ..core.memory_redis import default_url
 from ..core.records import RECORDS, RunRecord, touched_summary
-from ..core.shield_files import MEMORY
+from ..core.shield_memory import MEMORY, MemorySpec
+from ..core.shield_set import ShieldSetError
 
 logger = logging.getLogger(__name__)
 
 EVENT = "shield.run_summary"
-_MAX_PATCHES = 1024
-_patch_nodes: "collections.OrderedDict[str, str]" = collections.OrderedDict()
-_lock = threading.Lock()
+PATCH_NODES: BoundedCache[str, str] = BoundedCache(1024)  # patch id -> graph node id
 _routes_added = False
 
 
@@ -40,18 +40,12 @@ def node_id_of(node_class) -> Optional[str]:
 
 def register_patch(patch_id: str, node_id: Optional[str]) -> None:
     """Remember which graph node made the patch `patch_id` (its runs are reported on that node)."""
-    if node_id is None:
-        return
-    with _lock:
-        _patch_nodes[patch_id] = node_id
-        _patch_nodes.move_to_end(patch_id)
-        while len(_patch_nodes) > _MAX_PATCHES:
-            _patch_nodes.popitem(last=False)
+    if node_id is not None:
+        PATCH_NODES.put(patch_id, node_id)
 
 
 def node_for_patch(patch_id: str) -> Optional[str]:
-    with _lock:
-        return _patch_nodes.get(patch_id)
+    return PATCH_NODES.get(patch_id)
 
 
 def run_message(record: RunRecord) -> Optional[dict[str, Any]]:
@@ -88,19 +82,24 @@ def add_routes() -> None:
             body = await request.json()
         except ValueError:
             body = {}
-        memory_id = str(body.get("memory_id", "")).strip() if isinstance(body, dict) else ""
-        if not memory_id:
-            return web.json_response({"error": 'send {"memory_id": "<name>"} (Shield Memory\'s memory_id)'}, status=400)
-        MEMORY.reset(memory_id)
-        logger.info("Shield Memory %r reset from the frontend", memory_id)
-        return web.json_response({"memory_id": memory_id, "size": 0, "version": MEMORY.version(memory_id)})
+        body = body if isinstance(body, dict) else {}
+        try:
+            key = MEMORY.open(_spec_from(body))
+            MEMORY.reset(key)
+            size, version = len(MEMORY.contents(key)), MEMORY.version(key)
+        except ShieldSetError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        logger.info("Shield Memory %r reset from the frontend", key)
+        return web.json_response({"memory_id": body.get("memory_id"), "size": size, "version": version})
 
     @instance.routes.get("/shield/memory/{memory_id}")
     async def memory_size(request):
-        memory_id = request.match_info["memory_id"]
-        return web.json_response(
-            {"memory_id": memory_id, "size": len(MEMORY.snapshot(memory_id)), "version": MEMORY.version(memory_id)}
-        )
+        try:
+            key = MEMORY.open(_spec_from({**request.query, "memory_id": request.match_info["memory_id"]}))
+            size, version = len(MEMORY.contents(key)), MEMORY.version(key)
+        except ShieldSetError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        return web.json_response({"memory_id": request.match_info["memory_id"], "size": size, "version": version})
 
     _routes_added = True
 
@@ -108,3 +107,12 @@ def add_routes() -> None:
 def install() -> None:
     RECORDS.add_listener(publish)
     add_routes()
+
+
+def _spec_from(fields) -> MemorySpec:
+    """A memory named by the frontend: memory_id, and the node's store and redis_url when not the defaults."""
+    store = str(fields.get("store") or "server")
+    redis_url = str(fields.get("redis_url") or "").strip()
+    if store == "redis" and not redis_url:
+        redis_url = default_url()
+    return MemorySpec(str(fields.get("memory_id", "")).strip(), store, redis_url=redis_url)

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import pathlib
 import time
 import weakref
 from typing import Optional
@@ -17,26 +18,33 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..core import image_folder
+from ..core.bounded_cache import BoundedCache
+from ..core.memory_file import FileStore
+from ..core.memory_redis import RedisStore, default_url
 from ..core.shield_files import (
-    INDEX_EXTENSION,
-    MEMORY,
+    EXTENSION,
     STORAGE_DTYPES,
     load_shield_set,
     resolve_inside,
     save_shield_set,
 )
+from ..core.shield_memory import DEFAULT_CAP, MAX_CAP, MEMORY, STORES, WHEN_FULL, MemorySpec, full_error
 from ..core.shield_set import ShieldSet, ShieldSetError, from_latents, latent_format_name  # noqa: F401
 from ..samplers import spell_math
+from ..samplers.latent_space import latent_format_of, to_model_space
 from .common import CATEGORY, SHIELD_SET
+from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
 
 FOLDER = "shield_sets"
+MEMORY_FOLDER = "memories"  # models/shield_sets/memories/<id>.shield-memory: the file store
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
 
-# VAE -> {(pixels hash, width, height, format): ShieldSet}; weak keys, so a freed VAE drops its entries.
-_ENCODE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# VAE -> bounded cache {(pixels hash, width, height, format, ...): ShieldSet}; weak keys, so a freed VAE
+# drops its entries.
+_ENCODE_CACHE: "weakref.WeakKeyDictionary[object, BoundedCache]" = weakref.WeakKeyDictionary()
 _ENCODE_CACHE_PER_VAE = 8
 
 
@@ -45,8 +53,26 @@ def shield_folder() -> str:
 
 
 def shield_set_files() -> list[str]:
-    """The set files (search index files saved beside them are not sets)."""
-    return [name for name in folder_paths.get_filename_list(FOLDER) if not name.endswith(INDEX_EXTENSION)]
+    """The .safetensors files under models/shield_sets (search-index caches have their own suffix)."""
+    return folder_paths.get_filename_list(FOLDER)
+
+
+def resolve_set_file(filename: str) -> pathlib.Path:
+    """The real path of a listed set file, by the pack's one path rule: symlinks (of the file or of a
+    sub-folder) are followed only when the real path stays inside the shield_sets folder it is in."""
+    where = "Load Shield Set: filename"
+    if not filename.endswith(EXTENSION):
+        raise ShieldSetError(f"{where}: {filename!r} is not a .safetensors file; pick a set file from the list")
+    for root in folder_paths.get_folder_paths(FOLDER):
+        if os.path.lexists(os.path.join(root, filename)):
+            path = resolve_inside(root, filename, where)
+            if not path.is_file():
+                raise ShieldSetError(f"{where}: {filename!r} in {root} is not a file (a folder, or a broken link)")
+            return path
+    raise ShieldSetError(
+        f"{where}: no file {filename!r} in models/shield_sets ({shield_folder()}); refresh the list (press r) or "
+        f"save the set there first"
+    )
 
 
 # -- images -> latents -------------------------------------------------------------------------------
@@ -111,8 +137,9 @@ def read_input_folder(folder: str, width: int, height: int) -> tuple[torch.Tenso
     """The images of input/<folder>, each scaled to cover width x height and centre-cropped (as the IMAGE
     path does, one image at a time so mixed sizes stack), and their relative names."""
     where = f"{FROM_IMAGES}: folder"
-    root = image_folder.resolve_input_folder(folder_paths.get_input_directory(), folder, where)
-    listing = image_folder.list_image_folder(root, where)
+    input_dir = folder_paths.get_input_directory()
+    root = image_folder.resolve_input_folder(input_dir, folder, where)
+    listing = image_folder.list_image_folder(root, where, input_dir)
     progress = comfy.utils.ProgressBar(len(listing.images))
 
     def before_each():
@@ -125,7 +152,7 @@ def read_input_folder(folder: str, width: int, height: int) -> tuple[torch.Tenso
     return pixels, [str(path.relative_to(root)) for path in listing.images]
 
 
-class ShieldSetFromImages(io.ComfyNode):
+class ShieldSetFromImages(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -191,8 +218,9 @@ class ShieldSetFromImages(io.ComfyNode):
         if not folder:
             return ""
         try:
-            root = image_folder.resolve_input_folder(folder_paths.get_input_directory(), folder, FROM_IMAGES)
-            return image_folder.list_image_folder(root, FROM_IMAGES).fingerprint()
+            input_dir = folder_paths.get_input_directory()
+            root = image_folder.resolve_input_folder(input_dir, folder, FROM_IMAGES)
+            return image_folder.list_image_folder(root, FROM_IMAGES, input_dir).fingerprint()
         except ShieldSetError:
             return f"invalid:{time.monotonic_ns()}"  # let execute raise the clear error
 
@@ -217,15 +245,14 @@ class ShieldSetFromImages(io.ComfyNode):
             source,
             tuple(names or ()),
         )
-        per_vae = _ENCODE_CACHE.setdefault(vae, {})
-        if key not in per_vae:
-            per_vae[key] = encode_images(vae, images, latent_format, width, height, names, source)
-            while len(per_vae) > _ENCODE_CACHE_PER_VAE:
-                per_vae.pop(next(iter(per_vae)))
-        return io.NodeOutput(per_vae[key], ui=set_preview(cls, per_vae[key]))
+        per_vae = _ENCODE_CACHE.setdefault(vae, BoundedCache(_ENCODE_CACHE_PER_VAE))
+        shield_set = per_vae.get_or_build(
+            key, lambda: encode_images(vae, images, latent_format, width, height, names, source)
+        )
+        return io.NodeOutput(shield_set, ui=set_preview(cls, shield_set))
 
 
-class ShieldSetFromLatents(io.ComfyNode):
+class ShieldSetFromLatents(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -248,7 +275,7 @@ class ShieldSetFromLatents(io.ComfyNode):
         return io.NodeOutput(from_latents(samples, latent_format_name(model), settings={"source": "latents"}))
 
 
-class SaveShieldSet(io.ComfyNode):
+class SaveShieldSet(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -293,18 +320,13 @@ class SaveShieldSet(io.ComfyNode):
     @classmethod
     def execute(cls, shield_set, filename, overwrite, storage="float32") -> io.NodeOutput:
         path = resolve_inside(shield_folder(), filename, "Save Shield Set: filename")
-        if not overwrite:
-            stem, counter = path.with_suffix(""), 1
-            while path.exists():
-                path = stem.with_name(f"{stem.name}_{counter}").with_suffix(".safetensors")
-                counter += 1
-        save_shield_set(shield_set, path, storage)
+        path = save_shield_set(shield_set, path, storage, overwrite=overwrite)
         text = f"saved {shield_set.describe()} to {path}"
         logger.info(text)
         return io.NodeOutput(str(path), ui={"text": [text]})
 
 
-class LoadShieldSet(io.ComfyNode):
+class LoadShieldSet(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -324,60 +346,140 @@ class LoadShieldSet(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, filename) -> str:
-        path = folder_paths.get_full_path(FOLDER, filename)
-        if path is None:
-            return filename
-        stat = os.stat(path)
-        return f"{filename}:{stat.st_mtime_ns}:{stat.st_size}"
+        try:
+            stat = resolve_set_file(filename).stat()
+        except (ShieldSetError, OSError):
+            return f"invalid:{time.monotonic_ns()}"  # let execute raise the clear error
+        return f"{filename}:{stat.st_mtime_ns}:{stat.st_size}:{stat.st_ino}"
 
     @classmethod
     def execute(cls, filename) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, filename)
-        if path is None:
-            raise ShieldSetError(f"Load Shield Set: no file {filename!r} in models/shield_sets ({shield_folder()})")
-        shield_set = load_shield_set(resolve_inside(os.path.dirname(path), os.path.basename(path), "Load Shield Set"))
+        shield_set = load_shield_set(resolve_set_file(filename))
         return io.NodeOutput(shield_set, ui=set_preview(cls, shield_set))
 
 
-class ShieldMemory(io.ComfyNode):
+MEMORY_NAME = "Shield Memory"
+
+
+def memory_spec(memory_id: str, store: str, max_items: int, when_full: str, redis_url: str) -> MemorySpec:
+    """The Shield Memory node's inputs as a spec (an empty redis_url: SHIELD_MEMORY_REDIS_URL or the default)."""
+    return MemorySpec(
+        memory_id, store, max_items, when_full, (redis_url.strip() or default_url()) if store == "redis" else ""
+    )
+
+
+class ShieldMemory(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ShieldMemory",
-            display_name="Shield Memory",
+            display_name=MEMORY_NAME,
             category=f"{CATEGORY}/sets",
             description="A shield set that grows with the final latents of every generation that used it (SPELL §4.2: "
-            "repel from previous batches). Lives in this ComfyUI server until restart or reset.",
+            "repel from previous batches). Kept in this server until restart, in a file under models/shield_sets/memories "
+            "that survives restarts, or in a Redis server shared by a farm of ComfyUI servers.",
             inputs=[
                 io.String.Input(
-                    "memory_id", default="default", tooltip="Name of the memory; graphs using the same name share it."
+                    "memory_id",
+                    default="default",
+                    tooltip="Name of the memory; graphs using the same name (and store) share it. For the file and "
+                    "redis stores: letters, digits, '_', '-', '.'.",
                 ),
                 io.Boolean.Input(
                     "reset", default=False, tooltip="Empty the memory every time this node runs (off keeps growing it)."
+                ),
+                io.Combo.Input(
+                    "store",
+                    options=list(STORES),
+                    default="server",
+                    optional=True,
+                    tooltip="Where the memory lives. server: in this ComfyUI process, gone at restart. file: "
+                    "models/shield_sets/memories/<memory_id>.shield-memory, append-only, survives restarts and "
+                    "crashes (a kill loses at most the run being written). redis: a Redis server shared by several "
+                    "ComfyUI servers (see redis_url).",
+                ),
+                io.Int.Input(
+                    "max_items",
+                    default=DEFAULT_CAP,
+                    min=1,
+                    max=MAX_CAP,
+                    optional=True,
+                    tooltip="Cap on remembered outputs; what happens beyond it is when_full's choice.",
+                ),
+                io.Combo.Input(
+                    "when_full",
+                    options=list(WHEN_FULL),
+                    default="drop oldest",
+                    optional=True,
+                    tooltip="At the cap: drop oldest forgets the oldest outputs to make room; refuse stops with an "
+                    "error before sampling (and refuses a run that would overflow), keeping the memory as it is.",
+                ),
+                io.String.Input(
+                    "redis_url",
+                    default="",
+                    optional=True,
+                    tooltip="For store redis: the shared Redis server, e.g. redis://10.0.0.5:6379/0. Empty uses the "
+                    "SHIELD_MEMORY_REDIS_URL environment variable of this server, else redis://127.0.0.1:6379/0. "
+                    "Ignored by the other stores.",
                 ),
             ],
             outputs=[SHIELD_SET.Output(display_name="shield_set")],
         )
 
     @classmethod
-    def validate_inputs(cls, memory_id, **unused) -> bool | str:
-        return True if memory_id.strip() else "Shield Memory: memory_id is empty; give the memory a name"
+    def validate_inputs(cls, memory_id, store="server", redis_url="", **unused) -> bool | str:
+        try:
+            MemorySpec(memory_id, store, redis_url=redis_url)
+        except ShieldSetError as error:
+            return str(error)
+        return True
 
     @classmethod
-    def fingerprint_inputs(cls, memory_id, reset) -> str:
+    def fingerprint_inputs(
+        cls, memory_id, reset, store="server", max_items=DEFAULT_CAP, when_full="drop oldest", redis_url=""
+    ) -> str:
         # The memory is state outside the graph: re-run whenever it grew, and always when resetting.
-        return f"reset:{time.monotonic_ns()}" if reset else f"{memory_id}:{MEMORY.version(memory_id)}"
+        if reset:
+            return f"reset:{time.monotonic_ns()}"
+        try:
+            key = MEMORY.open(memory_spec(memory_id, store, max_items, when_full, redis_url))
+            return f"{key}:{MEMORY.version(key)}"
+        except ShieldSetError:
+            return f"invalid:{time.monotonic_ns()}"  # let execute raise the clear error
 
     @classmethod
-    def execute(cls, memory_id, reset) -> io.NodeOutput:
+    def execute(
+        cls, memory_id, reset, store="server", max_items=DEFAULT_CAP, when_full="drop oldest", redis_url=""
+    ) -> io.NodeOutput:
+        spec = memory_spec(memory_id, store, max_items, when_full, redis_url)
+        key = MEMORY.open(spec)
         if reset:
-            MEMORY.reset(memory_id)
-        memory = MEMORY.snapshot(memory_id)
-        text = f"memory '{memory_id}': {len(memory)} earlier outputs remembered"
-        return io.NodeOutput(memory, ui={"text": [text]})
+            MEMORY.reset(key)
+        contents = MEMORY.contents(key)
+        if spec.when_full == "refuse" and len(contents) >= spec.cap:
+            raise full_error(spec, len(contents), 1)
+        text = f"{spec.describe()}: {len(contents)} earlier outputs remembered (max_items {spec.cap}, {spec.when_full})"
+        return io.NodeOutput(contents.as_shield_set(key), ui={"text": [text]})
 
 
-class ShieldRadiusCalibration(io.ComfyNode):
+def restore_file_memories() -> None:
+    """At startup: read every persisted memory, so a damaged file is reported in the log (the server
+    starts anyway; the memory's node then errors naming the file and offering the reset)."""
+    for spec in FILE_STORE.stored_specs():
+        key = MEMORY.open(spec)
+        try:
+            logger.info("Shield Memory: restored %s with %d entries", spec.describe(), len(MEMORY.contents(key)))
+        except ShieldSetError as error:
+            logger.warning("%s", error)
+
+
+FILE_STORE = FileStore(lambda: pathlib.Path(shield_folder()) / MEMORY_FOLDER)
+MEMORY.attach_store("file", FILE_STORE)
+MEMORY.attach_store("redis", RedisStore())
+restore_file_memories()
+
+
+class ShieldRadiusCalibration(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -406,7 +508,7 @@ class ShieldRadiusCalibration(io.ComfyNode):
         samples = latent["samples"]
         if samples.shape[0] < 2:
             raise ValueError("Shield Radius Calibration: latent needs a batch of at least 2 (raise batch_size)")
-        scaled = model.model.process_latent_in(samples.float().clone())
+        scaled = to_model_space(samples, latent_format_of(model))
         median = spell_math.median_pairwise_distance(scaled)
         relative = median / samples[0].numel() ** 0.5
         text = (

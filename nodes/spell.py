@@ -9,12 +9,13 @@ import comfy.samplers
 import nodes as comfy_nodes
 from comfy_api.v0_0_2 import io
 
-from ..core.shield_files import MEMORY
 from ..core.shield_set import ShieldSet, ShieldSetError
+from ..samplers.range_search import SEARCH_METHODS
 from ..samplers.spell_hook import RepellencySettings, SparseRepellencyPatch
-from ..samplers.spell_math import SEARCH_METHODS
 from .common import CATEGORY, SHIELD_SET
-from .run_summary import node_id_of, register_patch
+from .method_node import method_schema, patched_model
+from .run_summary import node_id_of
+from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +112,6 @@ def validate_shield_settings(
     return True
 
 
-def _record_memory(shield_set: ShieldSet, latents) -> None:
-    memory_id = str(shield_set.settings["shield_memory_id"])
-    latent_format = shield_set.latent_format or _memory_format.get(memory_id, "")
-    MEMORY.append(memory_id, latent_format, latents)
-
-
-_memory_format: dict[str, str] = {}
-
-
 def repellency_model(
     model,
     shield_set: Optional[ShieldSet],
@@ -147,7 +139,7 @@ def repellency_model(
     has_memory = any(s.settings.get("shield_memory_id") for s in sets)
     has_shields = any(len(s) for s in sets)
     if radius == 0 or overcompensation == 0 or not (has_shields or intra_batch or has_memory):
-        return model
+        return patched_model(model, None, node_id)
     settings = RepellencySettings(
         radius=radius,
         relative_radius=radius_unit == "relative",
@@ -157,28 +149,19 @@ def repellency_model(
         end_percent=end_percent,
         search_method=search,
     )
-    patch = SparseRepellencyPatch(sets, settings, on_output=_record_memory, label=label)
-    patched = patch.patch(model)
-    register_patch(patch.patch_id, node_id)
-    for s in sets:  # an empty memory learns its format from the model that first fills it
-        if s.settings.get("shield_memory_id") and not len(s):
-            _memory_format[str(s.settings["shield_memory_id"])] = patch.latent_format
-    return patched
+    return patched_model(model, SparseRepellencyPatch(sets, settings, label=label), node_id)
 
 
-class SparseRepellency(io.ComfyNode):
+class SparseRepellency(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return method_schema(
             node_id="ShieldSparseRepellency",
             display_name="Sparse Repellency (SPELL)",
-            category=f"{CATEGORY}/patches",
             description="Keeps generations out of L2 balls of radius r around shield latents and around each other "
             "(SPELL, arXiv 2410.06025): after CFG, the denoised prediction x0 becomes x0 + lambda*Delta. Works with every "
             "sampler node, sampler and scheduler, EPS/V/flow models.",
             inputs=[io.Model.Input("model", tooltip="The model to patch.")] + shield_inputs(),
-            outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -216,7 +199,7 @@ class SparseRepellency(io.ComfyNode):
         )
 
 
-class SparseRepellencyKSampler(io.ComfyNode):
+class SparseRepellencyKSampler(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

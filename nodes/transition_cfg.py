@@ -3,23 +3,19 @@ attraction basin, then the sampler's own CFG (papers/transition-point-cfg.txt, �
 
 from __future__ import annotations
 
-import uuid
-
 from comfy_api.v0_0_2 import io
 
-from ..samplers.transition_hook import DYNAMIC, MODES, STATIC, TransitionSettings, apply_transition_cfg
+from ..samplers.transition_hook import DYNAMIC, MODES, STATIC, TransitionCfgPatch, TransitionSettings
 from ..samplers.transition_math import BEFORE_GUIDANCE_CHOICES, OPPOSITE, UNCONDITIONAL, before_guidance_scale
-from .common import CATEGORY, NODE_ID_PREFIX
-from .run_summary import node_id_of, register_patch
+from .common import NODE_ID_PREFIX
+from .method_node import method_schema, patched_model
+from .run_summary import node_id_of
+from .validation import ShieldNode
 
 
 def check_settings(mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent):
-    """The static checks; returns a message naming the input to fix, or None."""
-    for name, value in (("transition_percent", transition_percent), ("cap_percent", cap_percent)):
-        if not 0.0 <= value <= 1.0:
-            return f"{name} must lie in [0, 1] (a fraction of the schedule), got {value}"
-    if transition_sigma < 0:
-        return f"transition_sigma must be ≥ 0 (0 uses transition_percent), got {transition_sigma}"
+    """The relations between the inputs (each input's range is checked against the schema first);
+    returns a message naming the input to fix, or None."""
     if before_guidance == OPPOSITE and not opposite_scale > 0:
         return (
             f"opposite_scale must be > 0 when before_guidance is 'opposite' (Eq. 5 needs λ > 0), got {opposite_scale}"
@@ -32,13 +28,12 @@ def check_settings(mode, transition_percent, transition_sigma, before_guidance, 
     return None
 
 
-class TransitionPointCFG(io.ComfyNode):
+class TransitionPointCFG(ShieldNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return method_schema(
             node_id=f"{NODE_ID_PREFIX}TransitionPointCFG",
             display_name="Transition-Point CFG",
-            category=f"{CATEGORY}/guidance",
             description=(
                 "Memorization mitigation (Jain et al., 'Classifier-Free Guidance inside the Attraction Basin May Cause "
                 "Memorization'): until each sample's transition point, use unconditional, conditional-only or "
@@ -97,8 +92,6 @@ class TransitionPointCFG(io.ComfyNode):
                     "yet, so none ends unguided. 1 turns the cap off; 0 forces CFG from the start (patch off).",
                 ),
             ],
-            outputs=[io.Model.Output(tooltip="The model with Transition-Point CFG attached.")],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -106,7 +99,7 @@ class TransitionPointCFG(io.ComfyNode):
         message = check_settings(
             mode, transition_percent, transition_sigma, before_guidance, opposite_scale, cap_percent
         )
-        return message if message is not None else True
+        return True if message is None else f"Transition-Point CFG: {message}"
 
     @classmethod
     def execute(
@@ -117,10 +110,9 @@ class TransitionPointCFG(io.ComfyNode):
         )
         if message is not None:
             raise ValueError(f"Transition-Point CFG: {message}")
-        patched = model.clone()
         static_from_start = mode == STATIC and transition_sigma == 0 and transition_percent == 0
-        if static_from_start or cap_percent == 0:
-            return io.NodeOutput(patched)  # CFG from the first step: plain CFG, nothing to patch
+        if static_from_start or cap_percent == 0:  # CFG from the first step: plain CFG, nothing to patch
+            return io.NodeOutput(patched_model(model, None, node_id_of(cls)))
         settings = build_settings(
             model.get_model_object("model_sampling"),
             mode,
@@ -130,10 +122,8 @@ class TransitionPointCFG(io.ComfyNode):
             opposite_scale,
             cap_percent,
         )
-        patch_id = f"tpcfg-{uuid.uuid4().hex[:12]}"
-        apply_transition_cfg(patched, settings, patch_id, label=f"{mode}, {before_guidance}")
-        register_patch(patch_id, node_id_of(cls))
-        return io.NodeOutput(patched)
+        patch = TransitionCfgPatch(settings, label=f"{mode}, {before_guidance}")
+        return io.NodeOutput(patched_model(model, patch, node_id_of(cls)))
 
 
 def build_settings(

@@ -18,28 +18,75 @@ state that extra evaluations must not disturb.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-import threading
 from typing import Any, Optional
 
 import comfy.model_management
-import comfy.patcher_extension
 import comfy.samplers
+import numpy as np
 import torch
+from typing_extensions import TypedDict
 
-from ..core.records import RECORDS, RunRecord
-from ..core.shield_files import MEMORY
-from ..core.shield_set import ShieldSet, ShieldSetError, latent_format_name
+from ..core.bounded_cache import BoundedCache
+from ..core.records import Curves, MethodRecord, StepEntry
+from ..core.shield_set import ShieldSet, ShieldSetError
 from . import procreate_math as pm
 from .embedders import Embedder, grad_capable
-from .run_state import RunContext, RunStateHolder, attach_run_state
+from .latent_space import from_model_space
+from .method_patch import MethodPatch, MethodRun, memory_id_of, read_memory
+from .run_state import RunContext
 
 logger = logging.getLogger(__name__)
 
+
+# -- the record (what the Report, the frontend and the benches read) --------------------------------
+class ProCreateStep(StepEntry, total=False):
+    """One evaluation; `touched` marks the samples the guidance moved. Fields present once measured:
+
+    similarity: cosine of each sample's x̂0 to its nearest reference; nearest: that reference's index;
+    references: 0 when the run had no references (and no intra-batch) so nothing was measured;
+    skipped_nonfinite: samples whose gradient was NaN/inf (left unguided); grad_norm / clipped_norm:
+    the gradient's norm per sample before and after clipping (at guided steps).
+    """
+
+    similarity: list[float]
+    nearest: list[int]
+    references: int
+    skipped_nonfinite: list[bool]
+    grad_norm: list[float]
+    clipped_norm: list[float]
+
+
+class ProCreateSummary(TypedDict):
+    guided_steps: int
+    skipped_nonfinite: int
+    references: int
+    memory_id: Optional[str]
+    embedder: str
+    settings: dict
+
+
+def describe_procreate(curves) -> list[str]:
+    similarity = curves.field("similarity")
+    if similarity is None or not np.isfinite(similarity).any():
+        return []
+    measured = [row for row in similarity if np.isfinite(row).any()]
+    first, last = np.nanmax(measured[0]), np.nanmax(measured[-1])
+    return [f"  max nearest-reference similarity: first measured step {first:.3g}, last {last:.3g}"]
+
+
+PROCREATE_RECORD = MethodRecord(
+    kind="procreate",
+    title="ProCreate",
+    step=ProCreateStep,
+    summary=ProCreateSummary,
+    chart=Curves(value="similarity", label="cosine to nearest reference", marker_label="dot: guided"),
+    describe=describe_procreate,
+    headline=("references",),
+)
+
 GRADIENT_MODES = ("exact", "fast")
-WRAPPER_KEY = "shield_procreate"
 MIN_SIGNAL_SCALE = 1e-3  # flow models at σ = 1 have no signal left: eq. 4 would divide by zero
 
 
@@ -72,9 +119,7 @@ class ProCreateSettings:
 
 
 # -- reference embeddings, cached per (embedder, item) so a growing set only embeds its new items --
-_EMBEDDING_CACHE: "collections.OrderedDict[tuple[str, str], torch.Tensor]" = collections.OrderedDict()
-_EMBEDDING_CACHE_SIZE = 8192
-_cache_lock = threading.Lock()
+EMBEDDING_CACHE: BoundedCache[tuple[str, str], torch.Tensor] = BoundedCache(8192)
 
 
 def reference_embeddings(reference: ShieldSet, embedder: Embedder, batch_size: int = 8, decode=None) -> torch.Tensor:
@@ -92,20 +137,16 @@ def reference_embeddings(reference: ShieldSet, embedder: Embedder, batch_size: i
             f"embeddings for embedder {embedder.key!r}. Build it from images (Shield Reference Set from "
             f"Images, or Shield Set from Images with images kept) using this embedder."
         )
-    with _cache_lock:
-        cached = {h: _EMBEDDING_CACHE.get((embedder.key, h)) for h in reference.hashes}
+    cached = {h: EMBEDDING_CACHE.get((embedder.key, h)) for h in reference.hashes}
     missing = [i for i, h in enumerate(reference.hashes) if cached[h] is None]
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
         with torch.no_grad():
             images = reference.images[chunk] if reference.images is not None else decode(reference.latents[chunk])
             embedded = embedder.embed(images).float().cpu()
-        with _cache_lock:
-            for index, embedding in zip(chunk, embedded, strict=True):
-                _EMBEDDING_CACHE[(embedder.key, reference.hashes[index])] = embedding
-                cached[reference.hashes[index]] = embedding
-                while len(_EMBEDDING_CACHE) > _EMBEDDING_CACHE_SIZE:
-                    _EMBEDDING_CACHE.popitem(last=False)
+        for index, embedding in zip(chunk, embedded, strict=True):
+            EMBEDDING_CACHE.put((embedder.key, reference.hashes[index]), embedding)
+            cached[reference.hashes[index]] = embedding
     if not reference.hashes:
         return torch.zeros(0, 0)
     return torch.stack([cached[h] for h in reference.hashes])
@@ -113,12 +154,7 @@ def reference_embeddings(reference: ShieldSet, embedder: Embedder, batch_size: i
 
 def cached_embedding_count(embedder_key: str, hashes) -> int:
     """How many of these items already have a cached embedding (for tests and logs)."""
-    with _cache_lock:
-        return sum((embedder_key, h) in _EMBEDDING_CACHE for h in hashes)
-
-
-def memory_id_of(reference: ShieldSet) -> str:
-    return str(reference.settings.get("shield_memory_id", ""))
+    return sum((embedder_key, h) in EMBEDDING_CACHE for h in hashes)
 
 
 def check_model_compatibility(model_patcher, vae, reference: ShieldSet) -> None:
@@ -196,7 +232,7 @@ def cfg_denoised(model, x: torch.Tensor, sigma: torch.Tensor, cond, uncond, cond
 
 def decode_images(vae, first_stage: torch.nn.Module, model, latent: torch.Tensor) -> torch.Tensor:
     """Sampler-space latent -> IMAGE [B, H, W, C] in [0, 1], differentiable (VAE.decode without tiling)."""
-    vae_latent = model.process_latent_out(latent)
+    vae_latent = from_model_space(latent, model.latent_format)
     parameter = next(first_stage.parameters(), None)
     device = parameter.device if parameter is not None else vae_latent.device
     pixels = first_stage.decode(vae_latent.to(device=device, dtype=vae.vae_dtype))
@@ -204,10 +240,7 @@ def decode_images(vae, first_stage: torch.nn.Module, model, latent: torch.Tensor
 
 
 @dataclasses.dataclass
-class RunState:
-    record: RunRecord
-    sigma_start: Optional[float] = None
-    sigma_end: Optional[float] = None
+class RunState(MethodRun):
     diffusion_twin: Optional[torch.nn.Module] = None
     vae_twin: Optional[torch.nn.Module] = None
     guided_steps: int = 0
@@ -223,67 +256,45 @@ class RunState:
         return int((self.schedule < sigma * (1 - 1e-5)).sum())
 
 
-class ProCreateGuidance:
+class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
     """One ProCreate patch: the settings, the decoder, the embedder and the references."""
 
-    def __init__(self, vae, embedder: Embedder, reference: ShieldSet, settings: ProCreateSettings, patch_id: str):
+    method = PROCREATE_RECORD
+
+    def __init__(
+        self,
+        vae,
+        embedder: Embedder,
+        reference: ShieldSet,
+        settings: ProCreateSettings,
+        patch_id: Optional[str] = None,
+    ):
         settings.validate()
+        super().__init__(settings, label=embedder.key, patch_id=patch_id)
         self.vae = vae
         self.embedder = embedder
         self.reference = reference
-        self.settings = settings
-        self.patch_id = patch_id
         self.memory_id = memory_id_of(reference)
         # a Shield Memory is read afresh at every run start; a fixed set is embedded once, here
         self.references = None if self.memory_id else reference_embeddings(reference, embedder)
-        self.holder: RunStateHolder[RunState] = RunStateHolder(self._new_run, self._finish_run)
         self.latent_format = reference.latent_format
 
-    # -- wiring ---------------------------------------------------------------------------------
-    def attach(self, model_patcher) -> None:
-        # Plain closures, not bound methods: clone() deep-copies model_options, and a deep copy of a
-        # bound method copies this object (and its run-state holder), so a patch stacked after this one
-        # would leave the hook reading a holder that the OUTER_SAMPLE wrapper never fills.
-        def procreate_post_cfg(args):
-            return self.post_cfg(args)
-
-        def procreate_memory_wrapper(executor, *args, **kwargs):
-            return self._remember_outputs(executor(*args, **kwargs))
-
+    # -- the contract -----------------------------------------------------------------------------
+    def check_model(self, model_patcher) -> None:
         check_model_compatibility(model_patcher, self.vae, self.reference)
-        self.latent_format = latent_format_name(model_patcher)
-        model_patcher.set_model_sampler_post_cfg_function(procreate_post_cfg)
-        attach_run_state(model_patcher, f"{WRAPPER_KEY}:{self.patch_id}", self.holder)
-        if self.memory_id:  # outermost-first order does not matter: it only reads the final output
-            wrapper_type = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
-            key = f"{WRAPPER_KEY}_memory:{self.patch_id}"
-            model_patcher.remove_wrappers_with_key(wrapper_type, key)
-            model_patcher.add_wrapper_with_key(wrapper_type, key, procreate_memory_wrapper)
 
-    def _remember_outputs(self, output):
-        """Add the run's final latents (LATENT space) to the Shield Memory: the growing reference set (§4)."""
-        if isinstance(output, torch.Tensor) and not output.is_nested:
-            MEMORY.append(self.memory_id, self.latent_format, output.detach().to("cpu", torch.float32))
-        return output
+    def memory_ids(self) -> list[str]:
+        return [self.memory_id] if self.memory_id else []
 
-    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(torch.float32))[..., :3].float().cpu()
-
-    def _run_references(self) -> torch.Tensor:
-        if not self.memory_id:
-            return self.references
-        snapshot = MEMORY.snapshot(self.memory_id)
-        return reference_embeddings(snapshot, self.embedder, decode=self._decode_latents)
-
-    def _new_run(self, context: Optional[RunContext] = None) -> RunState:
+    def new_run(self, record, context: Optional[RunContext]) -> RunState:
         schedule = context.sigmas.detach().float().cpu().clone() if context is not None else None
         references = self._run_references()
-        state = RunState(record=RECORDS.start("procreate", self.patch_id, label=self.embedder.key), schedule=schedule)
+        state = RunState(record=record, schedule=schedule)
         state.references, state.reference_count = references, int(references.shape[0])
         return state
 
-    def _finish_run(self, state: RunState) -> None:
-        state.record.summary.update(
+    def summarize(self, state: RunState) -> dict:
+        return dict(
             guided_steps=state.guided_steps,
             skipped_nonfinite=state.skipped_nonfinite,
             references=state.reference_count,
@@ -291,29 +302,31 @@ class ProCreateGuidance:
             embedder=self.embedder.key,
             settings=dataclasses.asdict(self.settings),
         )
-        RECORDS.finish(state.record)
+
+    def finish_run(self, state: RunState) -> None:
         state.diffusion_twin = state.vae_twin = None
 
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(torch.float32))[..., :3].float().cpu()
+
+    def _run_references(self) -> torch.Tensor:
+        if not self.memory_id:
+            return self.references
+        snapshot = read_memory(self.memory_id)
+        return reference_embeddings(snapshot, self.embedder, decode=self._decode_latents)
+
     # -- the hook -------------------------------------------------------------------------------
-    def post_cfg(self, args: dict[str, Any]) -> torch.Tensor:
+    def step(self, state: RunState, args: dict[str, Any]) -> torch.Tensor:
         denoised = args["denoised"]
-        state = self.holder.current or self._new_run()
         model = args["model"]
         sigma_row = args["sigma"].reshape(-1)
-        if not self._in_window(state, model, float(sigma_row.max())):
-            state.record.add_step(sigma=sigma_row.tolist(), active=[False] * denoised.shape[0], in_window=False)
+        if not self.in_window(state, model, float(sigma_row.max())):
+            state.record.add_step(sigma=sigma_row.tolist(), touched=[False] * denoised.shape[0], in_window=False)
             return denoised
         self._check_channels(args["input"])
         with torch.inference_mode(False), torch.enable_grad():
             guided = self._guide(state, args)
         return denoised if guided is None else guided.to(denoised.dtype)
-
-    def _in_window(self, state: RunState, model, sigma: float) -> bool:
-        if state.sigma_start is None:
-            sampling = model.model_sampling
-            state.sigma_start = float(sampling.percent_to_sigma(self.settings.start_percent))
-            state.sigma_end = float(sampling.percent_to_sigma(self.settings.end_percent))
-        return state.sigma_end <= sigma <= state.sigma_start
 
     def _check_channels(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
@@ -333,7 +346,7 @@ class ProCreateGuidance:
         sigma = args["sigma"].clone().float().reshape(-1).expand(x.shape[0]).contiguous()
         signal, noise = signal_and_noise_scale(model.model_sampling, sigma)
         if state.reference_count == 0 and not (settings.intra_batch and x.shape[0] > 1):
-            state.record.add_step(sigma=sigma.tolist(), active=[False] * x.shape[0], in_window=True, references=0)
+            state.record.add_step(sigma=sigma.tolist(), touched=[False] * x.shape[0], in_window=True, references=0)
             return None
         first_stage = self._first_stage(state)
         with torch.no_grad():
@@ -348,9 +361,12 @@ class ProCreateGuidance:
         # a non-finite similarity goes on to the gradient, where it is skipped and reported
         above = (similarity > settings.similarity_threshold) | ~torch.isfinite(similarity)
         active = above & (signal > MIN_SIGNAL_SCALE)
+        acting = self.acting_samples(args, x.shape[0])
+        if acting is not None:
+            active = active & acting.to(active.device)
         entry = {"sigma": sigma.tolist(), "similarity": similarity.tolist(), "nearest": nearest.tolist()}
         if not bool(active.any()):
-            state.record.add_step(**entry, active=active.tolist(), in_window=True)
+            state.record.add_step(**entry, touched=active.tolist(), in_window=True)
             return None
 
         grad_x = self._gradient(state, args, x, sigma, denoised, signal, active, references, first_stage)
@@ -372,7 +388,7 @@ class ProCreateGuidance:
             )
         state.record.add_step(
             **entry,
-            active=active.tolist(),
+            touched=active.tolist(),
             in_window=True,
             skipped_nonfinite=skipped.tolist(),
             grad_norm=grad_vp.flatten(1).norm(dim=1).tolist(),
@@ -427,8 +443,7 @@ class ProCreateGuidance:
             sigma,
             steps,
             denoise,
-            sigma_to_timestep=lambda s: sampling.timestep(s).float(),
-            timestep_to_sigma=lambda t: sampling.sigma(t).float(),
+            percent_to_sigma=lambda p: float(sampling.percent_to_sigma(p)),
             scales=lambda s: signal_and_noise_scale(sampling, s),
             first_denoised=first_denoised,
             check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,

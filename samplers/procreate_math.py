@@ -153,16 +153,44 @@ def ddim_step(
     return a1 * denoised + s1 * noise_estimate
 
 
-def look_ahead_timesteps(timestep: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """The §4 Multi-Step Look Ahead schedule: `steps` timesteps evenly spaced from t down towards 0.
+def sigma_to_percent(sigma: float, percent_to_sigma: Callable[[float], float], iterations: int = 60) -> float:
+    """The schedule percent p (0 = start, 1 = end) with percent_to_sigma(p) = sigma, by bisection: the
+    model sampling's percent_to_sigma decreases in p, and it is the only map every ComfyUI sampling
+    (discrete, shifted flow, continuous EDM) defines consistently (`timestep` does not invert `sigma`
+    for shifted flow, and EDM's timestep grows with sigma)."""
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        middle = 0.5 * (low + high)
+        if percent_to_sigma(middle) > sigma:
+            low = middle
+        else:
+            high = middle
+    return 0.5 * (low + high)
 
-    Step k starts at t·(1 − k/steps); the last step lands on the clean image (σ = 0). The official
-    code rounds to integer timesteps and lands on timestep 0 (σ_min ≈ 0.03 for SD1.5): a negligible
-    difference we do not reproduce.
+
+def look_ahead_percents(percent: float, steps: int) -> list[float]:
+    """The §4 Multi-Step Look Ahead schedule in percent: `steps` levels evenly spaced from `percent`
+    towards the end of the schedule (1, σ = 0), level k at p + (1 − p)·k/steps.
+
+    For a discrete (DDPM) schedule, percent p is timestep (1 − p)·999, so this is the paper's
+    t·(1 − k/steps) on timesteps. The official code rounds to integer timesteps and lands on timestep 0
+    (σ_min ≈ 0.03 for SD1.5): a negligible difference we do not reproduce.
     """
     if steps < 1:
         raise ValueError(f"look-ahead needs at least 1 step, got {steps}")
-    return [timestep * (1.0 - k / steps) for k in range(steps)]
+    return [percent + (1.0 - percent) * k / steps for k in range(steps)]
+
+
+def look_ahead_sigmas(
+    sigma: torch.Tensor, steps: int, percent_to_sigma: Callable[[float], float]
+) -> list[torch.Tensor]:
+    """Per level of the look-ahead (`look_ahead_percents`), sigma per sample [B]; level 0 is `sigma`."""
+    per_sample = []
+    for value in sigma.reshape(-1).tolist():
+        percents = look_ahead_percents(sigma_to_percent(value, percent_to_sigma), steps)
+        per_sample.append([value] + [float(percent_to_sigma(p)) for p in percents[1:]])
+    levels = torch.tensor(per_sample, dtype=sigma.dtype, device=sigma.device).T
+    return list(levels.reshape(steps, *sigma.shape))
 
 
 def look_ahead(
@@ -170,8 +198,7 @@ def look_ahead(
     sigma: torch.Tensor,
     steps: int,
     denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    sigma_to_timestep: Callable[[torch.Tensor], torch.Tensor],
-    timestep_to_sigma: Callable[[torch.Tensor], torch.Tensor],
+    percent_to_sigma: Callable[[float], float],
     scales: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     first_denoised: Optional[torch.Tensor] = None,
     check_interrupt: Optional[Callable[[], None]] = None,
@@ -184,8 +211,7 @@ def look_ahead(
     current = first_denoised if first_denoised is not None else denoise(x, sigma)
     if steps <= 1:
         return current
-    timesteps = look_ahead_timesteps(sigma_to_timestep(sigma), steps)
-    sigmas = [sigma] + [timestep_to_sigma(t) for t in timesteps[1:]]
+    sigmas = look_ahead_sigmas(sigma, steps, percent_to_sigma)
     for k in range(1, steps):
         if check_interrupt is not None:
             check_interrupt()

@@ -1,10 +1,10 @@
 """Exact range search over a million shields: projection codes in inverted lists, pruned by a proof.
 
-Plain torch (no ComfyUI import). Builds on `spell_math.ProjectionRangeSearch` (paper appendix I asks
+Plain torch (no ComfyUI import). Builds on `range_search.ProjectionRangeSearch` (paper appendix I asks
 for a range search; SPELL's guarantee, appendix B, needs every shield within r to be found):
 
 1. Each shield z has a code c_z = [Pᵀ(z − μ), ρ_z] (m + 1 floats, P orthonormal from a PCA); the code
-   distance ‖c_x − c_z‖ is a lower bound of ‖x − z‖ (`spell_math.projection_lower_bound`).
+   distance ‖c_x − c_z‖ is a lower bound of ‖x − z‖ (`range_search.projection_lower_bound`).
 2. The codes are clustered (k-means in code space) into inverted lists L_j with centroid μ_j and radius
    R_j = max_{z ∈ L_j} ‖c_z − μ_j‖ (measured after assignment, so it holds whatever k-means did).
 3. For a query code q, every member of L_j has ‖q − c_z‖ ≥ ‖q − μ_j‖ − R_j (triangle inequality in
@@ -15,20 +15,19 @@ for a range search; SPELL's guarantee, appendix B, needs every shield within r t
    bound alone loses the directions P does not keep (at 1M shields in 250 clusters, m = 128 keeps about
    half of the cluster-centre directions and almost nothing was pruned); the full-space bound does not.
 4. The surviving lists' codes are scanned like the flat filter; the candidates are re-checked against
-   the full vectors (`spell_math._exact_recheck`, float64 near the boundary), which are read only for
+   the full vectors (`range_search.exact_recheck`, float64 near the boundary), which are read only for
    those candidates and may stay memory-mapped on disk in fp16.
 """
 
 from __future__ import annotations
 
-import collections
 import math
-import threading
 from typing import Callable, Optional
 
 import torch
 
-from . import spell_math
+from ..core.bounded_cache import BoundedCache
+from . import range_search
 
 PRUNE_MARGIN = 1e-9  # relative: float64 rounding of ‖q − μ‖ and R_j
 
@@ -94,7 +93,7 @@ class ClusteredProjectionSearch:
     name = "clustered"
 
     def __init__(self, shields, state: dict):
-        self.shields = spell_math.as_rows(shields)
+        self.shields = range_search.as_rows(shields)
         self.basis, self.mean = state["basis"], state["mean"]
         self.codes, self.order, self.offsets = state["codes"], state["order"], state["offsets"]
         self.centroids, self.list_radius, self.list_max_norm = (
@@ -119,10 +118,10 @@ class ClusteredProjectionSearch:
     ) -> dict:
         """PCA basis, codes sorted by list, list offsets, centroids, radii. `on_chunk(done, total)` runs
         after every chunk read (progress, interrupts)."""
-        rows = spell_math.as_rows(shields)
+        rows = range_search.as_rows(shields)
         count = len(rows)
-        basis, mean = spell_math.pca_basis(rows, dims)
-        codes = spell_math.encode_codes(rows, basis, mean, chunk, on_chunk)
+        basis, mean = range_search.pca_basis(rows, dims)
+        codes = range_search.encode_codes(rows, basis, mean, chunk, on_chunk)
         lists = lists or max(1, int(math.sqrt(count)))
         centroids = kmeans(codes, lists)
         labels = assign(codes, centroids)
@@ -195,20 +194,20 @@ class ClusteredProjectionSearch:
         queries = queries.float()
         query_norms = queries.double().pow(2).sum(1)
         squared = query_norms[:, None] - 2.0 * (queries @ self.full_centroids.T).double() + self._full_norms[None, :]
-        slack = spell_math.FILTER_SLACK * (query_norms[:, None] + self._full_norms[None, :]) + 1e-6
+        slack = range_search.FILTER_SLACK * (query_norms[:, None] + self._full_norms[None, :]) + 1e-6
         return (squared - slack).clamp_min(0.0).sqrt()
 
     def _code_space_alive(self, query_codes: torch.Tensor, radius: float) -> torch.Tensor:
         to_centroid = torch.cdist(query_codes.double(), self._centroids64)
         query_norms = query_codes.double().pow(2).sum(1)
         threshold = (
-            radius * radius + spell_math.FILTER_SLACK * (query_norms[:, None] + self.list_max_norm[None, :]) + 1e-6
+            radius * radius + range_search.FILTER_SLACK * (query_norms[:, None] + self.list_max_norm[None, :]) + 1e-6
         ).sqrt()
         lower = to_centroid - self.list_radius[None, :]
         return lower <= threshold * (1 + PRUNE_MARGIN) + PRUNE_MARGIN
 
     def candidates(self, queries: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = spell_math.encode_codes(queries, self.basis, self.mean)
+        codes = range_search.encode_codes(queries, self.basis, self.mean)
         query_norms = codes.pow(2).sum(1)
         alive = self.surviving_lists(codes, radius, queries)
         threshold = radius * radius
@@ -220,7 +219,7 @@ class ClusteredProjectionSearch:
             rows = torch.nonzero(alive[:, j]).flatten()
             block, norms = self.codes[start:end], self.code_norms[start:end]
             squared = query_norms[rows, None] - 2.0 * codes[rows] @ block.T + norms[None, :]
-            slack = spell_math.FILTER_SLACK * (query_norms[rows, None] + norms[None, :]) + 1e-6
+            slack = range_search.FILTER_SLACK * (query_norms[rows, None] + norms[None, :]) + 1e-6
             q, s = torch.nonzero(squared <= threshold + slack, as_tuple=True)
             found_q.append(rows[q])
             found_s.append(self.order[start + s])
@@ -231,16 +230,39 @@ class ClusteredProjectionSearch:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         return torch.cat(found_q), torch.cat(found_s)
 
-    def search(self, queries: torch.Tensor, radius: float) -> spell_math.Neighbours:
+    def search(self, queries: torch.Tensor, radius: float) -> range_search.Neighbours:
         queries = queries.flatten(1).to("cpu", torch.float32)
         query_idx, shield_idx = self.candidates(queries, radius)
-        return spell_math._exact_recheck(queries, self.shields, query_idx, shield_idx, radius)
+        return range_search.exact_recheck(queries, self.shields, query_idx, shield_idx, radius)
+
+
+# -- choosing a search for a set ---------------------------------------------------------------------
+def resolve_search_method(method: str, count: int) -> str:
+    """`auto`: exact below AUTO_PROJECTION_MIN_SHIELDS shields, else the clustered projection index."""
+    if method not in range_search.SEARCH_METHODS:
+        raise ValueError(f"search method must be one of {range_search.SEARCH_METHODS}, got {method!r}")
+    if method == "auto":
+        return "exact" if count < range_search.AUTO_PROJECTION_MIN_SHIELDS else "clustered"
+    return method
+
+
+def build_range_search(shields, method: str = "auto", projection_dims: Optional[int] = None):
+    """A range search over `shields` (a tensor [K, ...] or ShieldRows) by `method` (see
+    `resolve_search_method`). Every method returns every shield within r (see the classes); the
+    projection width defaults to `range_search.default_projection_dims`."""
+    method = resolve_search_method(method, shields.shape[0])
+    if projection_dims is None:
+        projection_dims = range_search.default_projection_dims(shields.shape[0], method)
+    if method == "exact":
+        return range_search.ExactRangeSearch(shields)
+    if method == "clustered":
+        return ClusteredProjectionSearch(shields, ClusteredProjectionSearch.build_state(shields, projection_dims))
+    return range_search.ProjectionRangeSearch(shields, dims=projection_dims, use_faiss=method == "faiss")
 
 
 # -- cache: one index per set content (and storage/transform), built lazily ------------------------
-_CACHE: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
-_CACHE_LOCK = threading.Lock()
 CACHE_ENTRIES = 4
+INDEX_STATES: BoundedCache[str, dict] = BoundedCache(CACHE_ENTRIES)
 
 
 def cached_state(
@@ -251,17 +273,13 @@ def cached_state(
 ) -> dict:
     """The index state for `key` (a set content hash plus index settings): from RAM, else from `load`
     (a saved index file that still matches the key), else `build` it (and `save` it)."""
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-    state = load() if load is not None else None
-    if state is None:
-        state = build()
-        if save is not None:
-            save(state)
-    with _CACHE_LOCK:
-        _CACHE[key] = state
-        while len(_CACHE) > CACHE_ENTRIES:
-            _CACHE.popitem(last=False)
-    return state
+
+    def load_or_build() -> dict:
+        state = load() if load is not None else None
+        if state is None:
+            state = build()
+            if save is not None:
+                save(state)
+        return state
+
+    return INDEX_STATES.get_or_build(key, load_or_build)

@@ -38,20 +38,86 @@ import logging
 import math
 from typing import Optional
 
+import numpy as np
 import torch
+from typing_extensions import TypedDict
 
-from ..core.records import RECORDS, RunRecord
-from .run_state import RunContext, RunStateHolder, attach_run_state
+from ..core.records import Curves, MethodRecord, RunRecord, StepEntry
+from .method_patch import MethodPatch, MethodRun
 from .transition_math import TransitionDetector, guidance_distance, reached_sigma, replacement_cond
 
 logger = logging.getLogger(__name__)
 
-KIND = "transition_cfg"
 STATIC = "static"
 DYNAMIC = "dynamic"
 MODES = (STATIC, DYNAMIC)
 
 
+# -- the record (what the Report, the frontend and the benches read) --------------------------------
+class TransitionStep(StepEntry):
+    """One evaluation; `touched` marks the samples still before their transition (not normal CFG).
+
+    d_t: ‖ε_c − ε_u‖² per sample; guidance: the scale applied per sample; switched: normal CFG is on;
+    counted: the evaluation counted as a detector step (see the module doc); cfg: the sampler's scale.
+    """
+
+    d_t: list[float]
+    guidance: list[float]
+    switched: list[bool]
+    counted: list[bool]
+    cfg: float
+
+
+class TransitionSummary(TypedDict):
+    mode: str
+    before_guidance: str
+    before_scale: float
+    switch_step: list[Optional[int]]
+    switch_sigma: list[Optional[float]]
+    never_switched: list[int]
+    d_t_curves: list[list[float]]
+    sigma_curves: list[list[float]]
+
+
+def describe_transition(curves) -> list[str]:
+    lines = []
+    switched = curves.field("switched")
+    if switched is not None:
+        steps = first_true_steps(np.nan_to_num(switched) > 0)
+        done = sum(step is not None for step in steps)
+        lines.append(f"  switched to normal CFG: {done}/{len(steps)} samples, at steps {steps}")
+    d_t = curves.field("d_t")
+    if d_t is not None and np.isfinite(d_t).any():
+        lines.append(f"  d_t range {float(np.nanmin(d_t)):.3g} .. {float(np.nanmax(d_t)):.3g}")
+    return lines
+
+
+def first_true_steps(matrix: np.ndarray) -> list[Optional[int]]:
+    """Per column of a [steps, samples] bool matrix, the first step that is True (None if never)."""
+    steps = []
+    for column in matrix.T:
+        hits = np.flatnonzero(column)
+        steps.append(int(hits[0]) if hits.size else None)
+    return steps
+
+
+TRANSITION_RECORD = MethodRecord(
+    kind="transition_cfg",
+    title="Transition-Point CFG",
+    step=TransitionStep,
+    summary=TransitionSummary,
+    chart=Curves(
+        value="d_t",
+        label="d_t = ‖ε_cond − ε_uncond‖²",
+        markers="last_touched",
+        marker_label="circle: switch to normal CFG",
+    ),
+    describe=describe_transition,
+)
+KIND = TRANSITION_RECORD.kind
+
+
+# -- the patch --------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TransitionSettings:
     """What one Transition-Point CFG patch does.
@@ -72,12 +138,12 @@ class TransitionSettings:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
 
-class TransitionRun:
+class TransitionRun(MethodRun):
     """The state of one sampling run: the detector, the switch flags, and the run's record."""
 
     def __init__(self, settings: TransitionSettings, record: RunRecord):
+        super().__init__(record)
         self.settings = settings
-        self.record = record
         self.batch_size: Optional[int] = None
         self.switch_step: list[Optional[int]] = []
         self.switch_sigma: list[Optional[float]] = []
@@ -123,8 +189,8 @@ class TransitionRun:
             for sample in range(self.batch_size or 0)
         ]
 
-    def finish(self) -> None:
-        self.record.summary.update(
+    def summary(self) -> dict:
+        return dict(
             mode=self.settings.mode,
             before_guidance=self.settings.before_guidance,
             before_scale=self.settings.before_scale,
@@ -134,7 +200,6 @@ class TransitionRun:
             d_t_curves=self.counted_curves("d_t"),
             sigma_curves=self.counted_curves("sigma"),
         )
-        RECORDS.finish(self.record)
 
 
 def missing_uncond_error() -> ValueError:
@@ -145,43 +210,53 @@ def missing_uncond_error() -> ValueError:
     )
 
 
-def make_pre_cfg_function(holder: RunStateHolder):
-    def transition_pre_cfg(args: dict) -> list:
-        conds_out = args["conds_out"]
-        if len(conds_out) < 2 or args["conds"][1] is None:
-            raise missing_uncond_error()
-        run: Optional[TransitionRun] = holder.current
-        if run is None:
+def transition_step(run: TransitionRun, args: dict, acting: Optional[torch.Tensor] = None) -> list:
+    """The pre-CFG hook body: rewrite the cond of the samples before their transition (module doc).
+    Samples a gate holds back (`acting` False) get the sampler's normal CFG."""
+    conds_out = args["conds_out"]
+    if len(conds_out) < 2 or args["conds"][1] is None:
+        raise missing_uncond_error()
+    cond, uncond = conds_out[0], conds_out[1]
+    sigma = args["sigma"].detach().to("cpu", torch.float64).reshape(-1)
+    distance = guidance_distance(cond, uncond).cpu() / (sigma * sigma)  # ‖ε_c − ε_u‖², ε = (x − D)/σ
+    switched, counted = run.update(sigma, distance)
+    normal_cfg = switched if acting is None else switched | ~acting
+    cfg = float(args["cond_scale"])
+    guidance = torch.where(normal_cfg, torch.tensor(cfg, dtype=torch.float64), run.settings.before_scale)
+    new_cond, new_uncond = replacement_cond(cond, uncond, guidance, cfg)
+    run.record.add_step(
+        sigma=sigma.tolist(),
+        in_window=True,
+        touched=(~normal_cfg).tolist(),
+        d_t=distance.tolist(),
+        guidance=guidance.tolist(),
+        switched=switched.tolist(),
+        counted=counted.tolist(),
+        cfg=cfg,
+    )
+    return [new_cond, new_uncond] + list(conds_out[2:])
+
+
+class TransitionCfgPatch(MethodPatch[TransitionSettings, TransitionRun]):
+    """One Transition-Point CFG node execution: a pre-CFG list hook and a keyed per-run state wrapper."""
+
+    method = TRANSITION_RECORD
+    hook_point = "pre_cfg"
+    disable_cfg1_optimization = True  # d_t and the before-guidance need the uncond prediction
+
+    def new_run(self, record, context) -> TransitionRun:
+        return TransitionRun(self.settings, record)
+
+    def current_run(self) -> TransitionRun:
+        if self.holder.current is None:
             raise RuntimeError(
                 "Transition-Point CFG: the model was evaluated outside a sampling run (no OUTER_SAMPLE wrapper "
                 "ran); sample it through a ComfyUI sampler node"
             )
-        cond, uncond = conds_out[0], conds_out[1]
-        sigma = args["sigma"].detach().to("cpu", torch.float64).reshape(-1)
-        distance = guidance_distance(cond, uncond).cpu() / (sigma * sigma)  # ‖ε_c − ε_u‖², ε = (x − D)/σ
-        switched, counted = run.update(sigma, distance)
-        cfg = float(args["cond_scale"])
-        guidance = torch.where(switched, torch.tensor(cfg, dtype=torch.float64), run.settings.before_scale)
-        new_cond, new_uncond = replacement_cond(cond, uncond, guidance, cfg)
-        run.record.add_step(
-            sigma=sigma.tolist(),
-            d_t=distance.tolist(),
-            guidance=guidance.tolist(),
-            switched=switched.tolist(),
-            counted=counted.tolist(),
-            cfg=cfg,
-        )
-        return [new_cond, new_uncond] + list(conds_out[2:])
+        return self.holder.current
 
-    return transition_pre_cfg
+    def step(self, run: TransitionRun, args: dict) -> list:
+        return transition_step(run, args, self.acting_samples(args, args["conds_out"][0].shape[0]))
 
-
-def apply_transition_cfg(model_patcher, settings: TransitionSettings, patch_id: str, label: str = "") -> None:
-    """Patch a (cloned) ModelPatcher in place: a pre-CFG list hook and a keyed per-run state wrapper."""
-
-    def new_run(context: RunContext) -> TransitionRun:
-        return TransitionRun(settings, RECORDS.start(KIND, patch_id, label))
-
-    holder = RunStateHolder(new_run, lambda run: run.finish())
-    attach_run_state(model_patcher, f"shield_transition_cfg_{patch_id}", holder)
-    model_patcher.set_model_sampler_pre_cfg_function(make_pre_cfg_function(holder), disable_cfg1_optimization=True)
+    def summarize(self, run: TransitionRun) -> dict:
+        return run.summary()

@@ -156,6 +156,17 @@ install_browser() {
   touch "$stamp"
 }
 
+# The Shield Memory farm tests start a real redis-server: Debian's package (needs root, as on CI).
+install_redis() {
+  if command -v redis-server >/dev/null; then log "redis-server ready"; return; fi
+  if [ "$(id -u)" = 0 ]; then
+    step "installing redis-server (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    log "not root: install Debian's redis-server yourself (sudo apt-get install redis-server) for the farm tests"
+  fi
+}
+
 write_env() {
   cat > "$host_dir/host.env" <<EOF
 export SHIELD_HOST_DIR="$host_dir"
@@ -172,6 +183,7 @@ get_comfyui
 install_requirements
 link_pack
 install_browser
+install_redis
 write_env
 step "done in $(( $(date +%s) - start )) s"
 echo "$host_dir/host.env"

@@ -407,7 +407,7 @@ def sd3_spell(object_info: dict) -> UIWorkflow:
 def sd15_procreate(object_info: dict) -> UIWorkflow:
     workflow = UIWorkflow(object_info)
     model, clip, vae = workflow.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
-    (embedder,) = workflow.add("ShieldDreamSimLoader", variant="ensemble")
+    (embedder,) = workflow.add("ShieldDreamSimLoader", variant="open_clip_vitb32")
     references, _ = workflow.add("LoadImage", image="reference.png")
     (reference_set,) = workflow.add(
         "ShieldReferenceSetFromImages", images=references, vae=vae, embedder=embedder, model=model

@@ -20,6 +20,7 @@ from comfyui_shield.core.shield_set import ShieldSetError, from_latents
 from comfyui_shield.nodes.procreate import ShieldDreamSimLoader, ShieldProCreateGuidance
 from comfyui_shield.reference_models.memorizer import build_memorizer, nearest_item_distance, subset_conditioning
 from comfyui_shield.reference_models.tiny_unet import build_tiny_unet, random_text_conditioning
+from comfyui_shield.samplers import procreate_math as pm
 from comfyui_shield.samplers.embedders import CallableEmbedder
 from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateSettings
 from harness.procreate_parts import pooled_projection_embedder, rgb_items, to_images, write_random_dreamsim
@@ -240,7 +241,7 @@ def test_dreamsim_loader_reports_missing_and_corrupt_files(dreamsim_folder):
     (dreamsim_folder / "open_clip_vitb32_pretrain.pth.tar").write_bytes(b"not a checkpoint")
     (dreamsim_folder / "open_clip_vitb32_single_lora").mkdir()
     (dreamsim_folder / "open_clip_vitb32_single_lora" / "adapter_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="could not be loaded"):
+    with pytest.raises(ValueError, match="open_clip_vitb32_pretrain.pth.tar is damaged"):
         ShieldDreamSimLoader.execute("open_clip_vitb32")
 
 
@@ -287,7 +288,7 @@ def test_mismatched_vae_and_reference_set_are_named(items, vae, embedder):
 
 # -- a Shield Memory as the growing reference set ---------------------------------------------------------
 def test_shield_memory_reference_set_grows_with_every_run(items, vae, embedder):
-    from comfyui_shield.core.shield_files import MEMORY
+    from comfyui_shield.core.shield_memory import MEMORY
     from comfyui_shield.nodes.shield_sets import ShieldMemory
     from comfyui_shield.samplers.procreate_hook import cached_embedding_count
 
@@ -376,3 +377,56 @@ def test_pixel_embedder_guidance_moves_samples_off_the_references(items, vae):
     guided = run(patched(model, vae, pixel, reference_set(items), gamma=100.0, gradient_mode="fast"), noise)
     assert protected_hits(plain) > 0
     assert protected_hits(guided) < protected_hits(plain)
+
+
+# -- item 10: the look-ahead walks down the sampler's own schedule, on shifted flow and EDM too -------------
+def shifted_flow_memorizer(items):
+    return build_memorizer(items, prediction="flow", flow_shift=3.0)  # SD3's shift
+
+
+def edm_memorizer(items):
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    (model,) = ModelSamplingContinuousEDM().patch(build_memorizer(items), "eps", 120.0, 0.002)
+    return model
+
+
+@pytest.mark.parametrize("build", [shifted_flow_memorizer, edm_memorizer], ids=["flow_shift_3", "edm"])
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_look_ahead_descends_on_shifted_flow_and_edm(build, mode, items, vae, embedder, monkeypatch):
+    from comfyui_shield.samplers import procreate_hook
+
+    levels = []
+    real = procreate_hook.cfg_denoised
+
+    def recording(model, x, sigma, *args):
+        levels.append(float(sigma.reshape(-1)[0]))
+        return real(model, x, sigma, *args)
+
+    monkeypatch.setattr(procreate_hook, "cfg_denoised", recording)
+    model = build(items)
+    # references near, not at, the items: the memorizer's look-ahead lands on an exact item, and at an exact
+    # copy of a reference the cosine is maximal and its gradient vanishes
+    references = reference_set(items * 0.8 + 0.1)
+    guided = patched(model, vae, embedder, references, gamma=50.0, gradient_mode=mode, look_ahead_steps=3)
+    noise = noise_batch(2)
+    out = run(guided, noise, steps=6)
+    sampling = model.get_model_object("model_sampling")
+    record = RECORDS.latest("procreate", "test")
+    steps = [step["sigma"][0] for step in record.steps]
+    expected = []
+    for step in record.steps:
+        if "grad_norm" not in step:  # no sample was guided here: no look-ahead
+            continue
+        sigma = step["sigma"][0]
+        count = min(3, sum(later < sigma for later in steps) + 1)  # capped at the sampler's remaining steps
+        levels_here = pm.look_ahead_sigmas(torch.tensor([sigma]), count, lambda p: float(sampling.percent_to_sigma(p)))
+        chain = [float(level) for level in levels_here] if count > 1 else [sigma]
+        expected += chain if mode == "exact" else chain[1:]  # fast reuses the sampler's D(x, σ)
+    assert sum("grad_norm" in step for step in record.steps) >= 3
+    assert levels == pytest.approx(expected, rel=1e-5)
+    for sigma in steps:  # each chain descends from the sampler's sigma (the old schedule went up on both)
+        chain = pm.look_ahead_sigmas(torch.tensor([sigma]), 3, lambda p: float(sampling.percent_to_sigma(p)))
+        assert all(float(later) < float(earlier) for earlier, later in zip(chain, chain[1:], strict=False))
+    guided_norms = [norm for step in record.steps for norm in step.get("clipped_norm", [])]
+    assert torch.isfinite(out).all() and max(guided_norms) > 0  # the look-ahead's x̂0 gave a real gradient

@@ -1,5 +1,6 @@
 """ProCreate math (plain torch): the sigma-parameterization update equals eq. 4 in the VP form."""
 
+import pytest
 import torch
 
 from comfyui_shield.samplers import procreate_math as pm
@@ -72,10 +73,51 @@ def test_look_ahead_is_exact_for_a_denoiser_that_knows_the_answer():
         sigma,
         4,
         denoise,
-        sigma_to_timestep=lambda s: s * 100,
-        timestep_to_sigma=lambda t: t / 100,
+        percent_to_sigma=lambda p: 10.0 * (1.0 - p),
         scales=lambda s: (torch.ones_like(s), s),
     )
     assert torch.allclose(out, target)
-    schedule = pm.look_ahead_timesteps(torch.tensor(800.0), 4)
-    assert [float(t) for t in schedule] == [800.0, 600.0, 400.0, 200.0]
+    assert pm.look_ahead_percents(0.2, 4) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+
+
+# -- §4 look-ahead schedule in percent space, on ComfyUI's own samplings (issue #11, item 10) ----------------
+def comfy_samplings():
+    import comfy.model_sampling as ms
+
+    flow = ms.ModelSamplingDiscreteFlow()
+    flow.set_parameters(shift=3.0)  # SD3's shift
+    edm = ms.ModelSamplingContinuousEDM()
+    edm.set_parameters(sigma_min=0.002, sigma_max=120.0, sigma_data=0.5)
+    return {"discrete": ms.ModelSamplingDiscrete(), "flow_shift_3": flow, "edm": edm}
+
+
+@pytest.mark.parametrize("name, sigma", [("discrete", 4.0), ("flow_shift_3", 0.5), ("edm", 5.0)])
+def test_look_ahead_levels_decrease_evenly_in_schedule_percent(name, sigma):
+    sampling = comfy_samplings()[name]
+
+    def percent_to_sigma(p):
+        return float(sampling.percent_to_sigma(p))
+
+    batch = pm.look_ahead_sigmas(torch.tensor([sigma, sigma]), 4, percent_to_sigma)
+    assert all(level.shape == (2,) and level[0] == level[1] for level in batch)
+    levels = [float(level[0]) for level in batch]
+    assert levels[0] == pytest.approx(sigma)
+    assert all(later < earlier for earlier, later in zip(levels, levels[1:], strict=False))  # towards the clean image
+    percents = [pm.sigma_to_percent(level, percent_to_sigma) for level in levels]
+    gaps = [b - a for a, b in zip(percents, percents[1:], strict=False)]
+    assert gaps == pytest.approx([(1 - percents[0]) / 4] * 3, abs=1e-5)
+
+
+def test_the_old_timestep_schedule_was_wrong_off_the_discrete_schedule():
+    """sigma(t·(1 − k/n)) assumed timestep() inverts sigma(); it does for DDPM's discrete schedule (where
+    the percent schedule equals it), not for shifted flow (σ went up: 0.5 → 0.667) nor for EDM (timestep 0.25·ln σ: up again below σ = 1)."""
+    samplings = comfy_samplings()
+    discrete = samplings["discrete"]
+    t = discrete.timestep(torch.tensor(4.0))
+    old = [4.0] + [float(discrete.sigma(t * (1 - k / 4))) for k in range(1, 4)]
+    new = pm.look_ahead_sigmas(torch.tensor([4.0]), 4, lambda p: float(discrete.percent_to_sigma(p)))
+    assert [float(level) for level in new] == pytest.approx(old, rel=1e-3)
+    flow = samplings["flow_shift_3"]
+    assert float(flow.sigma(flow.timestep(torch.tensor(0.5)) * 0.75)) > 0.5
+    edm = samplings["edm"]
+    assert float(edm.sigma(edm.timestep(torch.tensor(0.5)) * 0.75)) > 0.5  # log σ < 0 scaled towards 0

@@ -91,11 +91,9 @@ def test_procreate_with_real_dreamsim_runs_in_a_server_graph(server):
     assert guided.shape == plain.shape == (2, 3, 16, 16)
     assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
     text = "".join(outputs["report"]["text"])
-    assert re.search(
-        r"procreate energy guidance \(run #\d+, dreamsim/open_clip_vitb32/\w+\): 4 steps recorded", text
-    ), text
+    assert re.search(r"ProCreate \(run #\d+, dreamsim/open_clip_vitb32/\w+\): 4 steps recorded", text), text
     # a sample counts as guided only when its gradient through VAE decode + DreamSim was finite
-    assert re.search(r"samples guided: \[0, 1\]", text), text
+    assert re.search(r"ProCreate .*\n  touched \d+ step-samples .*samples touched: \[0, 1\]", text), text
 
 
 def test_shield_memory_grows_the_reference_set_across_queued_runs(server):
@@ -109,10 +107,10 @@ def test_shield_memory_grows_the_reference_set_across_queued_runs(server):
     graph["procreate"]["inputs"].update(reference_set=["memory", 0], gradient_mode="fast")
     first = server.run(graph, timeout=600)
     first_text = "".join(first["report"]["text"])
-    assert re.search(r"4 steps recorded, 0 references\n  guided 0 step-samples", first_text), first_text
+    assert re.search(r"4 steps recorded, 0 references\n  touched 0 step-samples", first_text), first_text
     assert torch.equal(server.saved_latent(first, "save_guided"), server.saved_latent(first, "save_plain"))
     second = server.run(graph, timeout=600)
     second_text = "".join(second["report"]["text"])
-    assert re.search(r"4 steps recorded, 2 references\n.*samples guided: \[0, 1\]", second_text), second_text
+    assert re.search(r"4 steps recorded, 2 references\n.*samples touched: \[0, 1\]", second_text), second_text
     guided, plain = server.saved_latent(second, "save_guided"), server.saved_latent(second, "save_plain")
     assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3

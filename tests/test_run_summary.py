@@ -31,10 +31,11 @@ def test_repellency_run_counts_exactly_the_samples_and_steps_it_moved(memorizer_
     sample(patched, memorizer_items, batch=3, seed=3)
     record = RECORDS.latest("sparse_repellency")
     summary = touched_summary(record)
-    moved_steps = [step for step in record.steps if step["touched"]]
+    moved_steps = [step for step in record.steps if any(step["touched"])]
     assert summary["steps"] == 8 and summary["samples"] == 3
     assert 0 < summary["steps_touched"] == len(moved_steps) < 8  # sparse: late steps are left alone
-    assert summary["samples_touched"] == len({b for step in moved_steps for b in step["touched"]}) > 0
+    moved_samples = {b for step in moved_steps for b, moved in enumerate(step["touched"]) if moved}
+    assert summary["samples_touched"] == len(moved_samples) > 0
     assert run_summary.run_message(record)["node"] == "17"
 
 
@@ -73,8 +74,15 @@ def test_listeners_hear_each_finished_run_once(memorizer_items):
 
 
 def test_memory_routes_on_the_server(server):
-    assert server.get("/shield/memory/route-test") == {"memory_id": "route-test", "size": 0, "version": 0}
+    assert server.get("/shield/memory/route-test") == {"memory_id": "route-test", "size": 0, "version": "0"}
     answer = server.post("/shield/memory/reset", {"memory_id": "route-test"})
-    assert answer["memory_id"] == "route-test" and answer["size"] == 0 and answer["version"] == 1
+    assert answer["memory_id"] == "route-test" and answer["size"] == 0 and answer["version"] == "1"
     with pytest.raises(ServerError, match="400"):
         server.post("/shield/memory/reset", {"memory_id": "  "})
+    # a file memory: the store travels with the request, as the node's widgets say
+    folder = server.base_dir / "models" / "shield_sets" / "memories"
+    assert server.get("/shield/memory/route-file?store=file")["size"] == 0
+    answer = server.post("/shield/memory/reset", {"memory_id": "route-file", "store": "file"})
+    assert answer["size"] == 0 and not (folder / "route-file.shield-memory").exists()
+    with pytest.raises(ServerError, match=r"400.*needs an id of letters"):
+        server.post("/shield/memory/reset", {"memory_id": "../escape", "store": "file"})

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from comfyui_shield.core import shield_files
+from comfyui_shield.core.bounded_cache import BoundedCache
 from comfyui_shield.core.shield_set import from_latents
 from comfyui_shield.nodes.spell import repellency_model
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
-from comfyui_shield.samplers import shield_index, spell_math
+from comfyui_shield.samplers import range_search, shield_index
 
 RADIUS = 4.0
 
@@ -70,7 +71,7 @@ def test_pruning_skips_lists_only_with_a_proof_and_does_skip_far_lists():
     found = search.search(query, 6.0)
     assert _pairs(found) == _brute_force(query, shields, 6.0)
     assert search.last_scanned < len(shields) // 4  # far clusters were proven out of reach
-    codes = spell_math.encode_codes(query, search.basis, search.mean)
+    codes = range_search.encode_codes(query, search.basis, search.mean)
     code_alive = search.surviving_lists(codes, 6.0)[0]
     alive = search.surviving_lists(codes, 6.0, query)[0]
     assert bool((alive <= code_alive).all()) and int(alive.sum()) >= 1  # the full-space bound only prunes more
@@ -96,15 +97,15 @@ def test_load_memory_maps_the_latents_and_fp16_storage_is_the_shield(tmp_path):
         shield_files.save_shield_set(
             from_latents(latents * 1e5, "SD15"), tmp_path / "huge.safetensors", storage="float16"
         )
-    rows = spell_math.ShieldRows(loaded.latents)
+    rows = range_search.ShieldRows(loaded.latents)
     picked = torch.tensor([5, 1, 63, 1])
     assert torch.equal(rows[picked], latents.half().float().flatten(1)[picked])  # unsorted, repeated indices
 
 
 def test_guarantee_with_a_memory_mapped_fp16_set_and_a_saved_index(tmp_path, memorizer_items, monkeypatch):
     items = memorizer_items
-    monkeypatch.setattr(spell_math, "AUTO_PROJECTION_MIN_SHIELDS", 4)  # auto -> clustered index on 6 shields
-    monkeypatch.setattr(shield_index, "_CACHE", type(shield_index._CACHE)())
+    monkeypatch.setattr(range_search, "AUTO_PROJECTION_MIN_SHIELDS", 4)  # auto -> clustered index on 6 shields
+    monkeypatch.setattr(shield_index, "INDEX_STATES", BoundedCache(4))
     path = tmp_path / "protected.safetensors"
     shield_files.save_shield_set(from_latents(items, "LatentFormat"), path, storage="float16")
     stored = shield_files.load_shield_set(path)
@@ -124,7 +125,7 @@ def test_guarantee_with_a_memory_mapped_fp16_set_and_a_saved_index(tmp_path, mem
     index_file = shield_files.index_path_for(str(path))
     assert index_file.is_file()
     # a fresh process (empty RAM cache) reads the saved index instead of rebuilding it
-    monkeypatch.setattr(shield_index, "_CACHE", type(shield_index._CACHE)())
+    monkeypatch.setattr(shield_index, "INDEX_STATES", BoundedCache(4))
     builds = []
     real_build = shield_index.ClusteredProjectionSearch.build_state
     monkeypatch.setattr(

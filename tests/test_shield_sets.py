@@ -1,11 +1,11 @@
 """Shield set nodes: from images (real pixel_space VAE), save/load files, bad files, memory store."""
 
-import folder_paths
 import nodes as comfy_nodes
 import pytest
 import torch
 
-from comfyui_shield.core.shield_files import ShieldMemoryStore, load_shield_set, resolve_inside, save_shield_set
+from comfyui_shield.core.shield_files import load_shield_set, resolve_inside, save_shield_set
+from comfyui_shield.core.shield_memory import MemoryContents
 from comfyui_shield.core.shield_set import ShieldSetError, from_latents
 from comfyui_shield.nodes import shield_sets as nodes_module
 from comfyui_shield.nodes.shield_sets import (
@@ -16,14 +16,6 @@ from comfyui_shield.nodes.shield_sets import (
     cover_and_centre_crop,
 )
 from comfyui_shield.reference_models.memorizer import build_memorizer
-
-
-@pytest.fixture
-def shield_folder(tmp_path, monkeypatch):
-    folder = tmp_path / "shield_sets"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, nodes_module.FOLDER, ([str(folder)], {".safetensors"}))
-    return folder
 
 
 def test_cover_and_centre_crop_keeps_the_centre():
@@ -89,21 +81,9 @@ def test_corrupt_truncated_foreign_and_empty_files_fail_clearly(tmp_path):
     save_file({"weight": torch.zeros(2)}, str(foreign))
     with pytest.raises(ShieldSetError, match="not a Shield set"):
         load_shield_set(foreign)
-    empty_memory = ShieldMemoryStore().snapshot("x")
+    empty_memory = MemoryContents.empty().as_shield_set("x")
     with pytest.raises(ShieldSetError, match="empty"):
         save_shield_set(empty_memory, tmp_path / "empty.safetensors")
-
-
-def test_memory_store_grows_and_resets():
-    store = ShieldMemoryStore(max_items=3)
-    assert len(store.snapshot("a")) == 0
-    version = store.version("a")
-    store.append("a", "SD15", torch.randn(2, 4, 8, 8))
-    store.append("a", "SD15", torch.randn(2, 4, 8, 8))
-    assert len(store.snapshot("a")) == 3 and store.version("a") == version + 2  # bounded, newest kept
-    assert store.snapshot("a").settings["shield_memory_id"] == "a"
-    store.reset("a")
-    assert len(store.snapshot("a")) == 0
 
 
 def test_radius_calibration_reports_the_median_distance():
@@ -131,18 +111,12 @@ def test_set_from_images_shows_thumbnails_and_memory_reports_its_size():
     assert grid.shape == (1, 2 * PREVIEW_CELL, 4 * PREVIEW_CELL, 3)
     assert torch.equal(grid[0, :PREVIEW_CELL:12, :PREVIEW_CELL:12], images[0])  # nearest-neighbour tiles
     memory = ShieldMemory.execute("thumbnails-test", True)
-    assert memory.ui["text"] == ["memory 'thumbnails-test': 0 earlier outputs remembered"]
+    assert memory.ui["text"] == [
+        "memory 'thumbnails-test' (this server): 0 earlier outputs remembered (max_items 4096, drop oldest)"
+    ]
 
 
 # -- Shield Set from Images: folder input ------------------------------------------------------------
-@pytest.fixture
-def input_folder(tmp_path, monkeypatch):
-    root = tmp_path / "input"
-    root.mkdir()
-    monkeypatch.setattr(folder_paths, "input_directory", str(root))
-    return root
-
-
 def _write_images(folder):
     from PIL import Image
 

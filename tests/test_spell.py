@@ -8,7 +8,7 @@ import torch
 from comfy_extras.nodes_model_advanced import RescaleCFG
 
 from comfyui_shield.core.records import RECORDS
-from comfyui_shield.core.shield_files import MEMORY
+from comfyui_shield.core.shield_memory import MEMORY
 from comfyui_shield.core.shield_set import ShieldSetError, from_latents
 from comfyui_shield.nodes.shield_sets import ShieldMemory, ShieldSetFromLatents
 from comfyui_shield.nodes.spell import SparseRepellency, SparseRepellencyKSampler, repellency_model
@@ -152,7 +152,7 @@ def test_interventions_are_sparse_and_early(items):
         steps=20,
     )
     record = RECORDS.latest("sparse_repellency")
-    touched = [bool(step["touched"]) for step in record.steps]
+    touched = [any(step["touched"]) for step in record.steps]
     assert any(touched[:5])
     assert not any(touched[10:])
     assert min_distance(out, items[:1]) >= radius
@@ -162,8 +162,8 @@ def test_interventions_are_sparse_and_early(items):
 def test_active_window_limits_interventions(items, shields):
     sample(shielded(build_memorizer(items), shields, start=0.0, end=0.3), items, batch=2, seed=2, steps=10)
     steps = RECORDS.latest("sparse_repellency").steps
-    assert any(step["active"] for step in steps) and not steps[-1]["active"]
-    assert all(not step["touched"] for step in steps if not step["active"])
+    assert any(step["in_window"] for step in steps) and not steps[-1]["in_window"]
+    assert all(not any(step["touched"]) for step in steps if not step["in_window"])
 
 
 def test_determinism_and_no_state_leak(items, shields):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from comfyui_shield.reference_models.memorizer import minimum_item_spacing
+from harness.memorizer_graphs import sparse_repellency
 from harness.server import ServerError
 
 RADIUS = 4.0
@@ -33,20 +34,7 @@ def _graph(shield_source: dict, prefix: str) -> dict:
         "1": {"class_type": "LoadLatent", "inputs": {"latent": "shield_items.latent"}},
         "2": {"class_type": "ShieldMemorizerModel", "inputs": {"latent": ["1", 0], "prediction": "eps"}},
         "3": shield_source,
-        "4": {
-            "class_type": "ShieldSparseRepellency",
-            "inputs": {
-                "model": ["2", 0],
-                "shield_set": ["3", 0],
-                "radius": RADIUS,
-                "radius_unit": "absolute",
-                "overcompensation": 1.6,
-                "intra_batch": True,
-                "start_percent": 0.0,
-                "end_percent": 1.0,
-                "search": "auto",
-            },
-        },
+        "4": sparse_repellency(["2", 0], ["3", 0], RADIUS),
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
         "6": {"class_type": "KSampler", "inputs": {"model": ["4", 0], **sampler}},
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"{prefix}/shielded"}},

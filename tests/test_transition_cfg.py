@@ -13,7 +13,7 @@ from comfyui_shield.core.records import RECORDS
 from comfyui_shield.nodes.transition_cfg import TransitionPointCFG, build_settings, check_settings
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.reference_models.tiny_unet import build_tiny_unet, random_text_conditioning
-from comfyui_shield.samplers.transition_hook import KIND, TransitionSettings, apply_transition_cfg
+from comfyui_shield.samplers.transition_hook import KIND, TransitionCfgPatch, TransitionSettings
 from comfyui_shield.samplers.transition_math import first_local_minimum_step, guided
 from harness.server import ServerError
 
@@ -70,7 +70,7 @@ def test_static_zero_percent_is_bit_identical_to_plain_cfg(build, memorizer_item
     plain = ksample(model, positive, negative)
     hooked = model.clone()  # the hook itself, not the node's early return, must leave CFG untouched
     settings = TransitionSettings("static", "unconditional", 0.0, transition_sigma=999999999.9)
-    apply_transition_cfg(hooked, settings, "test-static-zero")
+    TransitionCfgPatch(settings, patch_id="test-static-zero").attach(hooked)
     assert torch.equal(ksample(hooked, positive, negative), plain)
     assert all(all(step["switched"]) for step in RECORDS.latest(KIND, "test-static-zero").steps)
     assert torch.equal(ksample(patch(model, percent=0.0), positive, negative), plain)
@@ -184,7 +184,9 @@ def test_composes_with_rescale_cfg(prediction, memorizer_items):
     assert not torch.equal(both, rescale_only) and not torch.equal(both, transition_only)
     assert torch.equal(both, both_other_order)
     hooked = rescale(model)
-    apply_transition_cfg(hooked, TransitionSettings("static", "unconditional", 0.0, transition_sigma=1e9), "zero")
+    TransitionCfgPatch(
+        TransitionSettings("static", "unconditional", 0.0, transition_sigma=1e9), patch_id="zero"
+    ).attach(hooked)
     assert torch.equal(ksample(hooked, positive, negative), rescale_only)
 
 

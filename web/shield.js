@@ -1,7 +1,8 @@
 // Shield for ComfyUI: what the shield did, visible in the graph.
 // - On every executed Shield node, the text of its UI output (Shield Info, Shield Memory, reports).
 // - On each repellency/guidance node, after a run: how many samples and steps it touched
-//   (the server sends "shield.run_summary" {node, kind, samples, samples_touched, steps, steps_touched}).
+//   (the server sends "shield.run_summary" {node, kind, title, samples, samples_touched, steps, steps_touched};
+//   the title is the method's name from its registered record, so a new method needs no edit here).
 // - On Shield Memory, a button that empties the memory now (POST /shield/memory/reset).
 // Shield sets built from images show their thumbnails through ComfyUI's own image preview.
 // Current frontend API only: window.comfyAPI.app.app, window.comfyAPI.api.api, node.addDOMWidget.
@@ -13,11 +14,6 @@ const NODE_PREFIX = "Shield";
 const TEXT_WIDGET = "shield_summary";
 const RUN_WIDGET = "shield_run_summary";
 const RUN_EVENT = "shield.run_summary";
-const KIND_NAMES = {
-  sparse_repellency: "Sparse Repellency",
-  transition_cfg: "Transition-Point CFG",
-  procreate: "ProCreate",
-};
 
 function summaryText(message) {
   const text = message?.text;
@@ -58,7 +54,7 @@ function findNode(id) {
 }
 
 function runSummaryText(detail) {
-  const kind = KIND_NAMES[detail.kind] ?? detail.kind;
+  const kind = detail.title || detail.kind;
   const samples = `${detail.samples_touched}/${detail.samples} samples`;
   const steps = `${detail.steps_touched}/${detail.steps} steps`;
   return `${kind}: touched ${samples}, ${steps}` + (detail.label ? `\n(${detail.label})` : "");
@@ -71,12 +67,20 @@ function onRunSummary(event) {
   showText(node, RUN_WIDGET, "shield-run-summary", runSummaryText(detail));
 }
 
+function widgetValue(node, name, fallback) {
+  return node.widgets?.find((widget) => widget.name === name)?.value ?? fallback;
+}
+
 async function resetMemory(node) {
-  const memoryId = node.widgets?.find((widget) => widget.name === "memory_id")?.value ?? "";
+  const memory = {
+    memory_id: widgetValue(node, "memory_id", ""),
+    store: widgetValue(node, "store", "server"),
+    redis_url: widgetValue(node, "redis_url", ""),
+  };
   const response = await api.fetchApi("/shield/memory/reset", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ memory_id: memoryId }),
+    body: JSON.stringify(memory),
   });
   const answer = await response.json();
   const text = response.ok ? `memory '${answer.memory_id}' emptied` : `reset failed: ${answer.error}`;

@@ -36,8 +36,9 @@ class ServerError(RuntimeError):
 
 
 class ComfyServer:
-    def __init__(self, base_dir: pathlib.Path, extra_args: tuple[str, ...] = ()):
+    def __init__(self, base_dir: pathlib.Path, extra_args: tuple[str, ...] = (), extra_env: dict | None = None):
         self.base_dir = base_dir
+        self.extra_env = dict(extra_env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base_dir / "server.log"
@@ -66,7 +67,7 @@ class ComfyServer:
             f"sqlite:///{self.base_dir / 'comfyui.db'}",
             *self.extra_args,
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **self.extra_env)
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             command, cwd=comfyui_dir(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -101,6 +102,12 @@ class ComfyServer:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an out-of-memory kill would end it: no cleanup runs."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

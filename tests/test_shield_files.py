@@ -1,0 +1,249 @@
+"""Shield set files in-process: numbered names, index caches, whole-file checks at load, write errors,
+the one symlink rule, and a DreamSim loader that never reaches the network (issue #11, defects 1, 5-9).
+The same defects are exercised in the real server in test_shield_files_server.py."""
+
+import os
+import socket
+import urllib.request
+
+import folder_paths
+import pytest
+import torch
+
+from comfyui_shield.core import shield_files
+from comfyui_shield.core.shield_files import index_path_for, load_shield_set, save_shield_set
+from comfyui_shield.core.shield_set import ShieldSetError, from_latents
+from comfyui_shield.nodes.procreate import NEEDS_TORCH_HUB, ShieldDreamSimLoader
+from comfyui_shield.nodes.shield_sets import LoadShieldSet, SaveShieldSet, ShieldSetFromImages, shield_set_files
+from comfyui_shield.reference_models.memorizer import build_memorizer
+from harness.files import damaged_set_files, read_only_folder
+from harness.procreate_parts import write_random_dreamsim
+
+
+@pytest.fixture
+def shields():
+    return from_latents(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), "SD15")
+
+
+# -- defect 1: numbered names with dotted stems, bounded -------------------------------------------
+@pytest.mark.parametrize(("name", "taken"), [("v1.5", ["v1.5", "v1"]), ("clash.index", ["clash.index", "clash"])])
+def test_numbered_name_keeps_a_dotted_stem(shield_folder, shields, name, taken):
+    for stem in taken:
+        (shield_folder / f"{stem}.safetensors").write_bytes(b"someone else's file")
+    path = SaveShieldSet.execute(shields, name, False).result[0]
+    assert path == str(shield_folder / f"{name}_1.safetensors")
+    assert all((shield_folder / f"{stem}.safetensors").read_bytes() == b"someone else's file" for stem in taken)
+    assert load_shield_set(shield_folder / f"{name}_1.safetensors").hashes == shields.hashes
+
+
+def test_numbering_is_bounded_and_says_what_to_do(shield_folder, shields, monkeypatch):
+    monkeypatch.setattr(shield_files, "MAX_NUMBERED_NAMES", 4)
+    for name in ("full", "full_1", "full_2", "full_3"):
+        (shield_folder / f"{name}.safetensors").write_bytes(b"x")
+    with pytest.raises(ShieldSetError, match=r"full.safetensors and its numbered names up to _3 all exist.*overwrite"):
+        SaveShieldSet.execute(shields, "full", False)
+    assert not [p for p in shield_folder.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
+
+
+def test_overwrite_off_never_replaces_a_file_made_meanwhile(shield_folder, shields):
+    path = shield_folder / "race.safetensors"
+    candidates = iter([path, shield_folder / "race_1.safetensors"])
+
+    def created_meanwhile():
+        first = next(candidates)
+        first.write_bytes(b"made by another process after the name was chosen")
+        yield first
+        yield from candidates
+
+    written = shield_files.write_safetensors_atomically({"x": torch.zeros(1)}, created_meanwhile(), {}, replace=False)
+    assert written.name == "race_1.safetensors"
+    assert path.read_bytes() == b"made by another process after the name was chosen"
+
+
+# -- defect 6: index caches have their own suffix ---------------------------------------------------
+def test_index_cache_has_a_suffix_no_set_name_reaches(shield_folder, shields):
+    SaveShieldSet.execute(shields, "clash", True)
+    index = index_path_for(str(shield_folder / "clash.safetensors"))
+    assert index.name == "clash.safetensors.shield-index"
+    shield_files.save_index(index, "key", {"codes": torch.zeros(3)})
+    # a set whose name looks like an index, in both spellings, is a set like any other
+    for name in ("clash.index", "clash.safetensors.shield-index"):
+        SaveShieldSet.execute(shields, name, False)
+    listed = shield_set_files()
+    assert sorted(listed) == [
+        "clash.index.safetensors",
+        "clash.safetensors",
+        "clash.safetensors.shield-index.safetensors",
+    ]
+    for name in listed:
+        assert LoadShieldSet.execute(name).result[0].hashes == shields.hashes
+    assert shield_files.load_index(index, "key") is not None  # no save touched the index
+    # not one of the listed files: the pack's combo check refuses it before the loader sees it
+    with pytest.raises(ValueError, match=r"'filename' must be one of \['clash.index.safetensors'"):
+        LoadShieldSet.execute("clash.safetensors.shield-index")
+
+
+# -- defect 7: the whole file is checked at load ----------------------------------------------------
+def test_every_kind_of_damage_names_the_file_and_the_fix(shield_folder):
+    for name, (path, pattern) in damaged_set_files(shield_folder).items():
+        with pytest.raises(ShieldSetError, match=pattern) as error:
+            LoadShieldSet.execute(path.name)
+        message = str(error.value)
+        assert path.name in message, name
+        assert any(fix in message for fix in ("Save Shield Set", "Update the Shield pack", "delete it")), message
+
+
+# -- defect 8: OS errors on save say which input to change ------------------------------------------
+def test_too_long_name_is_refused_before_running(shield_folder):
+    message = SaveShieldSet.validate_inputs(filename="x" * 300)
+    assert "Save Shield Set: filename" in message and "Shorten it" in message and "255 bytes" in message
+    assert SaveShieldSet.validate_inputs(filename="sub/" + "y" * 200) is True
+
+
+def test_read_only_folder_names_the_input(shield_folder, shields):
+    with read_only_folder(shield_folder / "locked"):
+        with pytest.raises(ShieldSetError) as error:
+            SaveShieldSet.execute(shields, "locked/mine", False)
+    message = str(error.value)
+    assert "is not writable" in message and "choose the filename input in a writable folder" in message
+    assert "Errno" not in message and not list((shield_folder / "locked").iterdir())
+
+
+def test_a_file_where_a_folder_is_named(shield_folder, shields):
+    (shield_folder / "plain_file").write_bytes(b"x")
+    with pytest.raises(ShieldSetError, match=r"a part of the name is an existing file.*change the filename input"):
+        SaveShieldSet.execute(shields, "plain_file/mine", True)
+
+
+# -- defect 9: one symlink rule ---------------------------------------------------------------------
+def _png(path, colour):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), colour).save(path)
+
+
+def _from_folder(folder):
+    import nodes as comfy_nodes
+
+    (vae,) = comfy_nodes.VAELoader().load_vae("pixel_space")
+    model = build_memorizer(torch.randn(2, 3, 16, 16))
+    return ShieldSetFromImages.execute(None, vae, model, 16, 16, folder=folder).result[0]
+
+
+def test_symlinks_inside_the_input_directory_are_followed(input_folder, tmp_path):
+    _png(input_folder / "elsewhere_in_input" / "green.png", (0, 255, 0))
+    _png(input_folder / "protected" / "red.png", (255, 0, 0))
+    (input_folder / "protected" / "linked_file.png").symlink_to(input_folder / "elsewhere_in_input" / "green.png")
+    (input_folder / "protected" / "linked_folder").symlink_to(input_folder / "elsewhere_in_input")
+    (input_folder / "protected" / "loop").symlink_to(input_folder / "protected")  # a cycle is walked once
+    (input_folder / "linked_root").symlink_to(input_folder / "protected")
+    for folder in ("protected", "linked_root"):
+        shields = _from_folder(folder)
+        assert shields.names == ("linked_file.png", "linked_folder/green.png", "red.png")
+
+
+@pytest.mark.parametrize("kind", ["file", "sub-folder", "folder"])
+def test_symlinks_leading_outside_are_refused_with_the_name(input_folder, tmp_path, kind):
+    outside = tmp_path / "outside"
+    _png(outside / "secret.png", (0, 0, 255))
+    _png(input_folder / "protected" / "red.png", (255, 0, 0))
+    if kind == "file":
+        (input_folder / "protected" / "secret.png").symlink_to(outside / "secret.png")
+    elif kind == "sub-folder":
+        (input_folder / "protected" / "more").symlink_to(outside)
+    else:
+        (input_folder / "linked").symlink_to(outside)
+    folder = "linked" if kind == "folder" else "protected"
+    with pytest.raises(ShieldSetError, match=r"outside|symlink to .*outside") as error:
+        _from_folder(folder)
+    assert "Shield Set from Images: folder" in str(error.value)
+    if kind == "folder":
+        assert "points outside ComfyUI's input directory" in ShieldSetFromImages.validate_inputs(folder="linked")
+    else:
+        assert f"is a symlink to {outside}" in str(error.value) and "Copy the file into the folder" in str(error.value)
+
+
+def test_load_follows_symlinks_only_inside_the_set_folder(shield_folder, shields, tmp_path):
+    save_shield_set(shields, shield_folder / "real" / "mine.safetensors")
+    outside = tmp_path / "outside_sets"
+    save_shield_set(shields, outside / "theirs.safetensors")
+    (shield_folder / "alias.safetensors").symlink_to(shield_folder / "real" / "mine.safetensors")
+    (shield_folder / "alias_folder").symlink_to(shield_folder / "real")
+    (shield_folder / "escape.safetensors").symlink_to(outside / "theirs.safetensors")
+    (shield_folder / "escape_folder").symlink_to(outside)
+    for name in ("alias.safetensors", "alias_folder/mine.safetensors"):
+        loaded = LoadShieldSet.execute(name).result[0]
+        assert loaded.hashes == shields.hashes and loaded.source_path == str(shield_folder / "real/mine.safetensors")
+    for name in ("escape.safetensors", "escape_folder/theirs.safetensors"):
+        with pytest.raises(ShieldSetError, match=r"points outside the shield set folder"):
+            LoadShieldSet.execute(name)
+    with pytest.raises(ShieldSetError, match="points outside"):
+        SaveShieldSet.execute(shields, "escape_folder/new", True)
+    assert sorted(p.name for p in outside.iterdir()) == ["theirs.safetensors"]
+
+
+# -- defect 5: DreamSim never reaches the network ---------------------------------------------------
+@pytest.fixture
+def no_network(monkeypatch):
+    """socket.connect raises in this process (loopback too): any network attempt fails loudly."""
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError(f"network access attempted: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+@pytest.fixture
+def dreamsim_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "models" / "dreamsim"
+    folder.mkdir(parents=True)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "dreamsim", ([str(folder)], set()))
+    return folder
+
+
+def test_the_network_guard_can_fail(no_network):
+    with pytest.raises(OSError):
+        urllib.request.urlopen("http://192.0.2.1/", timeout=2)  # noqa: S310 (a documentation address)
+    assert no_network
+
+
+def test_torch_hub_variants_are_refused_before_anything_runs(dreamsim_folder, no_network):
+    from comfyui_shield.nodes.procreate import DREAMSIM_FILES
+
+    for name in {name for variant in NEEDS_TORCH_HUB for name in DREAMSIM_FILES[variant]}:
+        (dreamsim_folder / name).write_bytes(b"corrupt") if "lora" not in name else (dreamsim_folder / name).mkdir()
+    for variant in NEEDS_TORCH_HUB:
+        assert "through torch.hub" in ShieldDreamSimLoader.validate_inputs(variant=variant)
+        with pytest.raises(ValueError, match=r"'variant' must be one of .*open_clip_vitb32.*torch.hub"):
+            ShieldDreamSimLoader.execute(variant)  # the pack's combo check, with the tooltip's reason
+    assert no_network == [] and not list(dreamsim_folder.rglob("trusted_list"))
+    assert not (dreamsim_folder / "hub").exists() and len(list(dreamsim_folder.iterdir())) == 7
+
+
+def test_damaged_dreamsim_files_name_the_file_without_network(dreamsim_folder, no_network):
+    write_random_dreamsim(dreamsim_folder)
+    lora = dreamsim_folder / "open_clip_vitb32_single_lora"
+    weights = lora / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    damages = [
+        (dreamsim_folder / "open_clip_vitb32_pretrain.pth.tar", b"not a checkpoint", "open_clip_vitb32_pretrain"),
+        (weights, good[:1000], "adapter_model.safetensors is damaged"),
+        (lora / "adapter_config.json", b"{}", "adapter_config.json lacks r, lora_alpha"),
+    ]
+    for path, damaged, pattern in damages:
+        original = path.read_bytes()
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=pattern) as error:
+            ShieldDreamSimLoader.execute("open_clip_vitb32")
+        assert "unzipped dreamsim_open_clip_vitb32_checkpoint.zip" in str(error.value)
+        path.write_bytes(original)
+    os.rename(weights, dreamsim_folder / "moved_away")  # peft would fetch a missing adapter from the HF hub
+    with pytest.raises(ValueError, match=r"has no adapter_model.safetensors or adapter_model.bin"):
+        ShieldDreamSimLoader.execute("open_clip_vitb32")
+    os.rename(dreamsim_folder / "moved_away", weights)
+    assert ShieldDreamSimLoader.execute("open_clip_vitb32").result[0].key.startswith("dreamsim/open_clip_vitb32/")
+    assert no_network == [] and not list(dreamsim_folder.rglob("trusted_list"))
