@@ -4,6 +4,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from typing_extensions import override
 
 from ..samplers import methods  # noqa: F401 (registers the methods' records for the Report and the frontend)
+from .copy_detector import NODES as COPY_DETECTOR_NODES
 from .demo_model import ShieldDemoConditioning, ShieldDemoModelLoader, ShieldDemoTrainingSet
 from .info import ShieldInfo
 from .procreate import NODES as PROCREATE_NODES
@@ -22,6 +23,7 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     TransitionPointCFG,
     *PROCREATE_NODES,
     ShieldReport,
+    *COPY_DETECTOR_NODES,
     *REFERENCE_NODES,
     ShieldDemoModelLoader,
     ShieldDemoConditioning,
