@@ -208,6 +208,14 @@ class ShieldSetFromImages(ShieldNode):
                     step=8,
                     tooltip="Generation height in pixels (Empty Latent Image's height).",
                 ),
+                io.String.Input(
+                    "folder",
+                    default="",
+                    optional=True,
+                    tooltip="A sub-folder of ComfyUI's input directory "
+                    "whose images (png, jpg, webp, bmp, gif, tif; sub-folders included) are protected. Empty "
+                    "uses the images input instead. Non-image files are skipped (logged); a corrupt image is an error.",
+                ),
                 io.Int.Input(
                     "length",
                     default=1,
@@ -219,14 +227,6 @@ class ShieldSetFromImages(ShieldNode):
                     "frames (the empty video latent's length). Each image becomes a still clip of this many frames, "
                     "so a shield is a whole clip. Must stay 1 for image models. To protect a real clip, VAE Encode "
                     "its frames and use Shield Set from Latents.",
-                ),
-                io.String.Input(
-                    "folder",
-                    default="",
-                    optional=True,
-                    tooltip="A sub-folder of ComfyUI's input directory "
-                    "whose images (png, jpg, webp, bmp, gif, tif; sub-folders included) are protected. Empty "
-                    "uses the images input instead. Non-image files are skipped (logged); a corrupt image is an error.",
                 ),
             ],
             outputs=[SHIELD_SET.Output(display_name="shield_set")],
