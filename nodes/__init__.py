@@ -6,6 +6,7 @@ from typing_extensions import override
 from ..samplers import methods  # noqa: F401 (registers the methods' records for the Report and the frontend)
 from .certificate import CERTIFICATE_NODES
 from .demo_model import ShieldDemoConditioning, ShieldDemoModelLoader, ShieldDemoTrainingSet
+from .embedding_spell import EMBEDDING_SPELL_NODES
 from .info import ShieldInfo
 from .procreate import NODES as PROCREATE_NODES
 from .reference import REFERENCE_NODES
@@ -21,6 +22,7 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     ShieldInfo,
     *SHIELD_SET_NODES,
     *SPELL_NODES,
+    *EMBEDDING_SPELL_NODES,
     TransitionPointCFG,
     *PROCREATE_NODES,
     *RISK_NODES,
