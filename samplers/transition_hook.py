@@ -73,6 +73,9 @@ class TransitionStep(StepEntry):
 
 
 class TransitionSummary(TypedDict):
+    """risk_score: per sample, √d_t = ‖ε_c − ε_u‖ at the first counted step: the Memorization Risk score
+    with one probe step (samplers/risk_math.py; Wen et al. §3), for the same seed the same number."""
+
     mode: str
     before_guidance: str
     before_scale: float
@@ -82,6 +85,7 @@ class TransitionSummary(TypedDict):
     d_t_curves: list[list[float]]
     sigma_curves: list[list[float]]
     note: str
+    risk_score: list[Optional[float]]
 
 
 def describe_transition(curves) -> list[str]:
@@ -196,6 +200,7 @@ class TransitionRun(MethodRun):
         ]
 
     def summary(self) -> dict:
+        d_t_curves = self.counted_curves("d_t")
         return dict(
             mode=self.settings.mode,
             before_guidance=self.settings.before_guidance,
@@ -203,9 +208,10 @@ class TransitionRun(MethodRun):
             switch_step=list(self.switch_step),
             switch_sigma=list(self.switch_sigma),
             never_switched=[sample for sample, step in enumerate(self.switch_step) if step is None],
-            d_t_curves=self.counted_curves("d_t"),
+            d_t_curves=d_t_curves,
             sigma_curves=self.counted_curves("sigma"),
             note=self.note,
+            risk_score=[math.sqrt(curve[0]) if curve else None for curve in d_t_curves],
         )
 
 
