@@ -44,6 +44,9 @@ class ShieldSet:
     # The file the latents are memory-mapped from (Load Shield Set), so an index can be saved beside
     # it; None for sets built in memory. Not part of the content (content_hash ignores it).
     source_path: Optional[str] = dataclasses.field(default=None, compare=False)
+    # Reads of those latents straight from the file (shield_files.FileRows: range reads, read-ahead of
+    # the rows a search gathers); None for sets in memory.
+    file_rows: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         count = self.latents.shape[0]
