@@ -506,6 +506,11 @@ class ShieldRadiusCalibration(ShieldNode):
     @classmethod
     def execute(cls, latent, model) -> io.NodeOutput:
         samples = latent["samples"]
+        if samples.ndim < 4:
+            raise ValueError(
+                f"Shield Radius Calibration: 'latent' has shape {list(samples.shape)}; it must be a batch of latents "
+                "[N, C, H, W] (or [N, C, T, H, W] for video), as a sampler outputs them"
+            )
         if samples.shape[0] < 2:
             raise ValueError("Shield Radius Calibration: latent needs a batch of at least 2 (raise batch_size)")
         scaled = to_model_space(samples, latent_format_of(model))

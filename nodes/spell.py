@@ -271,6 +271,11 @@ class SparseRepellencyKSampler(ShieldNode):
         shield_set=None,
         shield_set_2=None,
     ) -> io.NodeOutput:
+        if latent_image["samples"].shape[0] == 0:
+            raise ValueError(
+                "Sparse Repellency KSampler: 'latent_image' is an empty batch (0 latents); connect a latent with "
+                "batch_size 1 or more"
+            )
         patched = repellency_model(
             model,
             shield_set,
