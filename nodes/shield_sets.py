@@ -32,7 +32,7 @@ from ..core.shield_memory import DEFAULT_CAP, MAX_CAP, MEMORY, STORES, WHEN_FULL
 from ..core.shield_set import ShieldSet, ShieldSetError, from_latents, latent_format_name  # noqa: F401
 from ..samplers import spell_math
 from ..samplers.latent_space import latent_format_of, to_model_space
-from .common import CATEGORY, SHIELD_SET
+from .common import CATEGORY, SHIELD_SET, require_finite
 from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ class ShieldSetFromLatents(ShieldNode):
         samples = latent["samples"]
         if getattr(samples, "is_nested", False):
             raise ShieldSetError("Shield Set from Latents: nested (multi-part) latents are not supported")
+        require_finite(samples, "Shield Set from Latents: 'latent'")
         return io.NodeOutput(from_latents(samples, latent_format_name(model), settings={"source": "latents"}))
 
 
@@ -513,6 +514,7 @@ class ShieldRadiusCalibration(ShieldNode):
             )
         if samples.shape[0] < 2:
             raise ValueError("Shield Radius Calibration: latent needs a batch of at least 2 (raise batch_size)")
+        require_finite(samples, "Shield Radius Calibration: 'latent'")
         scaled = to_model_space(samples, latent_format_of(model))
         median = spell_math.median_pairwise_distance(scaled)
         relative = median / samples[0].numel() ** 0.5

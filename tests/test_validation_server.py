@@ -209,7 +209,7 @@ def test_in_process_calls_are_checked_too(memorizer_items):
         SparseRepellency.execute(build_memorizer(memorizer_items), **{**defaults, "radius": math.inf})
 
 
-def test_empty_and_flat_latents_are_refused_by_name(server, memorizer_items):
+def test_empty_flat_and_nan_latents_are_refused_by_name(server, memorizer_items):
     """An empty batch into the Sparse Repellency KSampler gave "integer modulo by zero"; a 3-D tensor into
     Shield Radius Calibration gave a number for a shape no sampler makes."""
     import torch
@@ -232,4 +232,14 @@ def test_empty_and_flat_latents_are_refused_by_name(server, memorizer_items):
         "node": {"class_type": "ShieldRadiusCalibration", "inputs": {"latent": ["flat", 0], "model": ["memorizer", 0]}},
     }
     with pytest.raises(ServerError, match=r"'latent' has shape \[4, 8, 8\]; it must be a batch of latents"):
+        server.run(calibration, timeout=60)
+    # NaN latents: Radius Calibration printed "median pairwise distance nan", the Report "a: contains NaN or inf"
+    server.write_input_latent("validation_nan", torch.full((2, 4, 8, 8), float("nan")))
+    calibration["flat"]["inputs"]["latent"] = "validation_nan.latent"
+    with pytest.raises(ServerError, match=r"Shield Radius Calibration: 'latent' contains NaN or inf"):
+        server.run(calibration, timeout=60)
+    calibration["node"] = {"class_type": "ShieldReport", "inputs": {"latent": ["flat", 0], "radius": 0.0}}
+    calibration["node"]["inputs"]["include_run_records"] = False
+    calibration["node"]["inputs"]["similarity_threshold"] = 0.0
+    with pytest.raises(ServerError, match=r"Shield Report: 'latent' contains NaN or inf"):
         server.run(calibration, timeout=60)
