@@ -9,6 +9,7 @@ NODE_ID_PREFIX = "Shield"
 
 SHIELD_SET = io.Custom("SHIELD_SET")
 EMBEDDER = io.Custom("SHIELD_EMBEDDER")
+RISK = io.Custom("SHIELD_RISK")
 
 
 def require_finite(tensor: torch.Tensor, where: str) -> None:

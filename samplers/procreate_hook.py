@@ -122,18 +122,25 @@ class ProCreateSettings:
 EMBEDDING_CACHE: BoundedCache[tuple[str, str], torch.Tensor] = BoundedCache(8192)
 
 
-def reference_embeddings(reference: ShieldSet, embedder: Embedder, batch_size: int = 8, decode=None) -> torch.Tensor:
+def reference_embeddings(
+    reference: ShieldSet,
+    embedder: Embedder,
+    batch_size: int = 8,
+    decode=None,
+    where: str = "ProCreate Energy Guidance: the reference set",
+) -> torch.Tensor:
     """[K, D] embeddings of the set's items: from the set itself, the cache, or computed once.
 
     Items without images (a Shield Memory holds only latents) are decoded with `decode(latents) -> IMAGE`
     when it is given. The cache is keyed by (embedder, item hash), so a growing set embeds only its new items.
+    `where` names the node and input in the error for a set that cannot be embedded.
     """
     stored = reference.embeddings.get(embedder.key)
     if stored is not None:
         return stored.float()
     if reference.images is None and decode is None:
         raise ShieldSetError(
-            f"ProCreate Energy Guidance: the reference set ({reference.describe()}) has no images and no "
+            f"{where} ({reference.describe()}) has no images and no "
             f"embeddings for embedder {embedder.key!r}. Build it from images (Shield Reference Set from "
             f"Images, or Shield Set from Images with images kept) using this embedder."
         )
@@ -157,13 +164,16 @@ def cached_embedding_count(embedder_key: str, hashes) -> int:
     return sum((embedder_key, h) in EMBEDDING_CACHE for h in hashes)
 
 
-def check_model_compatibility(model_patcher, vae, reference: ShieldSet) -> None:
+def check_model_compatibility(
+    model_patcher, vae, reference: ShieldSet, node: str = "ProCreate Energy Guidance", set_input: str = "reference_set"
+) -> None:
     """Errors naming the input to fix when the VAE or the reference set belongs to another model family.
 
     What can be told apart: latent channels and dimensions of the VAE vs the model's latent format
     (an SD1.5/SDXL VAE on an SD3/Flux model, an image VAE on a video model) and the latent format
     recorded in the reference set. Two VAEs of one architecture (SD1.5 vs SDXL, both 4-channel) differ
-    only in weights and scale, which nothing here can see: use the VAE of the checkpoint.
+    only in weights and scale, which nothing here can see: use the VAE of the checkpoint. `node` and
+    `set_input` name the node and its set input in the errors.
     """
     latent_format = model_patcher.get_model_object("latent_format")
     format_name = type(latent_format).__name__
@@ -171,7 +181,7 @@ def check_model_compatibility(model_patcher, vae, reference: ShieldSet) -> None:
     vae_channels = int(getattr(vae, "latent_channels", model_channels))
     if model_channels and vae_channels != model_channels:
         raise ValueError(
-            f"ProCreate Energy Guidance: the 'vae' input works on {vae_channels}-channel latents but the model "
+            f"{node}: the 'vae' input works on {vae_channels}-channel latents but the model "
             f"({format_name}) samples {model_channels}-channel latents. Connect the VAE that belongs to this model "
             f"(e.g. the checkpoint's own VAE, not an SD1.5/SDXL VAE on an SD3/Flux model)."
         )
@@ -179,18 +189,18 @@ def check_model_compatibility(model_patcher, vae, reference: ShieldSet) -> None:
     vae_dims = int(getattr(vae, "latent_dim", model_dims))
     if vae_dims != model_dims:
         raise ValueError(
-            f"ProCreate Energy Guidance: the 'vae' input makes {vae_dims}-D latents but the model ({format_name}) "
+            f"{node}: the 'vae' input makes {vae_dims}-D latents but the model ({format_name}) "
             f"samples {model_dims}-D latents (image vs video). Connect the VAE that belongs to this model."
         )
     named_family = reference.latent_format and not reference.latent_format.startswith("VAE")
     if len(reference) and named_family and reference.latent_format != format_name:
         raise ShieldSetError(
-            f"ProCreate Energy Guidance: the 'reference_set' holds {reference.latent_format} latents but the model "
+            f"{node}: the '{set_input}' holds {reference.latent_format} latents but the model "
             f"makes {format_name} latents. Rebuild the reference set with this model's VAE and model connected."
         )
     if len(reference) and model_channels and reference.latents.shape[1] != model_channels:
         raise ShieldSetError(
-            f"ProCreate Energy Guidance: the 'reference_set' latents have {reference.latents.shape[1]} channels but "
+            f"{node}: the '{set_input}' latents have {reference.latents.shape[1]} channels but "
             f"the model ({format_name}) uses {model_channels}. Rebuild the reference set with this model's VAE."
         )
 

@@ -1,7 +1,7 @@
 """The method contract: a new method is one MethodPatch subclass plus one registered MethodRecord, and
 the Report, the frontend run summary and the records show it without an edit of theirs. Also: every
 real method's record feeds the Report (no field the Report reads goes unwritten), and the per-sample
-gate holds a sample back in all three methods."""
+gate holds a sample back in every method."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ from comfyui_shield.nodes.report import ShieldReport
 from comfyui_shield.nodes.spell import repellency_model
 from comfyui_shield.nodes.transition_cfg import TransitionPointCFG
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
+from comfyui_shield.samplers.embedders import PixelEmbedder
+from comfyui_shield.samplers.embedding_spell_hook import EmbeddingRepellencyPatch, EmbeddingRepellencySettings
 from comfyui_shield.samplers.method_patch import MethodPatch, MethodRun
 from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateSettings
 from comfyui_shield.samplers.spell_hook import RepellencySettings, SparseRepellencyPatch
@@ -134,9 +136,9 @@ def test_a_toy_method_shows_up_in_the_report_and_the_run_summary(toy_method, mem
     assert charts.shape[1] * charts.shape[2] > without.shape[1] * without.shape[2]  # the toy's panel
 
 
-def test_the_registry_lists_the_three_methods():
+def test_the_registry_lists_the_four_methods():
     kinds = [method.kind for method in registered_methods()]
-    assert kinds[:3] == ["sparse_repellency", "transition_cfg", "procreate"]
+    assert kinds[:4] == ["sparse_repellency", "embedding_repellency", "transition_cfg", "procreate"]
 
 
 # -- every real method's run feeds the Report -----------------------------------------------------------
@@ -153,6 +155,9 @@ def test_the_report_reads_real_runs_of_every_method():
         vae, pooled_projection_embedder(), shields, ProCreateSettings(gamma=80.0, gradient_mode="fast")
     )
     model = patched_model(model, procreate, node_id=None)
+    embedding_settings = EmbeddingRepellencySettings(similarity=0.95)
+    embedding_spell = EmbeddingRepellencyPatch(vae, PixelEmbedder(16), shields, embedding_settings)
+    model = patched_model(model, embedding_spell, node_id=None)
     out = ksample(model, items, batch=3, cfg=3.0, subset=[0, 1])
 
     spell, transition, guidance = (
@@ -173,7 +178,10 @@ def test_the_report_reads_real_runs_of_every_method():
         assert f"samples touched: {np.flatnonzero(np.any(record.touched_matrix(), axis=0)).tolist()}" in text
         assert touched["steps"] == 8
     report_runs = latest_runs(RECORDS)
-    assert [run.method.kind for run in report_runs] == ["sparse_repellency", "transition_cfg", "procreate"]
+    embedded = RECORDS.latest("embedding_repellency")
+    assert "Sparse Repellency (embedding space)" in text and embedded.summary["shields"] == 3
+    kinds = ["sparse_repellency", "embedding_repellency", "transition_cfg", "procreate"]
+    assert [run.method.kind for run in report_runs] == kinds
     assert all(run.method.chart.value in run.fields for run in report_runs)  # every panel has its data
     assert charts.shape[1] >= 2 * 300 and charts.shape[2] >= 2 * 500  # summary + three method panels: 2 x 2
 
@@ -184,13 +192,16 @@ def hold_back_first(args):
     return torch.arange(batch) != 0
 
 
-@pytest.mark.parametrize("method", ["spell", "transition", "procreate"])
+@pytest.mark.parametrize("method", ["spell", "embedding_spell", "transition", "procreate"])
 def test_a_gate_holds_a_sample_back_in_every_method(method):
     items = rgb_items(6)
     model = build_memorizer(items)
     shields = from_latents(items[:3], FORMAT, images=to_images(items[:3]))
     if method == "spell":
         patch = SparseRepellencyPatch([shields], RepellencySettings(radius=6.0, relative_radius=False))
+    elif method == "embedding_spell":
+        vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+        patch = EmbeddingRepellencyPatch(vae, PixelEmbedder(16), shields, EmbeddingRepellencySettings(similarity=0.9))
     elif method == "transition":
         patch = TransitionCfgPatch(TransitionSettings("static", "unconditional", 0.0, transition_sigma=0.5))
     else:

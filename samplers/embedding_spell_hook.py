@@ -1,0 +1,264 @@
+"""Sparse repellency in an embedding space inside ComfyUI's sampler: a post-CFG function that edits `denoised`.
+
+As `spell_hook`, the hook replaces the denoised prediction x̂0 after CFG, which every sampler steps from. The
+distances are measured between f(decode(x̂0)) and the shields' embeddings f(shield image) (a copy detector's
+descriptor, DreamSim, CLIP, ...), and a sample inside a ball is moved through the gradient of f∘decode so that
+its embedding reaches SPELL's target e + λΔ (math and paper sections in `embedding_spell_math`). A sample
+outside every ball is not differentiated and not changed; a step where no sample is inside returns x̂0 itself.
+The patch follows the method contract (`method_patch.MethodPatch`); its record schema is
+`EMBEDDING_SPELL_RECORD` below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import comfy.model_management
+import numpy as np
+import torch
+from typing_extensions import TypedDict
+
+from ..core.records import Curves, MethodRecord, StepEntry
+from ..core.shield_set import ShieldSet
+from . import embedding_spell_math as esm
+from .embedders import Embedder, grad_capable
+from .method_patch import MethodPatch, MethodRun, memory_id_of, read_memory
+from .procreate_hook import check_model_compatibility, decode_images, reference_embeddings
+
+NODE_TITLE = "Sparse Repellency (embedding space)"
+RESIDUAL_TOLERANCE = (
+    0.25  # stop once ‖e − t‖ ≤ this × ‖λΔ‖ (below 1 − 1/λ = 0.375 for λ 1.6: e is then out of the ball)
+)
+
+
+# -- the record (what the Report, the frontend and the benches read) --------------------------------
+class EmbeddingSpellStep(StepEntry):
+    """One evaluation. Outside the window the per-sample lists other than sigma/touched are empty.
+
+    similarity: cosine of each sample's embedding to its nearest shield before the step (−1 without shields);
+    similarity_after: the same after the correction (equal to `similarity` for untouched samples);
+    shield_hits / batch_hits: shields / other samples within r; inside_after: still inside a ball after it.
+    """
+
+    similarity: list[float]
+    similarity_after: list[float]
+    shield_hits: list[int]
+    batch_hits: list[int]
+    inside_after: list[bool]
+
+
+class EmbeddingSpellSummary(TypedDict):
+    steps: int
+    active_steps: int
+    touched_samples: list[int]
+    still_inside: int  # step-samples still inside a ball after their correction
+    shields: int
+    similarity: float
+    radius: float  # θ_r in radians
+    embedder: str
+    memory_id: Optional[str]
+
+
+def describe_embedding_spell(curves) -> list[str]:
+    after = curves.field("similarity_after")
+    if after is None or not np.isfinite(after).any():
+        return []
+    measured = [row for row in after if np.isfinite(row).any()]
+    return [f"  max similarity to the nearest shield after the last measured step: {np.nanmax(measured[-1]):.3g}"]
+
+
+EMBEDDING_SPELL_RECORD = MethodRecord(
+    kind="embedding_repellency",
+    title=NODE_TITLE,
+    step=EmbeddingSpellStep,
+    summary=EmbeddingSpellSummary,
+    chart=Curves(value="similarity", label="cosine to nearest shield (embedding)"),
+    describe=describe_embedding_spell,
+    headline=("shields",),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingRepellencySettings:
+    similarity: float = 0.8  # inside a shield: cosine of the embeddings above this
+    overcompensation: float = 1.6
+    intra_batch: bool = False
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    iterations: int = 3
+
+    def validate(self) -> None:
+        if not -1.0 <= self.similarity <= 1.0:
+            raise ValueError(f"{NODE_TITLE}: similarity must lie in [-1, 1], got {self.similarity}")
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            raise ValueError(
+                f"{NODE_TITLE}: need 0 ≤ start_percent ≤ end_percent ≤ 1, got {self.start_percent} and "
+                f"{self.end_percent}"
+            )
+        if self.iterations < 1:
+            raise ValueError(f"{NODE_TITLE}: iterations must be ≥ 1, got {self.iterations}")
+
+    @property
+    def radius(self) -> float:
+        return esm.angular_radius(self.similarity)
+
+
+@dataclasses.dataclass
+class RunState(MethodRun):
+    shields: Optional[torch.Tensor] = None  # [K, D] unit embeddings for this run (a memory grows between runs)
+    vae_twin: Optional[torch.nn.Module] = None
+    still_inside: int = 0
+
+
+class EmbeddingRepellencyPatch(MethodPatch[EmbeddingRepellencySettings, RunState]):
+    """One node execution: the VAE that decodes x̂0, the embedder, the shields and the settings."""
+
+    method = EMBEDDING_SPELL_RECORD
+
+    def __init__(
+        self,
+        vae,
+        embedder: Embedder,
+        shield_set: ShieldSet,
+        settings: EmbeddingRepellencySettings,
+        patch_id: Optional[str] = None,
+    ):
+        settings.validate()
+        super().__init__(settings, label=embedder.key, patch_id=patch_id)
+        self.vae = vae
+        self.embedder = embedder
+        self.shield_set = shield_set
+        self.memory_id = memory_id_of(shield_set)
+        # a Shield Memory is read afresh at every run start; a fixed set is embedded once, here
+        self.shields = None if self.memory_id else self._embed_set(shield_set)
+
+    # -- the contract -----------------------------------------------------------------------------
+    def check_model(self, model_patcher) -> None:
+        check_model_compatibility(model_patcher, self.vae, self.shield_set, NODE_TITLE, "shield_set")
+
+    def memory_ids(self) -> list[str]:
+        return [self.memory_id] if self.memory_id else []
+
+    def new_run(self, record, context) -> RunState:
+        shields = self.shields if not self.memory_id else self._embed_set(read_memory(self.memory_id))
+        return RunState(record=record, shields=shields)
+
+    def summarize(self, state: RunState) -> dict:
+        steps = state.record.steps
+        return dict(
+            steps=len(steps),
+            active_steps=sum(1 for step in steps if any(step["touched"])),
+            touched_samples=sorted({b for step in steps for b, moved in enumerate(step["touched"]) if moved}),
+            still_inside=state.still_inside,
+            shields=int(state.shields.shape[0]) if state.shields is not None else 0,
+            similarity=self.settings.similarity,
+            radius=self.settings.radius,
+            embedder=self.embedder.key,
+            memory_id=self.memory_id or None,
+        )
+
+    def finish_run(self, state: RunState) -> None:
+        state.vae_twin = None
+
+    # -- the hook -------------------------------------------------------------------------------
+    def step(self, state: RunState, args: dict[str, Any]) -> torch.Tensor:
+        denoised = args["denoised"]
+        sigma = args["sigma"].reshape(-1).float()
+        batch = denoised.shape[0]
+        if denoised.is_nested or not self.in_window(state, args["model"], float(sigma.max())):
+            state.record.add_step(
+                sigma=sigma.tolist(),
+                in_window=False,
+                touched=[False] * batch,
+                similarity=[],
+                similarity_after=[],
+                shield_hits=[],
+                batch_hits=[],
+                inside_after=[],
+            )
+            return denoised
+        with torch.inference_mode(False):
+            return self._repel(state, args, denoised, sigma)
+
+    def _repel(self, state: RunState, args: dict[str, Any], denoised: torch.Tensor, sigma: torch.Tensor):
+        settings, batch = self.settings, denoised.shape[0]
+        embed = self._embed_function(state, args["model"])
+        x0 = denoised.detach().clone().float()
+        with torch.no_grad():
+            embedded = embed(x0)
+        shields = state.shields.to(embedded.device) if state.shields.numel() else embedded.new_zeros(0, 1)
+        found = esm.inside_balls(embedded, shields, settings.radius, settings.intra_batch)
+        moving = found.inside
+        acting = self.acting_samples(args, batch)
+        if acting is not None:
+            moving = moving & acting
+        entry = dict(
+            sigma=sigma.tolist(),
+            in_window=True,
+            similarity=found.nearest_similarity,
+            shield_hits=found.shield_hits,
+            batch_hits=found.batch_hits,
+        )
+        if not bool(moving.any()):  # nothing inside a ball: no gradient, the same tensor back
+            state.record.add_step(
+                **entry,
+                touched=[False] * batch,
+                similarity_after=found.nearest_similarity,
+                inside_after=found.inside.tolist(),
+            )
+            return denoised
+        step = settings.overcompensation * found.delta
+        targets = esm.exp_map(embedded, step).to(embedded)
+        tolerance = RESIDUAL_TOLERANCE * step.norm(dim=1).to(embedded)
+
+        def reached(current: torch.Tensor) -> torch.Tensor:
+            return (current - targets).norm(dim=1) <= tolerance
+
+        moved, moved_embedding, _ = esm.move_to_targets(
+            x0,
+            targets,
+            embed,
+            moving,
+            settings.iterations,
+            done=reached,
+            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        )
+        after = esm.inside_balls(moved_embedding, shields, settings.radius, settings.intra_batch)
+        inside_after = (after.inside & moving).tolist()
+        state.still_inside += sum(inside_after)
+        state.record.add_step(
+            **entry,
+            touched=moving.tolist(),
+            similarity_after=[
+                a if bool(m) else b
+                for a, b, m in zip(after.nearest_similarity, found.nearest_similarity, moving, strict=True)
+            ],
+            inside_after=inside_after,
+        )
+        mask = moving.reshape(-1, *[1] * (denoised.ndim - 1)).to(denoised.device)
+        return torch.where(mask, moved.detach().to(denoised.dtype), denoised)
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def _embed_function(self, state: RunState, model):
+        """x̂0 in the sampler's space -> unit embeddings [B, D], differentiable (VAE decode, then the embedder)."""
+        if state.vae_twin is None:
+            comfy.model_management.load_models_gpu([self.vae.patcher])
+            state.vae_twin = grad_capable(self.vae.first_stage_model)
+        first_stage = state.vae_twin
+
+        def embed(latent: torch.Tensor) -> torch.Tensor:
+            return esm.unit_embeddings(self.embedder.embed(decode_images(self.vae, first_stage, model, latent)))
+
+        return embed
+
+    def _embed_set(self, shield_set: ShieldSet) -> torch.Tensor:
+        if not len(shield_set):
+            return torch.zeros(0, 0)
+        embedded = reference_embeddings(
+            shield_set, self.embedder, decode=self._decode_latents, where=f"{NODE_TITLE}: the shield set"
+        )
+        return esm.unit_embeddings(embedded)
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(torch.float32))[..., :3].float().cpu()

@@ -1,0 +1,121 @@
+"""Sparse Repellency in an embedding space, in a real ComfyUI server graph: the memorizer (which copies its
+prompted items), the stock pixel_space VAE, the Pixel Embedder, and the Shield Report reading the run."""
+
+import re
+
+import pytest
+import torch
+
+from harness.procreate_parts import rgb_items
+from harness.server import ServerError
+
+SIMILARITY = 0.9
+SAMPLER = {
+    "seed": 5,
+    "steps": 6,
+    "cfg": 2.0,
+    "sampler_name": "euler",
+    "scheduler": "karras",
+    "denoise": 1.0,
+    "positive": ["positive", 0],
+    "negative": ["negative", 0],
+    "latent_image": ["empty", 0],
+}
+
+
+def graph(shield_first: int, shield_count: int, **settings) -> dict:
+    """Prompt items 0-3 (the memorizer copies them); shields = items [first, first + count)."""
+    inputs = {
+        "model": ["model", 0],
+        "vae": ["vae", 0],
+        "embedder": ["embedder", 0],
+        "shield_set": ["shields", 0],
+        "similarity": SIMILARITY,
+        "overcompensation": 1.6,
+        "intra_batch": False,
+        "start_percent": 0.0,
+        "end_percent": 1.0,
+        "iterations": 3,
+    }
+    inputs.update(settings)
+    return {
+        "items": {"class_type": "LoadLatent", "inputs": {"latent": "embedding_spell_items.latent"}},
+        "model": {"class_type": "ShieldMemorizerModel", "inputs": {"latent": ["items", 0], "prediction": "eps"}},
+        "positive": {
+            "class_type": "ShieldMemorizerConditioning",
+            "inputs": {"subset": "0,1,2,3", "n_items": ["model", 2]},
+        },
+        "negative": {"class_type": "ShieldMemorizerConditioning", "inputs": {"subset": "", "n_items": ["model", 2]}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
+        "embedder": {"class_type": "ShieldPixelEmbedder", "inputs": {"size": 16}},
+        "protected": {
+            "class_type": "LatentFromBatch",
+            "inputs": {"samples": ["items", 0], "batch_index": shield_first, "length": shield_count},
+        },
+        "shields": {
+            "class_type": "ShieldSetFromLatents",
+            "inputs": {"latent": ["protected", 0], "model": ["model", 0]},
+        },
+        "repel": {"class_type": "ShieldEmbeddingRepellency", "inputs": inputs},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 4}},
+        "shielded": {"class_type": "KSampler", "inputs": {"model": ["repel", 0], **SAMPLER}},
+        "plain": {"class_type": "KSampler", "inputs": {"model": ["model", 0], **SAMPLER}},
+        "save_shielded": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["shielded", 0], "filename_prefix": "es/s"},
+        },
+        "save_plain": {"class_type": "SaveLatent", "inputs": {"samples": ["plain", 0], "filename_prefix": "es/p"}},
+        "report": {
+            "class_type": "ShieldReport",
+            "inputs": {
+                "latent": ["shielded", 0],
+                "radius": 0.0,
+                "similarity_threshold": 0.0,
+                "include_run_records": True,
+            },
+        },
+    }
+
+
+def pixel_cosine(latents: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """[B, K] cosine of the Pixel Embedder at 16 px: for 16×16 pixel-space latents, the latents themselves."""
+    a = torch.nn.functional.normalize(latents.clamp(-1, 1).flatten(1).double(), dim=1)
+    b = torch.nn.functional.normalize(items.flatten(1).double(), dim=1)
+    return a @ b.T
+
+
+@pytest.fixture
+def items(server):
+    items = rgb_items(6)
+    server.write_input_latent("embedding_spell_items", items)
+    return items
+
+
+def test_outputs_inside_a_shield_are_pushed_out_of_it_in_the_embedding_space(server, items):
+    outputs = server.run(graph(0, 4), timeout=600)
+    plain = server.saved_latent(outputs, "save_plain")
+    shielded = server.saved_latent(outputs, "save_shielded")
+    assert pixel_cosine(plain, items[:4]).max(dim=1).values.min() > 0.99  # the memorizer copies items 0-3
+    nearest = pixel_cosine(shielded, items[:4]).max(dim=1).values
+    assert (nearest <= SIMILARITY).all(), nearest  # out of every shield's ball, by the embedder's measure
+    assert torch.isfinite(shielded).all() and shielded.abs().mean() < 1.0  # moved, not blown out of range (items: 0.5)
+    text = "".join(outputs["report"]["text"])
+    assert re.search(r"Sparse Repellency \(embedding space\) \(run #\d+, pixels/16\): \d+ steps recorded", text), text
+    assert "samples touched: [0, 1, 2, 3]" in text, text
+
+
+def test_nothing_inside_any_ball_leaves_sampling_bit_identical(server, items):
+    outputs = server.run(graph(4, 2), timeout=600)  # shields: items 4 and 5, which the prompt never draws
+    plain = server.saved_latent(outputs, "save_plain")
+    shielded = server.saved_latent(outputs, "save_shielded")
+    assert pixel_cosine(plain, items[4:]).max() < SIMILARITY
+    assert torch.equal(shielded, plain)
+    text = "".join(outputs["report"]["text"])
+    assert re.search(r"Sparse Repellency \(embedding space\).*\n  touched 0 step-samples", text), text
+
+
+def test_a_window_that_ends_before_it_starts_is_refused(server, items):
+    refused = graph(0, 4, start_percent=0.8, end_percent=0.2)
+    del refused["plain"], refused["save_plain"]  # the plain branch alone would validate and run
+    with pytest.raises(ServerError, match=r"start_percent \(0.8\) must not exceed end_percent \(0.2\)"):
+        server.run(refused)
