@@ -272,7 +272,6 @@ class ShieldSetFromLatents(ShieldNode):
         samples = latent["samples"]
         if getattr(samples, "is_nested", False):
             raise ShieldSetError("Shield Set from Latents: nested (multi-part) latents are not supported")
-        require_finite(samples, "Shield Set from Latents: 'latent'")
         return io.NodeOutput(from_latents(samples, latent_format_name(model), settings={"source": "latents"}))
 
 

@@ -132,7 +132,24 @@ def common_parts() -> dict:
             "class_type": "ShieldReferenceSetFromImages",
             "inputs": {"images": ["img", 0], "vae": ["vae", 0], "embedder": ["pix", 0]},
         },
+        "risk": {"class_type": "ShieldMemorizationRisk", "inputs": {**RISK_RUN, "model": ["mem", 0]}},
     }
+
+
+# The Memorization Risk node mirrors one KSampler run (the Gate refuses a mismatch): these values on both.
+RISK_RUN = {
+    "positive": ["mem", 1],
+    "negative": ["mem", 1],
+    "latent_image": ["empty", 0],
+    "seed": 1,
+    "steps": 3,
+    "cfg": 2.0,
+    "sampler_name": "euler",
+    "scheduler": "karras",
+    "denoise": 1.0,
+    "probe_steps": 1,
+    "threshold": 0.0,
+}
 
 
 # Sockets of each node, wired to the common parts; widget values come from the schema defaults.
@@ -159,6 +176,15 @@ SOCKETS: dict[str, dict] = {
     },
     "ShieldReport": {"latent": ["items", 0], "shield_set": ["set", 0], "model": ["mem", 0]},
     "ShieldMemorizerModel": {"latent": ["items", 0]},
+    "ShieldMemorizationRisk": {k: v for k, v in RISK_RUN.items() if isinstance(v, list)} | {"model": ["mem", 0]},
+    "ShieldGate": {"model": ["mem", 0], "risk": ["risk", 0]},
+    "ShieldSaveImageWithCertificate": {"images": ["img", 0]},
+    "ShieldEmbeddingRepellency": {
+        "model": ["memrgb", 0],
+        "vae": ["vae", 0],
+        "embedder": ["pix", 0],
+        "shield_set": ["refs", 0],
+    },
 }
 # Widget values other than the schema defaults, so that the base graph runs.
 OVERRIDES: dict[str, dict] = {
@@ -171,6 +197,8 @@ OVERRIDES: dict[str, dict] = {
     "ShieldProCreateGuidance": {"strength": 10.0},
     "ShieldMemorizerConditioning": {"n_items": 6, "subset": "1"},
     "ShieldDreamSimLoader": {},
+    "ShieldMemorizationRisk": {k: v for k, v in RISK_RUN.items() if not isinstance(v, list)},
+    "ShieldSaveImageWithCertificate": {"filename_prefix": "hostile/cert"},
 }
 # What consumes the node's output so that it executes.
 CONSUMERS: dict[str, Callable[[], dict]] = {
@@ -189,9 +217,24 @@ CONSUMERS: dict[str, Callable[[], dict]] = {
         "out": _save_latent(["ks", 0]),
     },
     "ShieldDemoTrainingSet": lambda: {"out": _preview(["n", 1])},
+    "ShieldMemorizationRisk": lambda: {"out": _preview(["n", 3])},
+    "ShieldGate": lambda: {
+        "ks": _sampler(["n", 0], ["mem", 1], ["empty", 0], steps=RISK_RUN["steps"], cfg=RISK_RUN["cfg"]),
+        "out": _save_latent(["ks", 0]),
+    },
+    "ShieldEmbeddingRepellency": lambda: {
+        "ks": _sampler(["n", 0], ["memrgb", 1], ["rgb", 0]),
+        "out": _save_latent(["ks", 0]),
+    },
     "ShieldMemorizerModel": lambda: {"out": _preview(["n", 2])},
 }
-OUTPUT_NODES = {"ShieldInfo", "ShieldSaveShieldSet", "ShieldRadiusCalibration", "ShieldReport"}
+OUTPUT_NODES = {
+    "ShieldInfo",
+    "ShieldSaveShieldSet",
+    "ShieldRadiusCalibration",
+    "ShieldReport",
+    "ShieldSaveImageWithCertificate",
+}
 
 
 def default_value(spec: list) -> Any:
@@ -348,11 +391,13 @@ class Battery:
             entry = self.server.get(f"/history/{prompt_id}").get(prompt_id)
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
-                errors = [
-                    m[1] for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")
-                ]
+                state = status.get("status_str", "?")
+                messages = status.get("messages", [])
+                if any(kind == "execution_interrupted" for kind, _ in messages):
+                    state = "interrupted"
+                errors = [m[1] for m in messages if m[0] == "execution_error"]
                 text = " | ".join(f"{e.get('node_type')}: {e.get('exception_message', '')}" for e in errors)
-                return status.get("status_str", "?"), text, entry.get("outputs", {})
+                return state, text, entry.get("outputs", {})
             time.sleep(0.1)
         self.interrupt()
         return "hang", f"did not finish within {timeout} s (interrupted)", {}
@@ -568,6 +613,7 @@ class Battery:
             ("ShieldSparseRepellency", {"start_percent": 0.8, "end_percent": 0.2}, "start_percent"),
             ("ShieldSparseRepellencyKSampler", {"start_percent": 0.8, "end_percent": 0.2}, "start_percent"),
             ("ShieldProCreateGuidance", {"start_percent": 0.8, "end_percent": 0.2}, "start_percent"),
+            ("ShieldEmbeddingRepellency", {"start_percent": 0.8, "end_percent": 0.2}, "start_percent"),
             ("ShieldTransitionPointCFG", {"before_guidance": "opposite", "opposite_scale": 0}, "opposite_scale"),
             (
                 "ShieldTransitionPointCFG",
@@ -585,6 +631,7 @@ class Battery:
             ("ShieldSparseRepellency", "start_percent", 0.8, {"end_percent": 0.2}),
             ("ShieldSparseRepellencyKSampler", "start_percent", 0.8, {"end_percent": 0.2}),
             ("ShieldProCreateGuidance", "start_percent", 0.8, {"end_percent": 0.2}),
+            ("ShieldEmbeddingRepellency", "start_percent", 0.8, {"end_percent": 0.2}),
             ("ShieldTransitionPointCFG", "opposite_scale", 0.0, {"before_guidance": "opposite"}),
             ("ShieldMemorizerConditioning", "n_items", 2, {"subset": "5"}),
         ]
@@ -611,7 +658,9 @@ class Battery:
                 if latent_name == VIDEO and node_id in ("ShieldSetFromLatents", "ShieldRadiusCalibration"):
                     self.expect_runs("shapes", node_id, name, label, graph)  # video latents are supported
                 elif latent_name == NAN:
-                    self.expect_error("shapes", node_id, name, label, graph, rf"'{name}' contains NaN or inf")
+                    self.expect_error(
+                        "shapes", node_id, name, label, graph, rf"'{name}' contains NaN|latents contain NaN"
+                    )
                 else:
                     self.expect_error("shapes", node_id, name, label, graph, rf"{name}|latent|batch|shape|items")
             # as the sampler's latent_image (SPELL patches the model; the sampler runs it)
@@ -721,6 +770,35 @@ class Battery:
                 return None
 
             self.expect_runs("files", node, "filename", name, self.save_graph(name, True), check=check)
+
+    def certificate_prefixes(self) -> None:
+        """Save Image with Shield Certificate's filename_prefix: inside output/ only, with a clear error otherwise."""
+        node = "ShieldSaveImageWithCertificate"
+        output = self.base / "output"
+        for prefix in (
+            "../escape",
+            "../../escape",
+            "/tmp/escape",
+            "/etc/escape",
+            "a/../../escape",
+            "nul\x00",
+            "x" * 300,
+        ):
+            graph = base_graph(node, self.info[node], filename_prefix=prefix)
+            self.expect_error("files", node, "filename_prefix", prefix, graph, r"filename_prefix")
+        for prefix in ("sub/dir/name", "ünï 名", "v1.5", ""):
+            graph = base_graph(node, self.info[node], filename_prefix=prefix)
+
+            def inside(outputs):
+                images = outputs.get("n", {}).get("images", [])
+                paths = [self.server.output_path(image) for image in images]
+                if not paths or not all(p.is_file() and output.resolve() in p.resolve().parents for p in paths):
+                    return f"not all written inside output/: {paths}"
+                return None
+
+            self.expect_runs("files", node, "filename_prefix", prefix, graph, check=inside)
+        escaped = [p for p in (self.base / "escape_00001_.png", pathlib.Path("/tmp/escape_00001_.png")) if p.exists()]
+        self.record("files", node, "filename_prefix", "escapes", "nothing written outside", not escaped, str(escaped))
 
     def no_clobber(self) -> None:
         """overwrite off: an existing file is never replaced, whatever the name; numbered names are bounded."""
@@ -1075,6 +1153,13 @@ class Battery:
                 ),
                 "ks": _sampler(["n", 0], ["memrgb", 1], ["rgb", 0], steps=10000),
             },
+            "ShieldEmbeddingRepellency": {
+                **base_graph("ShieldEmbeddingRepellency", info["ShieldEmbeddingRepellency"]),
+                "ks": _sampler(["n", 0], ["memrgb", 1], ["rgb", 0], steps=10000),
+            },
+            "ShieldMemorizationRisk": base_graph(
+                "ShieldMemorizationRisk", info["ShieldMemorizationRisk"], steps=10000, probe_steps=50
+            ),
         }
         memory_graph = base_graph("ShieldSparseRepellency", info["ShieldSparseRepellency"], shield_set=["memory", 0])
         memory_graph["memory"] = {
@@ -1103,8 +1188,9 @@ class Battery:
             state, text, _ = self.wait(body["prompt_id"], 30)
             took = time.monotonic() - started
             stuck = self.settle()
-            ok = state in ("error",) and "interrupt" in (text or "").lower() + state and took < 10 and not stuck
-            ok = ok or (state == "error" and took < 10 and not stuck)
+            # the risk probe is short by design (at most 50 steps): it may finish before the interrupt arrives
+            finished_first = state == "success" and node_id == "ShieldMemorizationRisk"
+            ok = (state == "interrupted" or finished_first) and took < 10 and not stuck
             self.record(
                 "interrupts",
                 node_id,
@@ -1213,6 +1299,7 @@ class Battery:
             ("shapes", self.shapes),
             ("names", self.file_names),
             ("clobber", self.no_clobber),
+            ("prefixes", self.certificate_prefixes),
             ("symlinks", lambda: self.symlinks(outside)),
             ("damaged", self.damaged_sets),
             ("folders", lambda: self.image_folders(outside)),
