@@ -4,6 +4,7 @@ mirrors and against Transition-Point CFG's record, the gate's checks, and the ce
 import dataclasses
 import math
 
+import comfy.model_patcher
 import nodes as comfy_nodes
 import pytest
 import torch
@@ -11,11 +12,13 @@ from PIL import Image
 
 from comfyui_shield.core.certificate import certificate_text, read_certificate
 from comfyui_shield.core.records import RECORDS
+from comfyui_shield.nodes.risk import ShieldMemorizationRisk
 from comfyui_shield.reference_models import pixel_unet
 from comfyui_shield.samplers.method_patch import add_model_gate, shield_patch_ids, without_shield_patches
 from comfyui_shield.samplers.risk_math import auc, rates_at, step_magnitude, threshold_at_fpr
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings
+from harness.families import flux_unet
 
 STEPS, CFG = 6, 3.0
 
@@ -122,3 +125,28 @@ def test_certificate_text_names_risk_nearest_item_and_each_shield():
     text = certificate_text(certificate, "a.png")
     assert "image 1/2: a.png" in text and "risk 0.91 (AT RISK" in text
     assert "star_0001_dup at 3.2" in text and "Transition-Point CFG: fired at 2/20 evaluations" in text
+
+
+def test_a_guidance_distilled_flux_model_at_cfg_1_is_refused_saying_why():
+    """Flux dev (the family fixture's config; ComfyUI's own Flux model class, built on the meta device:
+    the check runs before any evaluation) as users run it: cfg 1, no negative pass."""
+    model = flux_unet().get_model({}, device=torch.device("meta"))
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+    conditioning = [[torch.zeros(1, 8, 64), {"pooled_output": torch.zeros(1, 64), "guidance": 3.5}]]
+    with pytest.raises(ValueError, match=r"undefined here: 'cfg' is 1 \(and this model is guidance-distilled\)"):
+        ShieldMemorizationRisk.execute(
+            patcher,
+            conditioning,
+            conditioning,
+            {"samples": torch.zeros(1, 16, 8, 8)},
+            0,
+            4,
+            1.0,
+            "euler",
+            "simple",
+            1.0,
+            1,
+            1.0,
+        )
