@@ -49,4 +49,4 @@ def shields_in_model_space(shield_set: ShieldSet, latent_format) -> ShieldRows:
     def convert(rows: torch.Tensor) -> torch.Tensor:
         return to_model_space(rows.reshape(-1, *item_shape), latent_format).reshape(rows.shape[0], -1)
 
-    return ShieldRows(shield_set.latents, convert)
+    return ShieldRows(shield_set.latents, convert, shield_set.file_rows)
