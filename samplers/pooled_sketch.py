@@ -29,6 +29,8 @@ from typing import Sequence
 
 import torch
 
+from . import range_search
+
 POOL_TARGET_DIMS = 1024  # pool as far as the pooled sketch keeps at least this many values
 POOL_FACTORS = (8, 4, 2)
 
@@ -71,7 +73,7 @@ class PooledSketch:
         factor = pool_factor(item_shape)
         count = rows.shape[0]
         generator = torch.Generator().manual_seed(seed)
-        sample = min(sample, max(2 * dims, (256 * 2**20) // (4 * rows.shape[1])))  # ~256 MB of rows at most
+        sample = min(sample, max(2 * dims, range_search.PCA_SAMPLE_BYTES // (4 * rows.shape[1])))  # bounded bytes
         picks = torch.arange(count) if count <= sample else torch.randperm(count, generator=generator)[:sample]
         pooled = pool(rows[picks.sort().values], item_shape, factor)
         mean = pooled.mean(0)
