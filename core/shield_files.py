@@ -45,7 +45,6 @@ def resolve_inside(folder: str, filename: str, where: str) -> pathlib.Path:
     """folder/filename(.safetensors), its real path required inside the folder (paths.real_path_inside)."""
     paths.check_relative_name(filename, where, SET_NAME_EXAMPLES)
     name = filename if filename.endswith(EXTENSION) else filename + EXTENSION
-    paths.check_name_lengths(pathlib.Path(folder), name, where)
     return paths.real_path_inside(pathlib.Path(folder), name, where, SET_NAME_EXAMPLES, "the shield set folder")
 
 
