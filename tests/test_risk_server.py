@@ -183,6 +183,25 @@ def test_a_saved_png_carries_its_certificate(server):
     assert "Transition-Point CFG: fired at" in outputs["certificate"]["text"][0]
 
 
+def test_risk_refuses_empty_flat_and_nan_latents_by_name(server):
+    """The hostile battery: an empty batch gave "integer modulo by zero", a 3-D tensor a matmul shape error,
+    NaN latents scores of nan; each now names 'latent_image'."""
+    server.write_input_latent("risk_empty", torch.zeros(0, 3, 32, 32))
+    server.write_input_latent("risk_flat", torch.zeros(3, 32, 32))
+    server.write_input_latent("risk_nan", torch.full((2, 3, 32, 32), float("nan")))
+    graph = {key: value for key, value in risk_graph(threshold=1.0).items() if key in ("model", "conditioning", "risk")}
+    graph["show"] = {"class_type": "PreviewAny", "inputs": {"source": ["risk", 3]}}
+    graph["risk"]["inputs"]["latent_image"] = ["bad", 0]
+    for name, why in [
+        ("risk_empty", "is an empty batch"),
+        ("risk_flat", "has shape \\[3, 32, 32\\]"),
+        ("risk_nan", "contains NaN"),
+    ]:
+        graph["bad"] = {"class_type": "LoadLatent", "inputs": {"latent": f"{name}.latent"}}
+        with pytest.raises(ServerError, match=rf"Memorization Risk: 'latent_image' {why}"):
+            server.run(graph, timeout=60)
+
+
 def test_a_certificate_prefix_outside_output_or_too_long_is_refused_by_name(server):
     """The hostile battery: '..' and absolute prefixes were refused by core only at run time ("Saving image
     outside the output folder is not allowed", not naming the input), a NUL gave "embedded null byte" and
