@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import comfy.model_management
@@ -256,12 +257,18 @@ def embedder_modules(embedder) -> list[torch.nn.Module]:
 
 
 def decode_images(vae, first_stage: torch.nn.Module, model, latent: torch.Tensor) -> torch.Tensor:
-    """Sampler-space latent -> IMAGE [B, H, W, C] in [0, 1], differentiable (VAE.decode without tiling)."""
+    """Sampler-space latent -> IMAGE [B, H, W, C] in [0, 1], differentiable (VAE.decode without tiling).
+    A video latent [B, C, T, H, W] gives its frames, [B, T', H, W, C]."""
     vae_latent = from_model_space(latent, model.latent_format)
     parameter = next(first_stage.parameters(), None)
     device = parameter.device if parameter is not None else vae_latent.device
     pixels = first_stage.decode(vae_latent.to(device=device, dtype=vae.vae_dtype))
     return vae.process_output(pixels.float()).movedim(1, -1)
+
+
+def embed_frames(embedder: Embedder, frames: torch.Tensor) -> torch.Tensor:
+    """Embed each frame of decoded clips [B, T, H, W, C] -> [B, T, D]."""
+    return embedder.embed(frames.flatten(0, 1)).reshape(*frames.shape[:2], -1)
 
 
 @dataclasses.dataclass
@@ -327,7 +334,9 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
         )
 
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(torch.float32))[..., :3].float().cpu()
+        """Remembered latents -> one IMAGE per item; a remembered clip is represented by its middle frame."""
+        images = self.vae.decode(latents.to(torch.float32))[..., :3].float().cpu()
+        return images[:, images.shape[1] // 2] if images.ndim == 5 else images
 
     def _run_references(self) -> torch.Tensor:
         if not self.memory_id:
@@ -351,9 +360,15 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
         return denoised if guided is None else guided.to(denoised.dtype)
 
     def _check_channels(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
+        if x.ndim not in (4, 5):
             raise ValueError(
-                f"ProCreate Energy Guidance supports image latents [B, C, H, W]; got shape {tuple(x.shape)}"
+                f"ProCreate Energy Guidance supports image latents [B, C, H, W] and video latents [B, C, T, H, W]; "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.ndim == 5 and self.settings.intra_batch:
+            raise ValueError(
+                "ProCreate Energy Guidance: intra_batch is not supported for video clips (frames of one clip are "
+                "alike by design). Turn intra_batch off, and use Sparse Repellency's intra_batch for diverse clips."
             )
         vae_channels = getattr(self.vae, "latent_channels", x.shape[1])
         if vae_channels != x.shape[1]:
@@ -371,14 +386,17 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
             state.record.add_step(sigma=sigma.tolist(), touched=[False] * x.shape[0], in_window=True, references=0)
             return None
         with torch.no_grad():
-            embeddings = self.embedder.embed(decode_images(self.vae, first_stage, model, denoised))
+            embeddings = self._embed(decode_images(self.vae, first_stage, model, denoised), video=x.ndim == 5)
         references = (
             state.references.to(embeddings.device)
             if state.reference_count
-            else embeddings.new_zeros(0, embeddings.shape[1])
+            else embeddings.new_zeros(0, embeddings.shape[-1])
         )
         with torch.no_grad():
-            similarity, nearest = pm.nearest_reference(embeddings, references, batch=settings.intra_batch)
+            if x.ndim == 5:  # a clip is as close to a reference as its closest frame
+                similarity, nearest = pm.nearest_reference_over_frames(embeddings, references)
+            else:
+                similarity, nearest = pm.nearest_reference(embeddings, references, batch=settings.intra_batch)
         # a non-finite similarity goes on to the gradient, where it is skipped and reported
         above = (similarity > settings.similarity_threshold) | ~torch.isfinite(similarity)
         active = above & (signal > MIN_SIGNAL_SCALE)
@@ -394,11 +412,12 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
         finite = torch.isfinite(grad_x.flatten(1)).all(dim=1)
         skipped = active & ~finite
         active = active & finite
-        grad_x = torch.where(active.reshape(-1, 1, 1, 1), grad_x, torch.zeros_like(grad_x))
+        per_sample = active.reshape(-1, *[1] * (x.ndim - 1))
+        grad_x = torch.where(per_sample, grad_x, torch.zeros_like(grad_x))
         grad_vp = pm.to_vp_gradient(grad_x, signal, noise)
         clipped = pm.clip_gradient(grad_vp, settings.gamma, settings.element_clip, settings.max_grad_norm)
         guided = pm.guided_denoised(denoised, clipped, signal, noise)
-        guided = torch.where(active.reshape(-1, 1, 1, 1), guided, args["denoised"].float())
+        guided = torch.where(per_sample, guided, args["denoised"].float())
         state.guided_steps += 1
         state.skipped_nonfinite += int(skipped.sum())
         if bool(skipped.any()):
@@ -422,17 +441,23 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
         model, settings = args["model"], self.settings
         mask = active.float()
 
+        video = x.ndim == 5
+
         def energy_of(latent):
-            embeddings = self.embedder.embed(decode_images(self.vae, first_stage, model, latent))
-            g, _ = pm.energy(embeddings, references, settings.gamma, batch=settings.intra_batch)
+            embeddings = self._embed(decode_images(self.vae, first_stage, model, latent), video)
+            if video:
+                g = pm.energy_over_frames(embeddings, references, settings.gamma)
+            else:
+                g, _ = pm.energy(embeddings, references, settings.gamma, batch=settings.intra_batch)
             return (g * mask).sum()
 
         if settings.gradient_mode == "fast":
             with torch.no_grad():
                 x0 = self._look_ahead(state, args, x, sigma, first_denoised=denoised)
             x0 = x0.detach().requires_grad_(True)
-            (grad_x0,) = torch.autograd.grad(energy_of(x0), x0)
-            return grad_x0 / signal.reshape(-1, 1, 1, 1)
+            with saved_tensors_copied(first_stage, *embedder_modules(self.embedder)) if video else nullcontext():
+                (grad_x0,) = torch.autograd.grad(energy_of(x0), x0)
+            return grad_x0 / signal.reshape(-1, *[1] * (x.ndim - 1))
 
         x_var = x.detach().requires_grad_(True)
         modules = [model.diffusion_model, first_stage] + embedder_modules(self.embedder)
@@ -440,6 +465,10 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
             x0 = self._look_ahead(state, args, x_var, sigma, first_denoised=None)
             (grad_x,) = torch.autograd.grad(energy_of(x0), x_var)
         return grad_x
+
+    def _embed(self, images: torch.Tensor, video: bool) -> torch.Tensor:
+        """[B, D] for images [B, H, W, C]; [B, T, D] for the frames of clips [B, T, H, W, C]."""
+        return embed_frames(self.embedder, images) if video else self.embedder.embed(images)
 
     def _look_ahead(self, state, args, x, sigma, first_denoised):
         model = args["model"]

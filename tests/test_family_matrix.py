@@ -270,10 +270,11 @@ def procreate_branch(matrix: Matrix, mode: str) -> list:
     )
 
 
-@pytest.mark.parametrize("name", [name for name in MATRIX if not families.FAMILIES[name].video])
+@pytest.mark.parametrize("name", MATRIX)
 def test_procreate_fast_and_exact(matrix_server, name):
     """ProCreate steers away from the decoded plain batch in both gradient modes (euler_ancestral and
-    euler): the outputs move, the two modes differ, and the record counts guided steps."""
+    euler): the outputs move and the record counts guided steps. Wan: frame-wise energy on the clip's
+    most similar frame (the references are the plain clips' frames)."""
     matrix = Matrix(matrix_server, name)
     fast = matrix.sample(procreate_branch(matrix, "fast"), "procreate_fast", sampler="euler_ancestral")
     matrix.sample(procreate_branch(matrix, "exact"), "procreate_exact")
@@ -307,10 +308,12 @@ def test_shield_memory_repels_the_previous_run(matrix_server, name):
 
 
 @pytest.mark.parametrize("name", [name for name in MATRIX if families.FAMILIES[name].video])
-def test_procreate_refuses_video_latents_clearly(matrix_server, name):
+def test_procreate_intra_batch_is_refused_for_clips(matrix_server, name):
     matrix = Matrix(matrix_server, name)
-    matrix.sample(procreate_branch(matrix, "fast"), "procreate_video")
-    with pytest.raises(ServerError, match=r"image latents \[B, C, H, W\]"):
+    branch = procreate_branch(matrix, "fast")
+    matrix.graph.nodes[branch[0]]["inputs"]["intra_batch"] = True
+    matrix.sample(branch, "procreate_video_intra")
+    with pytest.raises(ServerError, match="intra_batch is not supported for video clips"):
         matrix.run()
 
 
