@@ -80,3 +80,37 @@ def test_the_report_has_one_row_per_variant_and_the_chart_is_written(effect_benc
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == list(results)
     chart = effect_bench.tradeoff_chart({"memorizer": (setup, list(results.values()))}, tmp_path / "chart.png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the Targets table's SPELL row (issue #10), on a reduced sample count -----------------------------------
+TARGET_CLASSES = ("star", "moon")
+
+
+@pytest.fixture(scope="module")
+def spell_row(effect_bench):
+    setup = effect_bench.target_setup(seeds=effect_bench.HELD_OUT_SEEDS[:1], classes=TARGET_CLASSES)
+    variants = [v for v in effect_bench.documented_methods(setup) if v.family in ("plain", "SPELL")]
+    sampled = effect_bench.sample_targets(setup, variants)
+    rows = {name: effect_bench.target_metrics(setup, *sampled[name]) for name in sampled}
+    return setup, variants, rows
+
+
+def test_the_spell_row_meets_its_target_at_the_documented_setting(effect_bench, spell_row):
+    """16 samples per method (2 memorizable classes × 1 held-out seed × batch 8): plain copies duplicated
+    items, SPELL with those items as shields copies none, keeps the class, the quality and the diversity."""
+    setup, variants, rows = spell_row
+    plain, spell = rows["plain"], rows["SPELL"]
+    assert plain["samples"] == spell["samples"] == 16
+    assert plain["copies"] >= 0.25, plain  # the demo model copies its duplicated items
+    assert spell["copies"] == 0.0, spell
+    assert effect_bench.check_target(effect_bench.TARGETS["SPELL"], spell, plain) == [], (spell, plain)
+
+
+def test_the_targets_table_prints_one_row_per_method_with_its_verdict(effect_bench, spell_row):
+    setup, variants, rows = spell_row
+    text = effect_bench.targets_report(setup, variants, rows, seconds=1.0)
+    table = [line for line in text.splitlines() if line.startswith("| ") and "documented setting" not in line]
+    assert [line.split(" | ")[0].lstrip("| ").split(" (")[0] for line in table] == ["plain", "SPELL"]
+    assert table[0].split(" | ")[3].startswith("1.00 (")  # plain's class agreement vs itself
+    assert table[1].rstrip(" |").endswith("yes")
+    assert "pixel L2 ≤ τ (2nd column)" in text
