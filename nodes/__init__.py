@@ -4,12 +4,14 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from typing_extensions import override
 
 from ..samplers import methods  # noqa: F401 (registers the methods' records for the Report and the frontend)
+from .certificate import CERTIFICATE_NODES
 from .demo_model import ShieldDemoConditioning, ShieldDemoModelLoader, ShieldDemoTrainingSet
 from .embedding_spell import EMBEDDING_SPELL_NODES
 from .info import ShieldInfo
 from .procreate import NODES as PROCREATE_NODES
 from .reference import REFERENCE_NODES
 from .report import ShieldReport
+from .risk import RISK_NODES
 from .run_summary import install as install_frontend_link
 from .shield_sets import SHIELD_SET_NODES
 from .spell import SPELL_NODES
@@ -23,7 +25,9 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     *EMBEDDING_SPELL_NODES,
     TransitionPointCFG,
     *PROCREATE_NODES,
+    *RISK_NODES,
     ShieldReport,
+    *CERTIFICATE_NODES,
     *REFERENCE_NODES,
     ShieldDemoModelLoader,
     ShieldDemoConditioning,

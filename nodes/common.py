@@ -7,3 +7,4 @@ NODE_ID_PREFIX = "Shield"
 
 SHIELD_SET = io.Custom("SHIELD_SET")
 EMBEDDER = io.Custom("SHIELD_EMBEDDER")
+RISK = io.Custom("SHIELD_RISK")

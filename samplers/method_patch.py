@@ -36,6 +36,13 @@ Run = TypeVar("Run", bound="MethodRun")
 # A gate decides, from the hook's args (both hooks carry "input" and "sigma"), which samples of the
 # batch the method may act on: a bool tensor [B] (True = act), or None for all of them.
 SampleGate = Callable[[dict], Optional[torch.Tensor]]
+# Gates that apply to every Shield method on a model (the Shield Gate node puts them there): a list in
+# the model's options, read from the hook's args["model_options"] at every evaluation, so the gate node
+# may sit anywhere on the model path, before or after the method nodes.
+MODEL_GATES_KEY = "shield_sample_gates"
+HOOK_NAME = "shield_hook"  # the name of every method's list hook (without_shield_patches finds them by it)
+RUN_STATE_PREFIX = "shield_"  # OUTER_SAMPLE wrapper keys: run state "shield_<patch id>", memory "shield_memory_<id>"
+MEMORY_WRAPPER_PREFIX = "shield_memory_"
 
 
 @dataclasses.dataclass
@@ -127,10 +134,10 @@ class MethodPatch(Generic[Settings, Run]):
             model_patcher.set_model_sampler_pre_cfg_function(shield_hook, self.disable_cfg1_optimization)
         else:
             model_patcher.set_model_sampler_post_cfg_function(shield_hook, self.disable_cfg1_optimization)
-        attach_run_state(model_patcher, f"shield_{self.patch_id}", self.holder)
+        attach_run_state(model_patcher, f"{RUN_STATE_PREFIX}{self.patch_id}", self.holder)
         if self.memory_ids():  # outermost-first order does not matter: it only reads the final output
             wrapper_type = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
-            key = f"shield_memory_{self.patch_id}"
+            key = f"{MEMORY_WRAPPER_PREFIX}{self.patch_id}"
             model_patcher.remove_wrappers_with_key(wrapper_type, key)
             model_patcher.add_wrapper_with_key(wrapper_type, key, shield_memory_wrapper)
 
@@ -172,11 +179,44 @@ class MethodPatch(Generic[Settings, Run]):
         self.sample_gates.append(gate)
 
     def acting_samples(self, args: dict, batch: int) -> Optional[torch.Tensor]:
-        """bool [B] of the samples the method may act on at this evaluation; None: all of them."""
+        """bool [B] of the samples the method may act on at this evaluation (this patch's gates and the
+        model's, MODEL_GATES_KEY); None: all of them."""
         mask = None
-        for gate in self.sample_gates:
+        model_gates = (args.get("model_options") or {}).get(MODEL_GATES_KEY, ())
+        for gate in [*self.sample_gates, *model_gates]:
             allowed = gate(args)
             if allowed is not None:
                 allowed = allowed.reshape(batch).to("cpu", torch.bool)
                 mask = allowed if mask is None else mask & allowed
         return mask
+
+
+# -- the Shield patches on a model (for the risk probe and the certificate) -------------------------------
+def shield_patch_ids(model_patcher) -> list[str]:
+    """The patch ids of the Shield methods attached to a model, in the order they were attached."""
+    wrappers = model_patcher.wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {})
+    return [
+        key[len(RUN_STATE_PREFIX) :]
+        for key in wrappers
+        if key.startswith(RUN_STATE_PREFIX) and not key.startswith(MEMORY_WRAPPER_PREFIX)
+    ]
+
+
+def without_shield_patches(model_patcher):
+    """Remove every Shield method's hooks, run-state and memory wrappers and gates from a (cloned)
+    ModelPatcher, in place; returns it. Other packs' patches stay."""
+    options = model_patcher.model_options
+    for key in ("sampler_pre_cfg_function", "sampler_post_cfg_function"):
+        if key in options:
+            options[key] = [fn for fn in options[key] if getattr(fn, "__name__", "") != HOOK_NAME]
+    options.pop(MODEL_GATES_KEY, None)
+    wrapper_type = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    for key in [k for k in model_patcher.wrappers.get(wrapper_type, {}) if k.startswith(RUN_STATE_PREFIX)]:
+        model_patcher.remove_wrappers_with_key(wrapper_type, key)
+    return model_patcher
+
+
+def add_model_gate(model_patcher, gate: SampleGate) -> None:
+    """Gate every Shield method on a (cloned) model: they act only on the samples `gate` lets through."""
+    options = model_patcher.model_options
+    options[MODEL_GATES_KEY] = [*options.get(MODEL_GATES_KEY, ()), gate]

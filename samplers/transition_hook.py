@@ -69,6 +69,9 @@ class TransitionStep(StepEntry):
 
 
 class TransitionSummary(TypedDict):
+    """risk_score: per sample, √d_t = ‖ε_c − ε_u‖ at the first counted step: the Memorization Risk score
+    with one probe step (samplers/risk_math.py; Wen et al. §3), for the same seed the same number."""
+
     mode: str
     before_guidance: str
     before_scale: float
@@ -77,6 +80,7 @@ class TransitionSummary(TypedDict):
     never_switched: list[int]
     d_t_curves: list[list[float]]
     sigma_curves: list[list[float]]
+    risk_score: list[Optional[float]]
 
 
 def describe_transition(curves) -> list[str]:
@@ -190,6 +194,7 @@ class TransitionRun(MethodRun):
         ]
 
     def summary(self) -> dict:
+        d_t_curves = self.counted_curves("d_t")
         return dict(
             mode=self.settings.mode,
             before_guidance=self.settings.before_guidance,
@@ -197,8 +202,9 @@ class TransitionRun(MethodRun):
             switch_step=list(self.switch_step),
             switch_sigma=list(self.switch_sigma),
             never_switched=[sample for sample, step in enumerate(self.switch_step) if step is None],
-            d_t_curves=self.counted_curves("d_t"),
+            d_t_curves=d_t_curves,
             sigma_curves=self.counted_curves("sigma"),
+            risk_score=[math.sqrt(curve[0]) if curve else None for curve in d_t_curves],
         )
 
 

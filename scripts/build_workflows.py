@@ -1,6 +1,6 @@
 """Writes example_workflows/*.json (UI format) and their .jpg thumbnails from a running ComfyUI.
 
-    $SHIELD_PYTHON scripts/build_workflows.py
+    $SHIELD_PYTHON scripts/build_workflows.py [NAME ...]   (NAME: only these workflows, e.g. shield_demo_check_then_shield)
 
 Each workflow is built against the server's `/object_info` (widget order, defaults, socket types),
 so the files load in the frontend as saved graphs. Method variants (Sparse Repellency, Transition-Point
@@ -305,6 +305,55 @@ def protect_references_workflow(object_info: dict, class_name: str | None = None
     return workflow
 
 
+def check_then_shield_workflow(object_info: dict, class_name: str | None = None) -> UIWorkflow:
+    """Memorization Risk probes the batch first; Shield Gate makes Transition-Point CFG act only on the
+    samples flagged at risk (the others are plain sampling, bit for bit); every saved PNG carries its
+    certificate. Risk node and sampler share seed, latent and schedule."""
+    class_name = class_name or default_demo_class()
+    seed, steps, cfg = 1, 20, 3.0
+    workflow = UIWorkflow(object_info)
+    (model,) = workflow.add("ShieldDemoModelLoader")
+    positive, negative = workflow.add("ShieldDemoConditioning", class_name=class_name)
+    (vae,) = workflow.add("VAELoader", vae_name="pixel_space")
+    items, _ = workflow.add("ShieldDemoTrainingSet", items="duplicated", class_name="all classes")
+    (protected,) = workflow.add(
+        "ShieldSetFromImages", images=items, vae=vae, model=model, width=IMAGE_SIZE, height=IMAGE_SIZE
+    )
+    (latent,) = workflow.add("EmptyChromaRadianceLatentImage", width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=8)
+    schedule = {
+        "seed": seed,
+        "steps": steps,
+        "cfg": cfg,
+        "sampler_name": "euler",
+        "scheduler": "normal",
+        "denoise": 1.0,
+    }
+    risk, *_ = workflow.add(
+        "ShieldMemorizationRisk", model=model, positive=positive, negative=negative, latent_image=latent, **schedule
+    )
+    (shielded,) = workflow.add(
+        "ShieldTransitionPointCFG", model=model, mode="dynamic", before_guidance="opposite", opposite_scale=3.0
+    )
+    (gated,) = workflow.add("ShieldGate", model=shielded, risk=risk)
+    (samples,) = workflow.add(
+        "KSampler", model=gated, positive=positive, negative=negative, latent_image=latent, **schedule
+    )
+    (images,) = workflow.add("VAEDecode", samples=samples, vae=vae)
+    workflow.add(
+        "ShieldSaveImageWithCertificate",
+        images=images,
+        filename_prefix="shield_demo_check_then_shield",
+        model=gated,
+        risk=risk,
+        latent=samples,
+        shield_set=protected,
+    )
+    return workflow
+
+
+SAVE_NODES = ("SaveImage", "ShieldSaveImageWithCertificate")
+
+
 def demo_workflows(object_info: dict) -> dict[str, UIWorkflow]:
     """Every runnable demo-model workflow by file name (a method whose node is missing is left out)."""
     workflows = {}
@@ -319,6 +368,8 @@ def demo_workflows(object_info: dict) -> dict[str, UIWorkflow]:
             object_info, spell, extra_shield="memory", prefix="shield_demo_memory"
         )
         workflows["shield_demo_protect_references"] = protect_references_workflow(object_info)
+    if "ShieldGate" in object_info:
+        workflows["shield_demo_check_then_shield"] = check_then_shield_workflow(object_info)
     return workflows
 
 
@@ -513,19 +564,24 @@ def write_workflow(out_dir: pathlib.Path, name: str, workflow: dict, thumbnail: 
     logger.info("wrote %s", path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
 
 
-def build_all(server: ComfyServer, out_dir: pathlib.Path = WORKFLOW_DIR) -> list[str]:
-    """Runs every demo workflow on the server for its thumbnail; cards for the checkpoint workflows."""
+def build_all(server: ComfyServer, out_dir: pathlib.Path = WORKFLOW_DIR, only: tuple[str, ...] = ()) -> list[str]:
+    """Runs every demo workflow on the server for its thumbnail; cards for the checkpoint workflows.
+    `only`: just the workflows with these names."""
     object_info = server.object_info()
     out_dir.mkdir(exist_ok=True)
     written = []
     for name, builder in demo_workflows(object_info).items():
+        if only and name not in only:
+            continue
         workflow = builder.to_json()
         outputs = server.run(ui_to_api(workflow, object_info), timeout=600)
-        save_id = next(str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveImage")
+        save_id = next(str(n["id"]) for n in workflow["nodes"] if n["type"] in SAVE_NODES)
         images = [server.output_path(info) for info in outputs[save_id]["images"]]
         write_workflow(out_dir, name, workflow, thumbnail_jpg(images))
         written.append(name)
     for name, (build, title) in CHECKPOINT_WORKFLOWS.items():
+        if only and name not in only:
+            continue
         workflow = build(object_info).to_json()
         write_workflow(out_dir, name, workflow, card_jpg(title, workflow))
         written.append(name)
@@ -533,13 +589,15 @@ def build_all(server: ComfyServer, out_dir: pathlib.Path = WORKFLOW_DIR) -> list
 
 
 def main() -> None:
+    """`build_workflows.py [NAME ...]`: every workflow, or only the named ones."""
     logging.basicConfig(level=logging.INFO, format="[workflows] %(message)s")
+    only = tuple(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="shield-workflows-") as base:
         server = ComfyServer(pathlib.Path(base))
         try:
             logger.info("starting ComfyUI")
             server.start()
-            build_all(server)
+            build_all(server, only=only)
         finally:
             server.stop()
 

@@ -27,6 +27,7 @@ EXPECTED = [
     "shield_demo_procreate",
     "shield_demo_memory",
     "shield_demo_protect_references",
+    "shield_demo_check_then_shield",
     # real checkpoints: validated against /object_info only
     "shield_sd15_spell",
     "shield_sdxl_transition_cfg",
@@ -46,6 +47,7 @@ def test_each_method_workflow_uses_its_node():
         "shield_demo_tpcfg": "ShieldTransitionPointCFG",
         "shield_demo_procreate": "ShieldProCreateGuidance",
         "shield_demo_memory": "ShieldMemory",
+        "shield_demo_check_then_shield": "ShieldGate",
         "shield_sd15_procreate_dreamsim": "ShieldDreamSimLoader",
         "shield_sdxl_transition_cfg": "ShieldTransitionPointCFG",
     }
@@ -117,9 +119,8 @@ def test_demo_workflow_runs_on_the_server(server, path):
     """The saved graph as it is, with fewer steps and samples so the suite stays fast."""
     workflow = load(path)
     graph = ui_to_api(workflow, server.object_info())
-    save, latent, sampler = (
-        str(first(workflow, kind)["id"]) for kind in ("SaveImage", "EmptyChromaRadianceLatentImage", "KSampler")
-    )
+    save = str(next(n for n in workflow["nodes"] if n["type"] in ("SaveImage", "ShieldSaveImageWithCertificate"))["id"])
+    latent, sampler = (str(first(workflow, kind)["id"]) for kind in ("EmptyChromaRadianceLatentImage", "KSampler"))
     graph[latent]["inputs"]["batch_size"] = 2
     graph[sampler]["inputs"]["steps"] = 4
     outputs = server.run(graph, timeout=600)

@@ -1,0 +1,171 @@
+"""Memorization Risk (Wen et al., ICLR 2024, §3) and the Shield Gate that acts on what it flags.
+
+Memorization Risk probes the model at the start of the schedule of the KSampler it stands for (same
+seed, latent, steps, sampler, scheduler, denoise) and scores each sample; Shield Gate puts the flags on
+the model, and every Shield method on that model (Sparse Repellency, Transition-Point CFG, ProCreate)
+then acts on the flagged samples only: the others are sampled exactly as without the methods.
+"""
+
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.v0_0_2 import io
+
+from ..samplers.method_patch import add_model_gate
+from ..samplers.risk_probe import KSamplerSettings, RiskGate, RiskResult, probe
+from .common import CATEGORY, RISK
+from .validation import ShieldNode
+
+# Calibrated on the bundled demo model (bench/risk_bench.py; docs/risk.md): the score at which at most
+# 1 % of the calibration seeds' non-copies are flagged. A threshold belongs to one model and resolution.
+DEFAULT_THRESHOLD = 1.0
+MAX_PROBE_STEPS = 50
+
+
+class ShieldMemorizationRisk(ShieldNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldMemorizationRisk",
+            display_name="Memorization Risk",
+            category=f"{CATEGORY}/risk",
+            description=(
+                "Scores each sample of the KSampler run it mirrors for memorization before sampling (Wen et al., "
+                "'Detecting, Explaining, and Mitigating Memorization in Diffusion Models', §3): the mean of "
+                "‖D_cond − D_uncond‖/σ over the first probe_steps steps, from a short probe (2 model evaluations "
+                "per sample and step). Give it the sampler's model, prompts, latent, seed and schedule; connect "
+                "'risk' to Shield Gate to shield only the samples at risk."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the sampler uses (Shield patches on it are ignored)."),
+                io.Conditioning.Input("positive", tooltip="The sampler's positive prompt."),
+                io.Conditioning.Input(
+                    "negative",
+                    tooltip="The sampler's negative prompt: the unconditional prediction the score is measured "
+                    "against (an empty prompt works).",
+                ),
+                io.Latent.Input(
+                    "latent_image", tooltip="The sampler's latent (its batch size is the number of samples)."
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="The sampler's seed: the probe uses the noise the sampler will use. Link both to one "
+                    "value (control_after_generate fixed), or the Shield Gate refuses the mismatch.",
+                ),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The sampler's steps (sets the schedule)."),
+                io.Float.Input(
+                    "cfg",
+                    default=8.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="The sampler's cfg (used between probe steps). At cfg 1 the score is undefined: the "
+                    "sampler evaluates no unconditional prediction.",
+                ),
+                io.Combo.Input(
+                    "sampler_name",
+                    options=list(comfy.samplers.KSampler.SAMPLERS),
+                    tooltip="The sampler's sampler (some change the schedule; between probe steps the probe steps "
+                    "with Euler).",
+                ),
+                io.Combo.Input(
+                    "scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), tooltip="The sampler's scheduler."
+                ),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="The sampler's denoise."),
+                io.Int.Input(
+                    "probe_steps",
+                    default=1,
+                    min=1,
+                    max=MAX_PROBE_STEPS,
+                    tooltip="N: the score averages the first N steps (Wen et al. find the first step enough). Cost: "
+                    "2N model evaluations per sample.",
+                ),
+                io.Float.Input(
+                    "threshold",
+                    default=DEFAULT_THRESHOLD,
+                    min=0.0,
+                    max=1.0e6,
+                    step=0.01,
+                    tooltip="Samples scoring above it are flagged at risk. The default is calibrated on the bundled "
+                    "demo model (docs/risk.md); calibrate it for your model and resolution (the score grows with "
+                    "the latent size). 0 flags every sample whose prompt changes the prediction at all.",
+                ),
+            ],
+            outputs=[
+                RISK.Output(
+                    "risk", tooltip="Scores and flags of this batch: connect to Shield Gate or the certificate."
+                ),
+                io.Float.Output("scores", is_output_list=True, tooltip="The score of each sample (a list)."),
+                io.Boolean.Output(
+                    "at_risk", is_output_list=True, tooltip="Per sample: score above threshold (a list)."
+                ),
+                io.String.Output("text", tooltip="The scores and flags as text."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        positive,
+        negative,
+        latent_image,
+        seed,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        denoise,
+        probe_steps,
+        threshold,
+    ) -> io.NodeOutput:
+        run = KSamplerSettings(seed, steps, cfg, sampler_name, scheduler, denoise)
+        risk = probe(model, positive, negative, latent_image, run, probe_steps, threshold)
+        text = risk.text()
+        return io.NodeOutput(risk, list(risk.scores), list(risk.flagged), text, ui={"text": [text]})
+
+
+class ShieldGate(ShieldNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ShieldGate",
+            display_name="Shield Gate",
+            category=f"{CATEGORY}/risk",
+            description=(
+                "Makes every Shield method on the model (Sparse Repellency, Transition-Point CFG, ProCreate) act only "
+                "on the samples Memorization Risk flagged; the other samples are sampled exactly as without them "
+                "(bit-identical). Put it anywhere on the model path before the sampler."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model with Shield methods attached (before or after this node)."),
+                RISK.Input(
+                    "risk",
+                    tooltip="From Memorization Risk, run with the sampler's seed, latent and schedule (checked at the "
+                    "first step).",
+                ),
+                io.Boolean.Input(
+                    "enabled",
+                    default=True,
+                    tooltip="Off: the model passes through and the methods act on every sample.",
+                ),
+            ],
+            outputs=[io.Model.Output(tooltip="The model whose Shield methods act on the flagged samples only.")],
+        )
+
+    @classmethod
+    def execute(cls, model, risk: RiskResult, enabled: bool) -> io.NodeOutput:
+        if not enabled:
+            return io.NodeOutput(model)
+        gated = model.clone()
+        add_model_gate(gated, RiskGate(risk))
+        return io.NodeOutput(gated)
+
+
+RISK_NODES = [ShieldMemorizationRisk, ShieldGate]

@@ -1,0 +1,124 @@
+"""Memorization Risk in-process (#12 item 1): the detector statistics, the probe against the sampler it
+mirrors and against Transition-Point CFG's record, the gate's checks, and the certificate's text."""
+
+import dataclasses
+import math
+
+import nodes as comfy_nodes
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_shield.core.certificate import certificate_text, read_certificate
+from comfyui_shield.core.records import RECORDS
+from comfyui_shield.reference_models import pixel_unet
+from comfyui_shield.samplers.method_patch import add_model_gate, shield_patch_ids, without_shield_patches
+from comfyui_shield.samplers.risk_math import auc, rates_at, step_magnitude, threshold_at_fpr
+from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
+from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings
+
+STEPS, CFG = 6, 3.0
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return pixel_unet.load_demo_model()
+
+
+def run_probe(model, class_name="star", seed=3, batch=3, probe_steps=1, threshold=0.0, cfg=CFG):
+    positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
+    latent = {"samples": torch.zeros(batch, 3, 32, 32)}
+    return probe(model, positive, negative, latent, KSamplerSettings(seed, STEPS, cfg), probe_steps, threshold)
+
+
+def ksample(model, class_name="star", seed=3, batch=3):
+    positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
+    latent = {"samples": torch.zeros(batch, 3, 32, 32)}
+    (out,) = comfy_nodes.common_ksampler(model, seed, STEPS, CFG, "euler", "normal", positive, negative, latent)
+    return out["samples"]
+
+
+# -- the statistics ------------------------------------------------------------------------------------
+def test_auc_counts_ordered_pairs_and_ties_half():
+    assert auc([3, 2, 1, 0], [True, True, False, False]) == 1.0
+    assert auc([0, 1, 2, 3], [True, True, False, False]) == 0.0
+    assert auc([1, 1, 2, 0], [True, False, True, False]) == 0.875  # pairs (1,1) ½, (1,0), (2,1), (2,0): 3.5 / 4
+    assert math.isnan(auc([1, 2], [True, True]))
+
+
+def test_the_threshold_for_a_false_positive_rate_flags_at_most_that_share():
+    negatives = list(range(100))
+    threshold = threshold_at_fpr(negatives, 0.01)
+    assert threshold == 98  # only 99 lies above
+    assert rates_at(negatives + [200, 50], [False] * 100 + [True, True], threshold) == (0.5, 0.01)
+    assert threshold_at_fpr([5.0], 0.01) == 5.0  # nothing above the largest negative
+
+
+def test_the_step_score_is_the_noise_prediction_difference():
+    """‖ε_c − ε_u‖ with ε = (x − D)/σ equals ‖D_c − D_u‖/σ (Wen et al. §3 in denoised terms)."""
+    generator = torch.Generator().manual_seed(0)
+    x, d_c, d_u = (torch.randn(2, 3, 4, 4, generator=generator) for _ in range(3))
+    sigma = torch.tensor([2.0, 0.5])
+    eps_c, eps_u = (x - d_c) / sigma.view(-1, 1, 1, 1), (x - d_u) / sigma.view(-1, 1, 1, 1)
+    expected = (eps_c - eps_u).flatten(1).norm(dim=1).double()
+    assert torch.allclose(step_magnitude(d_c, d_u, sigma), expected, rtol=1e-6)
+
+
+# -- the probe -------------------------------------------------------------------------------------------
+def test_the_probe_sees_the_samplers_first_step_and_tpcfg_records_the_same_score(demo_model):
+    risk = run_probe(demo_model, probe_steps=2)
+    assert len(risk.scores) == 3 and len(risk.sigmas) == 2 and risk.model_evaluations == 4
+    assert len(set(risk.scores)) == 3  # per sample, from each sample's own noise
+    patch = TransitionCfgPatch(TransitionSettings("dynamic", "unconditional", 0.0))
+    ksample(patch.patch(demo_model))
+    record_scores = RECORDS.latest(patch.method.kind, patch.patch_id).summary["risk_score"]
+    assert record_scores == pytest.approx(list(risk.step_scores[0]), rel=1e-9)
+    other_seed = run_probe(demo_model, seed=4)
+    assert other_seed.scores != run_probe(demo_model).scores
+
+
+def test_the_probe_ignores_shield_patches_on_its_model_and_writes_no_run_record(demo_model):
+    patch = TransitionCfgPatch(TransitionSettings("dynamic", "opposite", -3.0))
+    patched = patch.patch(demo_model)
+    assert shield_patch_ids(patched) == [patch.patch_id]
+    RECORDS.clear()
+    assert run_probe(patched).scores == run_probe(demo_model).scores
+    assert RECORDS.runs() == []
+    assert shield_patch_ids(without_shield_patches(patched.clone())) == []
+
+
+def test_cfg_1_and_a_missing_negative_are_refused_with_the_reason(demo_model):
+    with pytest.raises(ValueError, match=r"undefined here: 'cfg' is 1.*Flux"):
+        run_probe(demo_model, cfg=1.0)
+    latent = {"samples": torch.zeros(1, 3, 32, 32)}
+    with pytest.raises(ValueError, match="'negative' holds no conditioning"):
+        probe(demo_model, pixel_unet.class_conditioning("star"), [], latent, KSamplerSettings(0, 4, 3.0), 1, 0.0)
+
+
+# -- the gate --------------------------------------------------------------------------------------------
+def test_the_gate_refuses_another_batch_size(demo_model):
+    risk = dataclasses.replace(run_probe(demo_model), flagged=(True, False, True))
+    patched = TransitionCfgPatch(TransitionSettings("dynamic", "unconditional", 0.0)).patch(demo_model)
+    add_model_gate(patched, RiskGate(risk))
+    with pytest.raises(ValueError, match="measured on a batch of 3 but the sampler runs 2"):
+        ksample(patched, batch=2)
+
+
+# -- the certificate's file and text ---------------------------------------------------------------------
+def test_a_png_without_a_certificate_is_refused_by_name(tmp_path):
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(path)
+    with pytest.raises(ValueError, match="no 'shield_certificate' chunk"):
+        read_certificate(path)
+
+
+def test_certificate_text_names_risk_nearest_item_and_each_shield():
+    certificate = {
+        "image": {"index": 0, "batch_size": 2},
+        "risk": {"score": 0.91, "at_risk": True, "threshold": 0.5},
+        "nearest_protected": {"latent_l2": {"item": "star_0001_dup", "distance": 3.2}, "embedder": None},
+        "shields": [{"title": "Transition-Point CFG", "fired": True, "steps": [0, 1], "evaluations": 20}],
+    }
+    text = certificate_text(certificate, "a.png")
+    assert "image 1/2: a.png" in text and "risk 0.91 (AT RISK" in text
+    assert "star_0001_dup at 3.2" in text and "Transition-Point CFG: fired at 2/20 evaluations" in text

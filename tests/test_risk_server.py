@@ -1,0 +1,181 @@
+"""Memorization Risk and Shield Gate in a real ComfyUI server, on the bundled demo model (#12 items 1, 2):
+unflagged samples bit-identical to plain sampling, flagged ones mitigated; the errors a user meets."""
+
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_shield.core.certificate import read_certificate
+from comfyui_shield.reference_models import demo_dataset
+from comfyui_shield.version import __version__
+from harness.server import ServerError
+
+SEED, STEPS, CFG, BATCH = 11, 6, 3.0, 4
+
+
+def risk_graph(threshold: float, risk_seed: int = SEED, cfg: float = CFG) -> dict:
+    sampler = {"steps": STEPS, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+    return {
+        "model": {"class_type": "ShieldDemoModelLoader", "inputs": {}},
+        "conditioning": {"class_type": "ShieldDemoConditioning", "inputs": {"class_name": "star"}},
+        "empty": {
+            "class_type": "EmptyChromaRadianceLatentImage",
+            "inputs": {"width": 32, "height": 32, "batch_size": BATCH},
+        },
+        "risk": {
+            "class_type": "ShieldMemorizationRisk",
+            "inputs": {
+                "model": ["model", 0],
+                "positive": ["conditioning", 0],
+                "negative": ["conditioning", 1],
+                "latent_image": ["empty", 0],
+                "seed": risk_seed,
+                "cfg": cfg,
+                "probe_steps": 1,
+                "threshold": threshold,
+                **sampler,
+            },
+        },
+        "tpcfg": {
+            "class_type": "ShieldTransitionPointCFG",
+            "inputs": {
+                "model": ["model", 0],
+                "mode": "static",
+                "transition_percent": 0.6,
+                "transition_sigma": 0.0,
+                "before_guidance": "unconditional",
+                "opposite_scale": 2.0,
+                "cap_percent": 1.0,
+            },
+        },
+        "gate": {"class_type": "ShieldGate", "inputs": {"model": ["tpcfg", 0], "risk": ["risk", 0], "enabled": True}},
+        **ksampler("gated", ["gate", 0], sampler, cfg),
+        **ksampler("plain", ["model", 0], sampler, cfg),
+    }
+
+
+def ksampler(name: str, model: list, sampler: dict, cfg: float) -> dict:
+    return {
+        f"sample_{name}": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model,
+                "seed": SEED,
+                "cfg": cfg,
+                "positive": ["conditioning", 0],
+                "negative": ["conditioning", 1],
+                "latent_image": ["empty", 0],
+                **sampler,
+            },
+        },
+        f"save_{name}": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": [f"sample_{name}", 0], "filename_prefix": f"risk_{name}"},
+        },
+    }
+
+
+def scores_from(outputs: dict) -> list[float]:
+    text = outputs["risk"]["text"][0]
+    return [float(value) for value in re.findall(r"sample \d+: ([0-9.eE+-]+)", text)]
+
+
+def test_the_gate_leaves_unflagged_samples_bit_identical_and_mitigates_the_flagged(server):
+    scores = scores_from(server.run(risk_graph(threshold=0.0)))
+    assert len(scores) == BATCH and len(set(scores)) == BATCH  # each sample its own score
+    ordered = sorted(scores)
+    threshold = (ordered[1] + ordered[2]) / 2  # two samples above, two below
+    outputs = server.run(risk_graph(threshold))
+    assert scores_from(outputs) == scores  # the probe is deterministic for a seed
+    gated = server.saved_latent(outputs, "save_gated")
+    plain = server.saved_latent(outputs, "save_plain")
+    for sample, score in enumerate(scores):
+        if score > threshold:
+            assert (gated[sample] - plain[sample]).abs().max() > 1e-3, f"flagged sample {sample} not mitigated"
+        else:
+            assert torch.equal(gated[sample], plain[sample]), f"unflagged sample {sample} changed"
+    assert "2/4 sample(s) above" in outputs["risk"]["text"][0]
+
+
+def test_a_gate_from_another_seed_is_refused_naming_the_seed(server):
+    with pytest.raises(ServerError, match="Shield Gate: the sampler does not start from the noise"):
+        server.run(risk_graph(threshold=0.0, risk_seed=SEED + 1))
+
+
+def test_risk_at_cfg_1_says_why_the_score_is_undefined(server):
+    with pytest.raises(ServerError, match=r"score is undefined here: 'cfg' is 1.*guidance-distilled"):
+        server.run(risk_graph(threshold=0.0, cfg=1.0))
+
+
+def certificate_graph(threshold: float) -> dict:
+    graph = risk_graph(threshold)
+    graph.update(
+        {
+            "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
+            "decoded": {"class_type": "VAEDecode", "inputs": {"samples": ["sample_gated", 0], "vae": ["vae", 0]}},
+            "items": {"class_type": "ShieldDemoTrainingSet", "inputs": {"items": "duplicated", "class_name": "star"}},
+            "shields": {
+                "class_type": "ShieldSetFromImages",
+                "inputs": {
+                    "images": ["items", 0],
+                    "vae": ["vae", 0],
+                    "model": ["model", 0],
+                    "width": 32,
+                    "height": 32,
+                    "folder": "",
+                },
+            },
+            "certificate": {
+                "class_type": "ShieldSaveImageWithCertificate",
+                "inputs": {
+                    "images": ["decoded", 0],
+                    "filename_prefix": "risk_certificate",
+                    "model": ["gate", 0],
+                    "risk": ["risk", 0],
+                    "latent": ["sample_gated", 0],
+                    "shield_set": ["shields", 0],
+                },
+            },
+        }
+    )
+    return graph
+
+
+def test_a_saved_png_carries_its_certificate(server):
+    scores = scores_from(server.run(risk_graph(threshold=0.0)))
+    threshold = sum(sorted(scores)[1:3]) / 2  # the two lowest scores unflagged (text rounds to 4 digits)
+    outputs = server.run(certificate_graph(threshold))
+    saved = outputs["certificate"]["images"]
+    assert len(saved) == BATCH
+    gated = server.saved_latent(outputs, "save_gated")
+    items = server_items()
+    for index, info in enumerate(saved):
+        path = server.output_path(info)
+        certificate = read_certificate(path)
+        with Image.open(path) as image:  # ComfyUI's own chunks are there too
+            assert json.loads(image.text["prompt"])["certificate"]["class_type"] == "ShieldSaveImageWithCertificate"
+        assert certificate["version"] == __version__ and certificate["image"] == {"index": index, "batch_size": BATCH}
+        risk = certificate["risk"]
+        assert risk["score"] == pytest.approx(scores[index], rel=1e-3) and risk["at_risk"] == (
+            risk["score"] > threshold
+        )
+        (shield,) = certificate["shields"]
+        assert shield["method"] == "transition_cfg" and shield["settings"]["mode"] == "static"
+        assert shield["fired"] == risk["at_risk"]  # the gate: TPCFG acted on the flagged samples only
+        assert shield["risk_score"] == pytest.approx(risk["score"])  # the run's own d_t, the same number
+        if shield["fired"]:
+            assert shield["steps"][0] == 0 and len(shield["steps"]) == len(shield["sigmas"]) < shield["evaluations"]
+        nearest = certificate["nearest_protected"]["latent_l2"]
+        distances = (items - gated[index]).flatten(1).norm(dim=1)
+        assert nearest["distance"] == pytest.approx(float(distances.min()), rel=1e-4)
+    assert sum(read_certificate(server.output_path(i))["risk"]["at_risk"] for i in saved) == 2
+    assert "Transition-Point CFG: fired at" in outputs["certificate"]["text"][0]
+
+
+def server_items() -> torch.Tensor:
+    """The star class's duplicated training items as pixel-space latents ([-1, 1], what the set holds)."""
+    dataset = demo_dataset.build_dataset()
+    return dataset.images[dataset.class_items("star", duplicated=True)]
