@@ -5,7 +5,8 @@
 Each benchmark runs in its own process (same Python, same arguments) and prints one markdown section;
 this collects the sections in file-name order under the machine facts and the command, and notes a
 benchmark that failed (with the end of its error output) instead of stopping. Exit status 1 if any
-benchmark failed.
+benchmark failed. Runs too long for this (hours, tens of GB of data) are recorded in bench/recorded/*.md,
+each with its own command and machine facts, and appended as they are.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def main() -> int:
         markdown_table(["benchmark", "wall time (s)", "status"], timings),
         "",
     ]
-    args.output.write_text("\n".join(header) + "\n" + "\n".join(sections))
+    recorded = [path.read_text().strip() + "\n" for path in sorted((BENCH_DIR / "recorded").glob("*.md"))]
+    args.output.write_text("\n".join(header) + "\n" + "\n".join(sections + recorded))
     print(f"[run_all] wrote {args.output}", file=sys.stderr)
     return 1 if failures else 0
 

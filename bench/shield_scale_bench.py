@@ -1,204 +1,474 @@
-"""Shield search at scale: K = 10k, 100k, 1M shields of d = 4096, fp16, memory-mapped from disk.
+"""Shield search at real latent sizes: SD1.5-512, SDXL-1024, Flux-1024 shield sets, fp16 on disk, memory-mapped.
 
-Run: $SHIELD_PYTHON bench/shield_scale_bench.py [--quick] [--sizes 10000 100000 1000000] [--data-dir DIR]
-(one thread; prints a markdown table; the K-row fp16 files, 8 KB per shield, are written once to
---data-dir, default /tmp/shield_scale_bench, and reused).
+Run (one thread; prints a markdown section):
 
-Data (issue 3): clustered latents with a decaying spectrum (cluster centres ~N(0, I), a rank-32 spread
-of norm ~0.5·√d inside each cluster, isotropic noise 0.1 per entry), queries = near-duplicates of
-shields (+0.2 per entry), batch 4, 8 batches; radius = median distance to the 20th neighbour, so many
-shields sit near the boundary. Ground truth: the exact chunked scan over the whole file. Methods: the
-clustered projection index (`samplers/shield_index.py`, exact by construction), and the paper's
-IVF-Flat (nlist = √K, nprobe 1 and 10; needs every vector in RAM as float32, so not run at 1M).
-RAM: the index's own tensors, and the process's private (anonymous) resident memory after the
-searches (the memory-mapped file lives in the OS page cache, shared and reclaimable, and is not counted).
+    $SHIELD_PYTHON bench/shield_scale_bench.py --family sdxl --sizes 10000 100000 [--data-dir DIR] [--keep]
+    $SHIELD_PYTHON bench/shield_scale_bench.py --quick   # SD1.5 at 2000 shields, seconds (bench/run_all.py)
+
+Per family and size K, each piece in its own process (so "peak RSS" is that piece's own peak):
+1. make: the set file in the pack's shield-set format (the safetensors header and metadata that Save Shield
+   Set writes: names, sha256 hashes, latent format), latents fp16, written in streaming chunks (never in RAM).
+   Data: latent-like fields (a 1/f amplitude spectrum, i.e. the 1/f^2 power of natural images, channels
+   mixed), unit variance in the model's space, in clusters of ~50 (a shared low-frequency "content" field,
+   0.6 of the amplitude) and every 20th shield a near-copy of the previous one at 0.2-2 r.
+2. truth: Load Shield Set, then the exact range search (`ExactRangeSearch`: a chunked scan of the whole
+   file, float64 re-check at the boundary) of all queries at once: the brute-force ground truth.
+3. build: the clustered index from a cold page cache (as at the first use of a set), saved beside the set.
+4. search: Load Shield Set + the saved index (as in a later run), then every batch, warm (the same batch
+   searched before) and cold (the set file evicted from the page cache before each search), median ms.
+Queries, batch 4, 8 batches of 2 near + 2 far: near = a shield (every 4th one of a near-copy pair)
+moved by t·r along a random latent-like direction, t in {0.5, 0.9, 0.99, 1.01, 1.1, 1.5, 0.95, 1.05} (so
+recall is tested at the boundary); far = a new member of an existing cluster, or a new independent field.
+Radius r = 0.5·√D (Sparse Repellency's default, relative 0.5). Distances in the model's space (the latent
+format's scale/shift), as the sampler sees them.
+Cold: `posix_fadvise(POSIX_FADV_DONTNEED)` on the set file after `madvise(MADV_DONTNEED)` of this
+process's mapping (dropping the whole page cache needs /proc/sys/vm/drop_caches, not writable here);
+the file's resident bytes are checked with mincore afterwards. Rows read = /proc/self/io read_bytes
+(what came from the disk, read-ahead included) / bytes per shield.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import hashlib
 import json
 import math
+import mmap
+import os
 import pathlib
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 
-import torch
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from harness.host import import_comfyui_in_process  # noqa: E402
-
-torch.set_num_threads(1)
-import_comfyui_in_process()
-
-import faiss  # noqa: E402
-
-from comfyui_shield.core.shield_files import memory_map_tensor  # noqa: E402
-from comfyui_shield.samplers import range_search, shield_index  # noqa: E402
-
-faiss.omp_set_num_threads(1)
-DIM, BATCH, BATCHES, WITHIN_RANK, ISOTROPIC, NOISE = 4096, 4, 8, 32, 0.1, 0.2
+REPO = pathlib.Path(__file__).resolve().parent.parent
+FAMILIES = {  # name -> (ComfyUI latent format, latent shape)
+    "sd15": ("SD15", (4, 64, 64)),
+    "sdxl": ("SDXL", (4, 128, 128)),
+    "flux": ("Flux", (16, 128, 128)),
+}
+BATCH, BATCHES, CLUSTER, COPY_EVERY, CONTENT = 4, 8, 50, 20, 0.6
+NEAR_T = (0.5, 0.9, 0.99, 1.01, 1.1, 1.5, 0.95, 1.05)
+RELATIVE_RADIUS = 0.5
+REPEATS = 3
+FREE_DISK_RESERVE = 20 * 2**30
 
 
-def rss_anon_mb() -> float:
+# -- process facts ----------------------------------------------------------------------------------------
+def status_mb(field: str) -> float:
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def write_clustered(path: pathlib.Path, count: int, seed: int = 0, chunk: int = 8192) -> None:
-    """A safetensors file with one F16 tensor "latents" [count, DIM], streamed chunk by chunk."""
-    header = json.dumps(
-        {"latents": {"dtype": "F16", "shape": [count, DIM], "data_offsets": [0, count * DIM * 2]}}
-    ).encode()
-    header += b" " * (-len(header) % 8)
-    generator = torch.Generator().manual_seed(seed)
-    clusters = max(8, int(math.sqrt(count) / 4))
-    centres = torch.randn(clusters, DIM, generator=generator)
-    directions = torch.randn(WITHIN_RANK, DIM, generator=generator) * (0.5 / math.sqrt(WITHIN_RANK))
-    temp = path.with_suffix(".tmp")
+def disk_read_bytes() -> int:
+    for line in pathlib.Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+MADV_DONTNEED = 4
+
+
+def evict(path: pathlib.Path, mapped) -> int:
+    """Drop the set file from this process's page tables and then from the page cache (a mapped page is
+    never evicted); return the file's bytes still resident."""
+    start = mapped.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = mapped.data_ptr() + mapped.numel() * mapped.element_size() - start
+    if LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_DONTNEED) != 0:
+        raise OSError(ctypes.get_errno(), "madvise")
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+    return resident_bytes(path)
+
+
+def resident_bytes(path: pathlib.Path) -> int:
+    """The file's bytes in the page cache (util-linux fincore, i.e. mincore)."""
+    output = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], capture_output=True)
+    return int(output.stdout.split()[0])
+
+
+# -- data ------------------------------------------------------------------------------------------------
+def setup_torch():
+    sys.path.insert(0, str(REPO / "tests"))
+    import torch
+
+    from harness.host import import_comfyui_in_process
+
+    torch.set_num_threads(1)
+    import_comfyui_in_process()
+    return torch
+
+
+class LatentLike:
+    """Deterministic latent-like fields in the model's space: 1/f amplitude spectrum, channels mixed,
+    unit variance per entry. Drawn in the frequency domain (one inverse FFT per row)."""
+
+    def __init__(self, torch, shape, clusters: int = 1, seed: int = 0):
+        self.torch, self.shape = torch, shape
+        channels, height, width = shape
+        fy = torch.fft.fftfreq(height)[:, None].abs()
+        fx = torch.fft.rfftfreq(width)[None, :]
+        amplitude = 1.0 / torch.sqrt(fy**2 + fx**2).clamp_min(1.0 / max(height, width))
+        self.amplitude = amplitude / amplitude.pow(2).mean().sqrt()
+        generator = torch.Generator().manual_seed(seed)
+        mixing = torch.randn(channels, channels, generator=generator) + 2.0 * torch.ones(channels, channels)
+        self.mixing = mixing / mixing.pow(2).sum(1, keepdim=True).sqrt()
+        # each cluster's shared "content": the same spectrum restricted to the lowest 1/8 of frequencies,
+        # scaled to the expected energy of a whole spectrum (so that CONTENT is its share of the amplitude)
+        self.rows = torch.nonzero(fy[:, 0] < 1 / 16).flatten()
+        self.columns = int((fx[0] < 1 / 16).sum())
+        low = self.spectrum(clusters, generator)[:, :, self.rows, : self.columns]
+        expected = 2 * self.amplitude.pow(2).sum() * channels
+        self.contents = low * (expected / low.abs().pow(2).flatten(1).sum(1)).sqrt()[:, None, None, None]
+
+    def spectrum(self, count: int, generator):
+        real = self.torch.randn(count, *self.shape[:2], self.shape[2] // 2 + 1, 2, generator=generator)
+        return self.torch.view_as_complex(real) * self.amplitude
+
+    def to_field(self, spectrum):
+        torch = self.torch
+        shaped = torch.fft.irfft2(spectrum, s=self.shape[1:], norm="ortho").flatten(2)
+        mixed = (self.mixing @ shaped).reshape(-1, *self.shape)
+        return mixed / mixed.flatten(1).pow(2).mean(1).sqrt()[:, None, None, None]
+
+    def field(self, count: int, generator):
+        return self.to_field(self.spectrum(count, generator))
+
+    def member(self, cluster_ids, generator):
+        """About CONTENT of the amplitude from the cluster's content, the rest the member's own field
+        (mixed as spectra, one inverse FFT)."""
+        spectrum = math.sqrt(1 - CONTENT**2) * self.spectrum(len(cluster_ids), generator)
+        spectrum[:, :, self.rows, : self.columns] += CONTENT * self.contents[cluster_ids]
+        return self.to_field(spectrum)
+
+
+def radius_of(shape) -> float:
+    return RELATIVE_RADIUS * math.sqrt(math.prod(shape))
+
+
+def set_path(data_dir: pathlib.Path, family: str, count: int) -> pathlib.Path:
+    return data_dir / f"{family}_{count}.safetensors"
+
+
+def make_set(family: str, count: int, data_dir: pathlib.Path, chunk_bytes: int = 64 * 2**20) -> dict:
+    """Write the set in the pack's file format, streaming: header sized first (hashes have a fixed
+    length), payload chunk by chunk, then the header with the real hashes."""
+    torch = setup_torch()
+    import comfy.latent_formats
+
+    from comfyui_shield.core.shield_set import ShieldSet, metadata_json
+
+    format_name, shape = FAMILIES[family]
+    latent_format = getattr(comfy.latent_formats, format_name)()
+    path = set_path(data_dir, family, count)
+    row_values = math.prod(shape)
+    names = tuple(f"shield {index}" for index in range(count))
+
+    def header(hashes) -> bytes:
+        placeholder = ShieldSet(torch.empty(count, *shape, device="meta"), format_name, names, hashes)
+        entries = {
+            "__metadata__": metadata_json(placeholder),
+            "latents": {"dtype": "F16", "shape": [count, *shape], "data_offsets": [0, count * row_values * 2]},
+        }
+        encoded = json.dumps(entries, separators=(",", ":")).encode()
+        return encoded + b" " * (-len(encoded) % 8)
+
+    size = len(header(("0" * 64,) * count))
+    clusters = max(1, count // CLUSTER)
+    data = LatentLike(torch, shape, clusters)
+    generator = torch.Generator().manual_seed(1)
+    rows_per_chunk = max(COPY_EVERY, chunk_bytes // (row_values * 4) // COPY_EVERY * COPY_EVERY)
+    radius = radius_of(shape)
+    hashes = []
+    start_time = time.perf_counter()
+    temp = path.with_name(path.name + ".tmp")
     with open(temp, "wb") as handle:
-        handle.write(len(header).to_bytes(8, "little") + header)
-        for start in range(0, count, chunk):
-            rows = min(chunk, count - start)
-            labels = torch.randint(0, clusters, (rows,), generator=generator)
-            block = centres[labels] + torch.randn(rows, WITHIN_RANK, generator=generator) @ directions
-            block += ISOTROPIC * torch.randn(rows, DIM, generator=generator)
-            handle.write(block.half().numpy().tobytes())
+        handle.write(b"\0" * (8 + size))
+        for start in range(0, count, rows_per_chunk):
+            rows = min(rows_per_chunk, count - start)
+            index = torch.arange(start, start + rows)
+            block = data.member((index * 7919) % clusters, generator)
+            copies = torch.nonzero(index % COPY_EVERY == COPY_EVERY - 1).flatten()
+            copies = copies[copies > 0]
+            direction = data.field(len(copies), generator)
+            lengths = radius * (0.2 + 1.8 * torch.rand(len(copies), generator=generator))
+            block[copies] = (
+                block[copies - 1] + direction * (lengths / direction.flatten(1).norm(dim=1))[:, None, None, None]
+            )
+            stored = latent_format.process_out(block).half()
+            if not torch.isfinite(stored).all():
+                raise ValueError("latents exceed the float16 range")
+            payload = stored.numpy().tobytes()
+            step = row_values * 2
+            hashes.extend(hashlib.sha256(payload[i : i + step]).hexdigest() for i in range(0, len(payload), step))
+            handle.write(payload)
+        handle.seek(0)
+        final = header(tuple(hashes))
+        assert len(final) == size
+        handle.write(size.to_bytes(8, "little") + final)
     temp.rename(path)
+    return {"seconds": time.perf_counter() - start_time, "bytes": path.stat().st_size}
 
 
-def shields_file(data_dir: pathlib.Path, count: int) -> torch.Tensor:
-    path = data_dir / f"clustered_{count}x{DIM}_f16.safetensors"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        write_clustered(path, count)
-        print(f"<!-- wrote {path} in {time.perf_counter() - start:.0f} s -->", flush=True)
-    return memory_map_tensor(path, "latents")
+def make_queries(torch, shield_set, latent_format, shape):
+    """BATCHES x BATCH queries in model space and their kinds: 2 near, 2 far per batch."""
+    from comfyui_shield.samplers.latent_space import to_model_space
+
+    count = len(shield_set)
+    clusters = max(1, count // CLUSTER)
+    data = LatentLike(torch, shape, clusters)
+    generator = torch.Generator().manual_seed(7)
+    radius = radius_of(shape)
+    near_count = BATCHES * 2
+    picks = torch.randint(0, count, (near_count,), generator=generator)
+    picks[::4] = (picks[::4] // COPY_EVERY) * COPY_EVERY + COPY_EVERY - 1  # the copy of a near-copy pair
+    picks = picks.clamp(0, count - 1)
+    base = torch.cat([to_model_space(shield_set.latents[int(p) : int(p) + 1].float(), latent_format) for p in picks])
+    direction = data.field(near_count, generator)
+    t = torch.tensor([NEAR_T[i % len(NEAR_T)] for i in range(near_count)])
+    near = base + direction * (t * radius / direction.flatten(1).norm(dim=1))[:, None, None, None]
+    far_members = data.member(torch.randint(0, clusters, (BATCHES,), generator=generator), generator)
+    far_new = data.field(BATCHES, generator)
+    far = torch.cat([far_members, far_new])
+    queries = torch.empty(BATCHES * BATCH, *shape)
+    kinds = []
+    for batch in range(BATCHES):
+        queries[batch * 4 : batch * 4 + 2] = near[batch * 2 : batch * 2 + 2]
+        queries[batch * 4 + 2] = far[batch]
+        queries[batch * 4 + 3] = far[BATCHES + batch]
+        kinds += [f"near t={float(t[batch * 2]):g}", f"near t={float(t[batch * 2 + 1]):g}", "far member", "far new"]
+    return queries.flatten(1), kinds
 
 
-def near_duplicate_queries(shields: torch.Tensor, seed: int = 1) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, shields.shape[0], (BATCH * BATCHES,), generator=generator)
-    queries = shields[picks.sort().values].float() + NOISE * torch.randn(BATCH * BATCHES, DIM, generator=generator)
-    return list(queries.split(BATCH))
+def load(torch, family: str, count: int, data_dir: pathlib.Path):
+    import comfy.latent_formats
 
+    from comfyui_shield.core import shield_files
+    from comfyui_shield.samplers.latent_space import shields_in_model_space
 
-def kth_neighbour_radius(rows: range_search.ShieldRows, queries: torch.Tensor, k: int = 20) -> float:
-    best = None
-    for _, block in rows.chunks(16384):
-        distances = torch.cdist(queries, block)
-        best = distances if best is None else torch.cat([best, distances], 1).topk(k + 1, dim=1, largest=False).values
-        best = best.topk(min(k + 1, best.shape[1]), dim=1, largest=False).values
-    return float(best[:, k].median())
-
-
-class IvfFlat:
-    """The paper's setting (appendix I): IVF-Flat, nlist = √K, float32 vectors in RAM."""
-
-    def __init__(self, shields: torch.Tensor, nprobe: int):
-        count = shields.shape[0]
-        nlist = int(math.sqrt(count))
-        self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(DIM), DIM, nlist)
-        train = (
-            torch.randperm(count, generator=torch.Generator().manual_seed(0))[: min(count, 40 * nlist)].sort().values
-        )
-        self.index.train(shields[train].float().numpy())
-        for start in range(0, count, 16384):
-            self.index.add(shields[start : start + 16384].float().numpy())
-        self.index.nprobe = nprobe
-
-    def search(self, queries, radius):
-        limits, distances, labels = self.index.range_search(queries.float().numpy(), radius * radius)
-        counts = torch.from_numpy(limits[1:] - limits[:-1]).long()
-        return range_search.Neighbours(
-            torch.repeat_interleave(torch.arange(queries.shape[0]), counts),
-            torch.from_numpy(labels).long(),
-            torch.from_numpy(distances).double().sqrt(),
-        )
-
-    def index_bytes(self):
-        return self.index.ntotal * DIM * 4 + self.index.nlist * DIM * 4
-
-
-def pairs_of(found, offset: int) -> set:
-    return {(int(q) + offset, int(s)) for q, s in zip(found.query, found.shield, strict=True)}
-
-
-def bench_size(count: int, data_dir: pathlib.Path, repeats: int, dims_list, with_ivf: bool) -> None:
-    shields = shields_file(data_dir, count)
-    rows = range_search.ShieldRows(shields)
-    batches = near_duplicate_queries(shields)
-    radius = kth_neighbour_radius(rows, torch.cat(batches))
+    format_name, shape = FAMILIES[family]
+    latent_format = getattr(comfy.latent_formats, format_name)()
+    path = set_path(data_dir, family, count)
     start = time.perf_counter()
-    exact = range_search.ExactRangeSearch(rows)
-    truth = set()
-    exact_times = []
-    for index, queries in enumerate(batches):
-        begin = time.perf_counter()
-        truth |= pairs_of(exact.search(queries, radius), index * BATCH)
-        exact_times.append(time.perf_counter() - begin)
-    print(
-        f"| {count} | exact scan (ground truth, fp16 file) | {time.perf_counter() - start - sum(exact_times):.1f} | "
-        f"{statistics.median(exact_times) * 1e3:.0f} | 1.0000 | {len(truth)} | {count} | - | - | {rss_anon_mb():.0f} |",
-        flush=True,
-    )
-    del exact
-    methods = [(f"clustered m={m}, lists=sqrtK (exact)", lambda m=m: build_clustered(rows, m)) for m in dims_list]
-    if with_ivf:
-        methods += [(f"IVF-Flat nlist=sqrtK nprobe={p}", lambda p=p: IvfFlat(shields, p)) for p in (1, 10)]
-    for name, build in methods:
-        start = time.perf_counter()
-        search = build()
-        built = time.perf_counter() - start
-        found, times, scanned, candidates = set(), [], [], []
-        for _ in range(repeats):
-            for index, queries in enumerate(batches):
-                begin = time.perf_counter()
-                result = search.search(queries, radius)
+    shield_set = shield_files.load_shield_set(path)
+    loaded = time.perf_counter() - start
+    return path, shield_set, latent_format, shape, shields_in_model_space(shield_set, latent_format), loaded
+
+
+# -- pieces (each in its own process) --------------------------------------------------------------------
+def piece_truth(family: str, count: int, data_dir: pathlib.Path) -> dict:
+    """The exact range search of all queries in one pass over the file (the scan of `ExactRangeSearch`,
+    norms taken per chunk: a filter with slack, then `exact_recheck`, float64 at the boundary)."""
+    torch = setup_torch()
+    from comfyui_shield.samplers import range_search
+
+    path, shield_set, latent_format, shape, rows, _ = load(torch, family, count, data_dir)
+    queries, kinds = make_queries(torch, shield_set, latent_format, shape)
+    radius = radius_of(shape)
+    start = time.perf_counter()
+    query_norms = queries.pow(2).sum(1)
+    chunk = max(1, range_search.EXACT_CHUNK_BYTES // (4 * rows.shape[1]))
+    found_q, found_s = [], []
+    for first, block in rows.chunks(chunk):
+        norms = block.pow(2).sum(1)
+        squared = query_norms[:, None] - 2.0 * queries @ block.T + norms[None, :]
+        slack = range_search.FILTER_SLACK * (query_norms[:, None] + norms[None, :]) + 1e-6
+        q, s = torch.nonzero(squared <= radius * radius + slack, as_tuple=True)
+        found_q.append(q)
+        found_s.append(s + first)
+    found = range_search.exact_recheck(queries, rows, torch.cat(found_q), torch.cat(found_s), radius)
+    seconds = time.perf_counter() - start
+    pairs = sorted((int(q), int(s)) for q, s in zip(found.query, found.shield, strict=True))
+    return {"pairs": pairs, "kinds": kinds, "scan_seconds": seconds}
+
+
+def piece_build(family: str, count: int, data_dir: pathlib.Path) -> dict:
+    torch = setup_torch()
+    from comfyui_shield.core import shield_files
+    from comfyui_shield.samplers import range_search, shield_index
+
+    path, shield_set, _, shape, rows, loaded = load(torch, family, count, data_dir)
+    rss_loaded = status_mb("VmRSS")
+    resident = evict(path, shield_set.latents)
+    read_before = disk_read_bytes()
+    dims = range_search.default_projection_dims(count, "clustered")
+    start, cpu = time.perf_counter(), time.process_time()
+    state = shield_index.ClusteredProjectionSearch.build_state(rows, dims)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    index_file = shield_files.index_path_for(str(path))
+    shield_files.save_index(index_file, "bench", state)
+    return {
+        "load_seconds": loaded,
+        "build_seconds": seconds,
+        "build_cpu_seconds": cpu,
+        "load_average": os.getloadavg()[0],
+        "build_read_gb": (disk_read_bytes() - read_before) / 2**30,
+        "resident_after_evict": resident,
+        "index_mb": index_file.stat().st_size / 2**20,
+        "dims": dims,
+        "rss_after_load_mb": rss_loaded,
+        "peak_rss_mb": status_mb("VmHWM"),
+    }
+
+
+def piece_search(family: str, count: int, data_dir: pathlib.Path, truth: dict) -> dict:
+    torch = setup_torch()
+    from comfyui_shield.core import shield_files
+    from comfyui_shield.samplers import shield_index
+
+    baseline_rss = status_mb("VmRSS")
+    path, shield_set, latent_format, shape, rows, _ = load(torch, family, count, data_dir)
+    state = shield_files.load_index(shield_files.index_path_for(str(path)), "bench")
+    search = shield_index.ClusteredProjectionSearch(rows, state)
+    queries, _ = make_queries(torch, shield_set, latent_format, shape)
+    radius = radius_of(shape)
+    row_bytes = math.prod(shape) * 2
+    truth_pairs = {tuple(pair) for pair in truth["pairs"]}
+    results = {}
+    for mode in ("cold", "warm"):
+        times, cpu_times, rows_read, candidates, residents, found = [], [], [], [], [], set()
+        for _ in range(REPEATS):
+            for batch in range(BATCHES):
+                batch_queries = queries[batch * BATCH : (batch + 1) * BATCH]
+                if mode == "cold":
+                    residents.append(evict(path, shield_set.latents))
+                else:
+                    search.search(batch_queries, radius)  # the same batch once before: its rows are cached
+                before = disk_read_bytes()
+                begin, cpu = time.perf_counter(), time.process_time()
+                result = search.search(batch_queries, radius)
                 times.append(time.perf_counter() - begin)
-                found |= pairs_of(result, index * BATCH)
-                scanned.append(getattr(search, "last_scanned", count))
-                candidates.append(getattr(search, "last_candidates", float("nan")))
-        recall = len(found & truth) / max(1, len(truth))
-        extra = len(found - truth)
-        assert extra == 0, f"{name} returned {extra} pairs outside the radius"
-        print(
-            f"| {count} | {name} | {built:.1f} | {statistics.median(times) * 1e3:.1f} | {recall:.4f} | {len(truth)} | "
-            f"{statistics.median(scanned):.0f} | {statistics.median(candidates):.0f} | {search.index_bytes() / 2**20:.0f} | {rss_anon_mb():.0f} |",
-            flush=True,
-        )
-        del search
+                cpu_times.append(time.process_time() - cpu)
+                rows_read.append((disk_read_bytes() - before) / row_bytes)
+                candidates.append(search.last_candidates)
+                found |= {(int(q) + batch * BATCH, int(s)) for q, s in zip(result.query, result.shield, strict=True)}
+        extra = found - truth_pairs
+        assert not extra, f"pairs outside r returned: {sorted(extra)[:5]}"
+        results[mode] = {
+            "ms": statistics.median(times) * 1e3,
+            "ms_max": max(times) * 1e3,
+            "cpu_ms": statistics.median(cpu_times) * 1e3,
+            "rows_read": statistics.median(rows_read),
+            "rows_read_max": max(rows_read),
+            "candidates": statistics.median(candidates),
+            "recall": len(found & truth_pairs) / max(1, len(truth_pairs)),
+            "resident_after_evict": max(residents) if residents else 0,
+        }
+    results.update(
+        {
+            "pairs": len(truth_pairs),
+            "baseline_rss_mb": baseline_rss,
+            "peak_rss_mb": status_mb("VmHWM"),
+            "rss_anon_mb": status_mb("RssAnon"),
+            "index_ram_mb": search.index_bytes() / 2**20,
+            "load_average": os.getloadavg()[0],
+        }
+    )
+    return results
 
 
-def build_clustered(rows, dims: int):
-    return shield_index.ClusteredProjectionSearch(rows, shield_index.ClusteredProjectionSearch.build_state(rows, dims))
+# -- driver ----------------------------------------------------------------------------------------------
+def run_piece(arguments: list[str]) -> dict:
+    command = [sys.executable, __file__, "--piece", *arguments]
+    output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if output.returncode != 0:
+        raise RuntimeError(f"{' '.join(arguments)} failed:\n{output.stderr[-3000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def bench_one(family: str, count: int, data_dir: pathlib.Path, keep: bool) -> list:
+    _, shape = FAMILIES[family]
+    path = set_path(data_dir, family, count)
+    file_bytes = count * math.prod(shape) * 2
+    common = [family, str(count), str(data_dir)]
+    if not path.exists():
+        free = shutil.disk_usage(data_dir).free
+        if free - file_bytes < FREE_DISK_RESERVE:
+            print(f"<!-- skipped {family} {count}: {file_bytes / 2**30:.0f} GB would leave < 20 GB free -->")
+            return []
+        made = run_piece(["make", *common])
+        print(f"<!-- wrote {path.name}: {made['bytes'] / 2**30:.1f} GB in {made['seconds']:.0f} s -->", flush=True)
+    truth_file = path.with_name(path.name + ".truth.json")
+    if not truth_file.exists():
+        truth_file.write_text(json.dumps(run_piece(["truth", *common])))
+    truth = json.loads(truth_file.read_text())
+    built = run_piece(["build", *common])
+    searched = run_piece(["search", *common, str(truth_file)])
+    if not keep:
+        for leftover in (path, truth_file, path.with_name(path.name + ".shield-index")):
+            leftover.unlink(missing_ok=True)
+    shape_text = "x".join(map(str, shape))
+    row = [
+        f"{family} {shape_text}",
+        count,
+        f"{file_bytes / 2**30:.2f}",
+        f"{built['build_seconds']:.0f} ({built['build_cpu_seconds']:.0f} CPU, {built['build_read_gb']:.1f} GB read)",
+        f"{built['index_mb']:.1f}",
+        f"{built['peak_rss_mb']:.0f}",
+        f"{searched['warm']['ms']:.1f} ({searched['warm']['cpu_ms']:.1f})",
+        f"{searched['cold']['ms']:.1f} ({searched['cold']['cpu_ms']:.1f}), max {searched['cold']['ms_max']:.0f}",
+        f"{searched['cold']['rows_read']:.0f} (max {searched['cold']['rows_read_max']:.0f})",
+        f"{searched['cold']['candidates']:.0f}",
+        f"{searched['peak_rss_mb']:.0f} ({searched['baseline_rss_mb']:.0f})",
+        f"{searched['cold']['recall']:.4f} / {searched['warm']['recall']:.4f} ({searched['pairs']})",
+        f"{truth['scan_seconds']:.0f}",
+        f"{built['load_average']:.1f} / {searched['load_average']:.1f}",
+    ]
+    print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
+    details = {"built": built, "searched": searched, "load_seconds": built["load_seconds"]}
+    print(f"<!-- {family} {count}: {json.dumps(details)} -->", flush=True)
+    return row
+
+
+HEADER = (
+    "| family, latent | K | file GB | index build s (CPU s, disk read) | index MB | build peak RSS MB "
+    "| ms/step warm (CPU ms) | ms/step cold (CPU ms) | rows read from disk per step, cold "
+    "| candidate pairs re-checked per step | search process peak RSS MB (before loading) "
+    "| recall cold / warm (in-radius pairs) | exact scan of all 32 queries, s | load average build / search |"
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="K = 10k only, 2 repeats")
-    parser.add_argument("--sizes", type=int, nargs="*", default=None)
-    parser.add_argument("--dims", type=int, nargs="*", default=[64, 128])
+    parser.add_argument("--quick", action="store_true", help="SD1.5 at 2000 shields (seconds)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sdxl")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("/tmp/shield_scale_bench"))
+    parser.add_argument("--keep", action="store_true", help="keep the set files (default: deleted after each size)")
+    parser.add_argument("--piece", nargs="+", help=argparse.SUPPRESS)
     options = parser.parse_args()
-    sizes = options.sizes or ([10_000] if options.quick else [10_000, 100_000, 1_000_000])
-    repeats = 2 if options.quick else 3
+    if options.piece:
+        name, family, count, data_dir, *rest = options.piece
+        arguments = (family, int(count), pathlib.Path(data_dir))
+        if name == "make":
+            result = make_set(*arguments)
+        elif name == "truth":
+            result = piece_truth(*arguments)
+        elif name == "build":
+            result = piece_build(*arguments)
+        else:
+            result = piece_search(*arguments, json.loads(pathlib.Path(rest[0]).read_text()))
+        print(json.dumps(result))
+        return
+    family, sizes = ("sd15", [2000]) if options.quick else (options.family, options.sizes)
+    options.data_dir.mkdir(parents=True, exist_ok=True)
     print(
-        f"\n### Shield search at scale (d={DIM}, fp16 memory-mapped file, {BATCHES} batches of {BATCH} near-duplicate "
-        f"queries, radius = median 20th-neighbour distance, median over batches x {repeats} repeats)\n"
+        f"\n### Shield search at real latent sizes ({family}, fp16 set file memory-mapped, batch {BATCH}, "
+        f"{BATCHES} batches of 2 near + 2 far queries, r = {RELATIVE_RADIUS}·√D, median of {REPEATS} repeats)\n"
     )
-    print(
-        "| K | method | build s | ms/step (batch 4) | recall of in-radius pairs | in-radius pairs | codes/vectors scanned "
-        "| pairs re-checked (median per batch) | index RAM MB | process private RAM MB |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(HEADER)
+    print("|" + "---|" * HEADER.count(" | ") + "---|")
     for count in sizes:
-        bench_size(count, options.data_dir, repeats, options.dims, with_ivf=count <= 100_000)
+        bench_one(family, count, options.data_dir, options.keep)
 
 
 if __name__ == "__main__":

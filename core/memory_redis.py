@@ -171,7 +171,13 @@ class RedisStore:
         with self._lock:
             client = self._clients.get(spec.redis_url)
             if client is None:
-                client = redis.Redis.from_url(spec.redis_url, socket_connect_timeout=3, socket_timeout=10)
+                try:
+                    client = redis.Redis.from_url(spec.redis_url, socket_connect_timeout=3, socket_timeout=10)
+                except ValueError as error:  # the client's own URL rules, beyond redis_url_problem's
+                    raise ShieldMemoryError(
+                        f"Shield Memory: redis_url {spec.redis_url!r} of {spec.describe()} cannot be used ({error}); "
+                        f"write it as redis://host:port/db, e.g. redis://10.0.0.5:6379/0"
+                    ) from error
                 self._clients[spec.redis_url] = client
             return client
 

@@ -51,14 +51,27 @@ def is_inside(root: pathlib.Path, path: pathlib.Path) -> bool:
     return path == root or root in path.parents
 
 
+def resolved(path: pathlib.Path, where: str) -> pathlib.Path:
+    """path with every symlink resolved; a symlink loop (RuntimeError before Python 3.13, ELOOP after)
+    becomes an error naming the input."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:
+        raise ShieldSetError(
+            f"{where}: {path} is part of a symlink loop (a link that leads back to itself) or cannot be resolved "
+            f"({error}); remove or fix that link"
+        ) from error
+
+
 def real_path_inside(root: pathlib.Path, name: str, where: str, examples: str, root_label: str) -> pathlib.Path:
     """root/name with every symlink resolved; refused unless the real path is inside the real root.
 
     `name` may not exist yet (a file about to be written): its existing part is resolved. root_label
     names the root for the user ("ComfyUI's input directory")."""
     check_relative_name(name, where, examples)
-    real_root = pathlib.Path(root).resolve()
-    path = (real_root / name).resolve()
+    check_name_lengths(pathlib.Path(root), name, where)
+    real_root = resolved(pathlib.Path(root), where)
+    path = resolved(real_root / name, where)
     if pathlib.PurePath(name).is_absolute() or not is_inside(real_root, path):
         raise ShieldSetError(
             f"{where}: {name!r} points outside {root_label} {real_root} (through '..' or a symlink whose target "
@@ -69,7 +82,7 @@ def real_path_inside(root: pathlib.Path, name: str, where: str, examples: str, r
 
 def require_inside(real_root: pathlib.Path, path: pathlib.Path, where: str, what: str) -> pathlib.Path:
     """The real path of `path` (found while listing real_root), refused if a symlink leads outside."""
-    real = path.resolve()
+    real = resolved(path, where)
     if not is_inside(real_root, real):
         raise ShieldSetError(
             f"{where}: {what} {path.relative_to(real_root)} is a symlink to {real}, outside {real_root}. "
@@ -100,7 +113,7 @@ def walk_files(
             elif target.is_file():
                 yield entry, target
 
-    yield from walk(folder, folder.resolve())
+    yield from walk(folder, resolved(folder, where))
 
 
 def explain_write_error(error: OSError, where: str, path: pathlib.Path, what_to_change: str) -> str:

@@ -265,6 +265,7 @@ def touched_summary(record: RunRecord) -> dict[str, Any]:
         "samples_touched": sum(1 for column in zip(*touched, strict=True) if any(column)) if touched else 0,
         "steps": len(record.steps),
         "steps_touched": sum(1 for row in touched if any(row)),
+        "note": str(record.summary.get("note", "")),
     }
 
 

@@ -198,6 +198,8 @@ def method_lines(run: MethodCurves) -> list[str]:
     )
     if run.method.describe is not None:
         lines += run.method.describe(run)
+    if run.summary.get("note"):
+        lines.append(f"  {run.summary['note']}")
     return lines
 
 

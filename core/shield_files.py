@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import pathlib
 import struct
 import tempfile
+import weakref
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
@@ -32,6 +34,7 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16}
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 FINITE_CHECK_ROWS = 8192
+FINITE_CHECK_BYTES = 64 * 2**20
 MAX_NUMBERED_NAMES = 10_000  # Save Shield Set with overwrite off tries name, name_1 ... name_9999
 SET_NAME_EXAMPLES = "a plain name such as 'my_shields' (sub-folders allowed)"
 DAMAGED_FIX = "rebuild the set (Shield Set from Images or from Latents) and save it again with Save Shield Set"
@@ -42,7 +45,6 @@ def resolve_inside(folder: str, filename: str, where: str) -> pathlib.Path:
     """folder/filename(.safetensors), its real path required inside the folder (paths.real_path_inside)."""
     paths.check_relative_name(filename, where, SET_NAME_EXAMPLES)
     name = filename if filename.endswith(EXTENSION) else filename + EXTENSION
-    paths.check_name_lengths(pathlib.Path(folder), name, where)
     return paths.real_path_inside(pathlib.Path(folder), name, where, SET_NAME_EXAMPLES, "the shield set folder")
 
 
@@ -137,22 +139,70 @@ def _link_without_replacing(source: str, target: pathlib.Path) -> None:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def memory_map_tensor(path: pathlib.Path, key: str) -> torch.Tensor:
+def _payload_layout(handle, key: str) -> tuple[int, np.dtype, list]:
+    """(byte offset of the tensor in the file, numpy dtype, shape) from the safetensors header (8-byte
+    little-endian length, JSON, then the payload); safe_open has validated it already."""
+    handle.seek(0)
+    (header_size,) = struct.unpack("<Q", handle.read(8))
+    entry = json.loads(handle.read(header_size))[key]
+    return 8 + header_size + entry["data_offsets"][0], np.dtype(_NUMPY_DTYPES[entry["dtype"]]), list(entry["shape"])
+
+
+def memory_map_tensor(path: pathlib.Path, key: str, handle=None) -> torch.Tensor:
     """A read-only view of one tensor of a safetensors file, backed by the page cache (np.memmap on the
-    payload): nothing is read until rows are indexed. The header is parsed as the format defines it
-    (8-byte little-endian length, JSON, then the payload); safe_open has validated it already."""
-    with open(path, "rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
-    entry = header[key]
-    begin, end = entry["data_offsets"]
-    dtype = _NUMPY_DTYPES[entry["dtype"]]
-    count = (end - begin) // np.dtype(dtype).itemsize
-    if count == 0:
-        return torch.zeros(entry["shape"], dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
+    payload): nothing is read until rows are indexed. `handle`: the open file to map (default: open `path`)."""
+    if handle is None:
+        with open(path, "rb") as opened:
+            return memory_map_tensor(path, key, opened)
+    offset, dtype, shape = _payload_layout(handle, key)
+    if math.prod(shape) == 0:
+        return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
     # mode "c" (copy-on-write) gives a writable-looking array without ever writing the file
-    array = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_size + begin, shape=tuple(entry["shape"]))
-    return torch.from_numpy(array)
+    return torch.from_numpy(np.memmap(handle, dtype=dtype, mode="c", offset=offset, shape=tuple(shape)))
+
+
+class FileRows:
+    """The rows of a memory-mapped tensor, read from the file it was mapped from without going through the
+    mapping: whole ranges by `pread` (a scan does not map the file into the process, so its RSS stays
+    small) and `prefetch` of the rows a search is about to gather. Without the hint, each page fault on a
+    cold mapping reads the device's read-ahead window around it (8 MB here: 64 rows of an SDXL-1024
+    shield to get one); with it the kernel reads those rows only, all at once.
+
+    Holds its own descriptor of the file as it was when loaded: replacing the file under the same name
+    never changes what these rows are (they stay those of the mapping)."""
+
+    def __init__(self, handle, key: str = "latents"):
+        self.offset, self.dtype, shape = _payload_layout(handle, key)
+        self.row_shape = tuple(shape[1:])
+        self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
+        self.count = shape[0]
+        self.descriptor = os.dup(handle.fileno())
+        weakref.finalize(self, os.close, self.descriptor)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as a tensor [n, *row_shape] in the stored dtype."""
+        start, stop = max(0, start), min(self.count, stop)
+        rows = np.empty((max(0, stop - start), *self.row_shape), dtype=self.dtype)
+        view, position = memoryview(rows.reshape(-1).view(np.uint8)), self.offset + start * self.row_bytes
+        while len(view):
+            done = os.preadv(self.descriptor, [view], position)
+            if done == 0:
+                raise ShieldSetError(f"the shield set file ended early (truncated while in use?); {DAMAGED_FIX}")
+            view, position = view[done:], position + done
+        return torch.from_numpy(rows)
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        """Ask the kernel to read these rows now (POSIX_FADV_WILLNEED; asynchronous, a hint only). Adjacent
+        rows are asked for as one range."""
+        rows = torch.unique(rows.flatten())  # sorted
+        if rows.numel() == 0:
+            return
+        breaks = torch.nonzero(rows[1:] - rows[:-1] > 1).flatten() + 1
+        starts = torch.cat([rows[:1], rows[breaks]]).tolist()
+        stops = torch.cat([rows[breaks - 1], rows[-1:]]).tolist()
+        for first, last in zip(starts, stops, strict=True):
+            position = self.offset + first * self.row_bytes
+            os.posix_fadvise(self.descriptor, position, (last + 1 - first) * self.row_bytes, os.POSIX_FADV_WILLNEED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,9 +331,12 @@ def load_shield_set(path: pathlib.Path) -> ShieldSet:
             f"{DAMAGED_FIX}"
         )
     _check_side_tensors(contents, count, where)
-    latents = memory_map_tensor(path, "latents")
-    for start in range(0, count, FINITE_CHECK_ROWS):  # one sequential pass, bounded memory
-        if not torch.isfinite(latents[start : start + FINITE_CHECK_ROWS]).all():
+    with open(path, "rb") as handle:  # one open file for both: the rows read are those mapped
+        latents = memory_map_tensor(path, "latents", handle)
+        file_rows = FileRows(handle)
+    check_rows = max(1, min(FINITE_CHECK_ROWS, FINITE_CHECK_BYTES // max(1, file_rows.row_bytes)))
+    for start in range(0, count, check_rows):  # one sequential pass, bounded memory, not mapped into the process
+        if not torch.isfinite(file_rows.read(start, start + check_rows)).all():
             raise ShieldSetError(f"{where}: the latents contain NaN or inf; {DAMAGED_FIX}")
     with safe_open(str(path), framework="pt") as handle:
         images = handle.get_tensor("images").float() if "images" in contents.shapes else None
@@ -301,6 +354,7 @@ def load_shield_set(path: pathlib.Path) -> ShieldSet:
         embeddings=embeddings,
         settings=settings,
         source_path=str(path),
+        file_rows=file_rows,
     )
 
 

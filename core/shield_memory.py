@@ -22,6 +22,7 @@ import pathlib
 import re
 import threading
 import time
+import urllib.parse
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -79,6 +80,11 @@ class MemorySpec:
                 f"{where}: a memory kept in a {self.store} store needs an id of letters, digits, '_', '-' and "
                 f"'.' (up to 100, starting with a letter or digit): it names a file or a Redis key. Rename it"
             )
+        if self.store == "redis" and self.redis_url and redis_url_problem(self.redis_url):
+            raise ShieldMemoryError(
+                f"{where}: redis_url {self.redis_url!r} {redis_url_problem(self.redis_url)}; write it as "
+                f"redis://host:port/db (e.g. redis://10.0.0.5:6379/0), rediss:// for TLS, or leave it empty"
+            )
         if self.store == "server" and self.memory_id.startswith(("file:", "redis:")):
             raise ShieldMemoryError(f"{where}: ids starting with 'file:' or 'redis:' are reserved; rename it")
         if not isinstance(self.cap, int) or isinstance(self.cap, bool) or not 1 <= self.cap <= MAX_CAP:
@@ -93,6 +99,23 @@ class MemorySpec:
     def describe(self) -> str:
         where = {"server": "this server", "file": "file", "redis": "redis"}[self.store]
         return f"memory '{self.memory_id}' ({where})"
+
+
+def redis_url_problem(url: str) -> Optional[str]:
+    """What makes `url` unusable as a Redis URL (the redis client's own rules), or None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "must start with redis://, rediss:// or unix://"
+    try:
+        _ = parts.port  # urllib raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        return "has a port that is not a number from 0 to 65535"
+    if parts.scheme == "unix":
+        return None if parts.path else "names no socket path"
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        return f"has database {database!r}, which is not a number"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,9 @@ class ShieldSet:
     # The file the latents are memory-mapped from (Load Shield Set), so an index can be saved beside
     # it; None for sets built in memory. Not part of the content (content_hash ignores it).
     source_path: Optional[str] = dataclasses.field(default=None, compare=False)
+    # Reads of those latents straight from the file (shield_files.FileRows: range reads, read-ahead of
+    # the rows a search gathers); None for sets in memory.
+    file_rows: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         count = self.latents.shape[0]
@@ -93,10 +96,12 @@ class ShieldSet:
                 f"(Shield Set from Images) instead of mixing model families."
             )
         if tuple(latent_shape) != self.item_shape:
+            video = len(latent_shape) == 4 or len(self.item_shape) == 4
             raise ShieldSetError(
                 f"{where}: the shield set's latents are {_pixels_hint(self.item_shape)} but this "
                 f"generation's latents are {_pixels_hint(tuple(latent_shape))}. Rebuild the set at the "
-                f"generation's width and height (Shield Set from Images: width/height)."
+                f"generation's width and height{' and length' if video else ''} (Shield Set from Images: "
+                f"width/height{'/length' if video else ''})."
             )
 
     # -- building ---------------------------------------------------------------------------------
@@ -127,9 +132,16 @@ def latent_format_name(model_patcher) -> str:
 
 
 def _pixels_hint(shape: tuple[int, ...]) -> str:
+    """One item's latent shape in words: [C, H, W] (image) or [C, T, H, W] (video clip)."""
     channels, *spatial = shape
-    size = "x".join(str(s) for s in spatial)
-    return f"{channels} channels at {size} (about {spatial[-1] * 8}x{spatial[-2] * 8} px for an 8x VAE)"
+    pixels = f"about {spatial[-1] * 8}x{spatial[-2] * 8} px for an 8x VAE"
+    if len(spatial) == 3:  # Wan-style video VAE: 1 + 4·(T − 1) frames
+        frames, height, width = spatial
+        return (
+            f"{channels} channels x {frames} latent frames at {height}x{width} ({pixels}, {1 + 4 * (frames - 1)} frames "
+            f"for a 4x temporal VAE such as Wan's)"
+        )
+    return f"{channels} channels at {'x'.join(str(s) for s in spatial)} ({pixels})"
 
 
 def hash_tensor(tensor: torch.Tensor) -> str:

@@ -165,6 +165,9 @@ def nearest_protected(images, latent, shield_set, embedder, model) -> Optional[l
                 "similarity": float(report.cosine[index]),
                 "embedder": report.embedder_key,
             }
+            copy_threshold = getattr(embedder, "copy_threshold", None)  # a copy detector's own verdict
+            if copy_threshold is not None:
+                entry["embedder"]["copy"] = bool(report.cosine[index] >= copy_threshold)
         entries.append(entry)
     return entries
 

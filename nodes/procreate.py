@@ -285,7 +285,8 @@ class ShieldProCreateGuidance(ShieldNode):
             node_id="ShieldProCreateGuidance",
             display_name="ProCreate Energy Guidance (Shield)",
             description="Pushes each sample's predicted image away from its nearest reference image in an "
-            "embedding space (ProCreate, arXiv 2408.02226). Works per sample with every sampler.",
+            "embedding space (ProCreate, arXiv 2408.02226). Works per sample with every sampler; on video "
+            "models per clip, on its most similar frame.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch."),
                 io.Vae.Input("vae", tooltip="This model's VAE: decodes the predicted x̂0 for the embedder."),

@@ -8,7 +8,7 @@ items (a real cond/uncond difference for CFG). They show what the pack's patches
 from comfy_api.v0_0_2 import io
 
 from ..reference_models.memorizer import PREDICTION_TYPES, build_memorizer, subset_conditioning
-from .common import CATEGORY
+from .common import CATEGORY, require_finite
 from .validation import ShieldNode
 
 MAX_ITEMS = 4096
@@ -73,6 +73,7 @@ class ShieldMemorizerModel(ShieldNode):
     @classmethod
     def execute(cls, latent, prediction) -> io.NodeOutput:
         items = latent["samples"].float()
+        require_finite(items, "Shield Memorizer Model: 'latent'")
         return io.NodeOutput(
             build_memorizer(items, prediction), subset_conditioning(items.shape[0]), int(items.shape[0])
         )

@@ -17,7 +17,7 @@ from ..core.report import ReportData, latest_runs, measure_outputs, summary_text
 from ..core.report_charts import render_report
 from ..core.shield_set import ShieldSet, latent_format_name
 from ..samplers.latent_space import latent_format_named, latent_format_of, to_model_space
-from .common import CATEGORY, EMBEDDER, SHIELD_SET
+from .common import CATEGORY, EMBEDDER, SHIELD_SET, require_finite
 from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ def build_report(
     model=None,
 ) -> ReportData:
     latents = None if latent is None else latent["samples"].float().cpu()
+    for tensor, name in ((latents, "latent"), (images, "images")):
+        if tensor is not None:
+            require_finite(tensor, f"Shield Report: '{name}'")
     if latents is None and images is None:
         raise ValueError(
             "Shield Report: connect the outputs to measure, to the 'images' input, the 'latent' input, or both."

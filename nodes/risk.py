@@ -2,7 +2,7 @@
 
 Memorization Risk probes the model at the start of the schedule of the KSampler it stands for (same
 seed, latent, steps, sampler, scheduler, denoise) and scores each sample; Shield Gate puts the flags on
-the model, and every Shield method on that model (Sparse Repellency, Transition-Point CFG, ProCreate)
+the model, and every Shield method on that model (Sparse Repellency, Transition-Point CFG, ProCreate, ...)
 then acts on the flagged samples only: the others are sampled exactly as without the methods.
 """
 

@@ -32,7 +32,7 @@ from ..core.shield_memory import DEFAULT_CAP, MAX_CAP, MEMORY, STORES, WHEN_FULL
 from ..core.shield_set import ShieldSet, ShieldSetError, from_latents, latent_format_name  # noqa: F401
 from ..samplers import spell_math
 from ..samplers.latent_space import latent_format_of, to_model_space
-from .common import CATEGORY, SHIELD_SET
+from .common import CATEGORY, SHIELD_SET, require_finite
 from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
@@ -89,18 +89,36 @@ def cover_and_centre_crop(images: torch.Tensor, width: int, height: int) -> torc
     return resized[:, top : top + height, left : left + width, :].clamp(0.0, 1.0)
 
 
+def is_video_vae(vae) -> bool:
+    """Whether the VAE makes video latents [B, C, T, H, W] (Wan, Hunyuan Video, ...)."""
+    return int(getattr(vae, "latent_dim", 2)) == 3
+
+
 def encode_images(
-    vae, images: torch.Tensor, latent_format: str, width: int, height: int, names=None, source: str = "images"
+    vae,
+    images: torch.Tensor,
+    latent_format: str,
+    width: int,
+    height: int,
+    names=None,
+    source: str = "images",
+    length: int = 1,
 ) -> ShieldSet:
+    """One latent per image. With a video VAE each image is encoded as a still clip of `length` frames
+    (the image repeated), so a shield has the generation's [C, T, H, W] shape (docs/families.md)."""
     pixels = cover_and_centre_crop(images[..., :3].float(), width, height)
+    frames = length if is_video_vae(vae) else 1
     progress = comfy.utils.ProgressBar(pixels.shape[0])
     latents = []
     for index in range(pixels.shape[0]):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        latents.append(vae.encode(pixels[index : index + 1]).float().cpu())
+        clip = pixels[index : index + 1].repeat(frames, 1, 1, 1)
+        latents.append(vae.encode(clip).float().cpu())
         progress.update(1)
     names = list(names) if names is not None else [f"image {index}" for index in range(pixels.shape[0])]
     settings = {"width": width, "height": height, "resize": "cover+centre-crop, bilinear antialiased", "source": source}
+    if is_video_vae(vae):
+        settings["length"] = frames
     shield_set = from_latents(torch.cat(latents), latent_format, names=names, images=pixels, settings=settings)
     hashes = tuple(hashlib.sha256(p.contiguous().numpy().tobytes()).hexdigest() for p in pixels)
     return dataclasses.replace(shield_set, hashes=hashes)
@@ -198,6 +216,18 @@ class ShieldSetFromImages(ShieldNode):
                     "whose images (png, jpg, webp, bmp, gif, tif; sub-folders included) are protected. Empty "
                     "uses the images input instead. Non-image files are skipped (logged); a corrupt image is an error.",
                 ),
+                io.Int.Input(
+                    "length",
+                    default=1,
+                    min=1,
+                    max=4096,
+                    step=1,
+                    optional=True,
+                    tooltip="Video models only (a VAE that makes [C, T, H, W] latents, e.g. Wan): the clip length in "
+                    "frames (the empty video latent's length). Each image becomes a still clip of this many frames, "
+                    "so a shield is a whole clip. Must stay 1 for image models. To protect a real clip, VAE Encode "
+                    "its frames and use Shield Set from Latents.",
+                ),
             ],
             outputs=[SHIELD_SET.Output(display_name="shield_set")],
         )
@@ -225,9 +255,14 @@ class ShieldSetFromImages(ShieldNode):
             return f"invalid:{time.monotonic_ns()}"  # let execute raise the clear error
 
     @classmethod
-    def execute(cls, images=None, vae=None, model=None, width=512, height=512, folder="") -> io.NodeOutput:
+    def execute(cls, images=None, vae=None, model=None, width=512, height=512, folder="", length=1) -> io.NodeOutput:
         if (images is None) == (not folder):
             raise ShieldSetError(f"{FROM_IMAGES}: connect the images input or set folder (exactly one of them)")
+        if length != 1 and not is_video_vae(vae):
+            raise ShieldSetError(
+                f"{FROM_IMAGES}: length is {length}, but this VAE makes image latents; length applies to video "
+                "models only. Set length to 1."
+            )
         names, source = None, "images"
         if folder:
             images, names = read_input_folder(folder, width, height)
@@ -244,10 +279,11 @@ class ShieldSetFromImages(ShieldNode):
             latent_format,
             source,
             tuple(names or ()),
+            length,
         )
         per_vae = _ENCODE_CACHE.setdefault(vae, BoundedCache(_ENCODE_CACHE_PER_VAE))
         shield_set = per_vae.get_or_build(
-            key, lambda: encode_images(vae, images, latent_format, width, height, names, source)
+            key, lambda: encode_images(vae, images, latent_format, width, height, names, source, length)
         )
         return io.NodeOutput(shield_set, ui=set_preview(cls, shield_set))
 
@@ -506,8 +542,14 @@ class ShieldRadiusCalibration(ShieldNode):
     @classmethod
     def execute(cls, latent, model) -> io.NodeOutput:
         samples = latent["samples"]
+        if samples.ndim < 4:
+            raise ValueError(
+                f"Shield Radius Calibration: 'latent' has shape {list(samples.shape)}; it must be a batch of latents "
+                "[N, C, H, W] (or [N, C, T, H, W] for video), as a sampler outputs them"
+            )
         if samples.shape[0] < 2:
             raise ValueError("Shield Radius Calibration: latent needs a batch of at least 2 (raise batch_size)")
+        require_finite(samples, "Shield Radius Calibration: 'latent'")
         scaled = to_model_space(samples, latent_format_of(model))
         median = spell_math.median_pairwise_distance(scaled)
         relative = median / samples[0].numel() ** 0.5

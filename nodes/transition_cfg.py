@@ -37,7 +37,9 @@ class TransitionPointCFG(ShieldNode):
             description=(
                 "Memorization mitigation (Jain et al., 'Classifier-Free Guidance inside the Attraction Basin May Cause "
                 "Memorization'): until each sample's transition point, use unconditional, conditional-only or "
-                "opposite guidance; afterwards the sampler's own cfg. Needs a negative conditioning."
+                "opposite guidance; afterwards the sampler's own cfg. Needs a negative conditioning and cfg ≠ 1: at cfg 1 "
+                "(Flux dev with FluxGuidance, BasicGuider) there is no CFG to transition, and the run records a no-op "
+                "saying so."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch; chain it with other model patches freely."),

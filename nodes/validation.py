@@ -16,10 +16,12 @@ values the prompt holds (a linked input is not known yet and is skipped), then t
 runs the schema checks on the values it really receives, linked ones included, before the node's code.
 Every message names the node, the input and the allowed values.
 
-Core converts INT/FLOAT/BOOLEAN values (`int()`, `float()`, `bool()`) before any node sees them, which
-loses "false" vs false and "NaN" vs NaN. `refuse_wrong_raw_types`, installed as an on-prompt handler
-of the server, sees the raw prompt first and replaces a value of the wrong type with a `RefusedValue`,
-whose conversion raises the validator's message, so the prompt is refused with that message.
+Core converts INT/FLOAT/BOOLEAN/STRING values (`int()`, `float()`, `bool()`, `str()`) before any node
+sees them, which loses "false" vs false, "NaN" vs NaN and null vs "None", and it hands a node None both
+for a linked input and for a JSON null. `refuse_wrong_raw_types`, installed as an on-prompt handler of
+the server, sees the raw prompt first and replaces a value of the wrong type (null included) with a
+`RefusedValue`, whose conversion raises the validator's message (its str() keeps it), so the prompt is
+refused with that message.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class RefusedValue(str):
 
     __bool__ = __float__ = __int__ = __index__ = _refuse
 
+    def __str__(self) -> str:  # core's str() of a STRING input keeps the refusal
+        return self
+
 
 # -- one value against its schema input -----------------------------------------------------------------
 def _limits(socket) -> str:
@@ -60,7 +65,19 @@ def _limits(socket) -> str:
 
 
 def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, int) and not isinstance(value, bool) and not _fits_float(value):
+        return f"a {len(str(abs(value)))}-digit integer"
     return f"{value!r} ({type(value).__name__})" if not isinstance(value, (int, float)) else repr(value)
+
+
+def _fits_float(value: numbers.Real) -> bool:
+    try:
+        float(value)
+    except OverflowError:  # an integer of hundreds of digits (JSON allows it)
+        return False
+    return True
 
 
 def value_problem(socket, value: Any) -> Optional[str]:
@@ -89,6 +106,8 @@ def _number_problem(socket, value: Any) -> Optional[str]:
     kind = "an integer" if integer else "a finite number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"'{name}' must be {kind} in {_limits(socket)}, got {_shown(value)}"
+    if not _fits_float(value):
+        return f"'{name}' must be in {_limits(socket)}, got {_shown(value)}"
     if not math.isfinite(value):
         return f"'{name}' must be {kind} in {_limits(socket)}, got {value}"
     if integer and not float(value).is_integer():
@@ -213,7 +232,8 @@ def refuse_wrong_raw_types(node_classes: dict[str, type]) -> Callable[[dict], di
         if not isinstance(prompt, dict):
             return json_data
         for node in prompt.values():
-            node_class = node_classes.get(node.get("class_type")) if isinstance(node, dict) else None
+            class_type = node.get("class_type") if isinstance(node, dict) else None
+            node_class = node_classes.get(class_type) if isinstance(class_type, str) else None
             if node_class is not None and isinstance(node.get("inputs"), dict):
                 _refuse_in(node_class.define_schema(), node["inputs"])
         return json_data
@@ -223,7 +243,7 @@ def refuse_wrong_raw_types(node_classes: dict[str, type]) -> Callable[[dict], di
 
 def _refuse_in(schema: io.Schema, inputs: dict) -> None:
     for name, socket in widget_inputs(schema).items():
-        if not isinstance(socket, (io.Int.Input, io.Float.Input, io.Boolean.Input)) or name not in inputs:
+        if name not in inputs:
             continue
         raw = inputs[name]
         if isinstance(raw, dict) and "__value__" in raw:
@@ -235,12 +255,19 @@ def _refuse_in(schema: io.Schema, inputs: dict) -> None:
 
 
 def _wrong_raw_type(socket, raw: Any) -> bool:
-    """A value core's conversion would change silently ("false" -> True, "NaN" -> nan, 2.5 -> 2).
+    """A value core's conversion would change silently ("false" -> True, "NaN" -> nan, 2.5 -> 2, null ->
+    "None"), or that core would pass on as None, which nodes read as "linked, not known yet".
     A FLOAT that is NaN, infinite or out of range keeps its value, so validate_inputs refuses it."""
+    if raw is None:
+        return True
     if isinstance(socket, io.Boolean.Input):
         return not isinstance(raw, bool)
-    if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
-        return True
+    if isinstance(socket, io.String.Input):
+        return not isinstance(raw, str)
+    if isinstance(socket, io.Combo.Input):
+        return False  # no conversion: validate_inputs checks it against the options
+    if isinstance(raw, bool) or not isinstance(raw, numbers.Real) or not _fits_float(raw):
+        return not (isinstance(socket, io.Int.Input) and isinstance(raw, int) and not isinstance(raw, bool))
     return isinstance(socket, io.Int.Input) and not (math.isfinite(raw) and float(raw).is_integer())
 
 

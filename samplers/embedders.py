@@ -10,6 +10,7 @@ inference tensors, and autograd through them fails even inside `torch.inference_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -46,6 +47,62 @@ def grad_capable(module: torch.nn.Module) -> torch.nn.Module:
         twin = copy.deepcopy(module)
     twin.requires_grad_(False)
     return twin
+
+
+def _normal_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor on the same storage as `tensor`: no copy, same values."""
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
+@contextlib.contextmanager
+def autograd_through(module: torch.nn.Module):
+    """Within the block, autograd can pass through `module` without copying its weights.
+
+    Each inference-tensor parameter or buffer (what a ComfyUI loader node builds) is replaced by a frozen
+    normal tensor on the same storage, so gradients w.r.t. the module's input can be taken (inference
+    tensors cannot be saved for backward) at no extra weight memory; the originals are put back on exit,
+    even when the block raises. Weights are never written through the aliases (requires_grad False).
+    """
+    swapped = []
+    with torch.inference_mode(False):
+        for owner in module.modules():
+            for store in (owner._parameters, owner._buffers):
+                for name, tensor in list(store.items()):
+                    if tensor is None or not tensor.is_inference():
+                        continue
+                    alias = _normal_alias(tensor)
+                    if isinstance(tensor, torch.nn.Parameter):
+                        alias = torch.nn.Parameter(alias, requires_grad=False)
+                    swapped.append((store, name, tensor))
+                    store[name] = alias
+    try:
+        yield module
+    finally:
+        for store, name, tensor in reversed(swapped):
+            store[name] = tensor
+
+
+@contextlib.contextmanager
+def saved_tensors_copied(*modules: torch.nn.Module):
+    """Within the block, autograd keeps a copy of every tensor it saves for backward, except the weights
+    of `modules` (shared as they are). Some ComfyUI models update activations in place after an op saved
+    them (Flux's double blocks: `txt += ...`), which backward would otherwise refuse ("modified by an
+    inplace operation"); the copies hold the values the op saw. Costs the saved activations once more,
+    never the weights."""
+    weights = {
+        tensor.untyped_storage().data_ptr()
+        for module in modules
+        for tensor in list(module.parameters()) + list(module.buffers())
+    }
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(tensor, torch.nn.Parameter) or tensor.untyped_storage().data_ptr() in weights:
+            return tensor
+        return tensor.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield
 
 
 def check_images(images: torch.Tensor, where: str) -> None:

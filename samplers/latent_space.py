@@ -8,6 +8,7 @@ and the Shield Report's distances are all measured in the model's space, through
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import comfy.latent_formats
@@ -38,7 +39,25 @@ def to_model_space(latents: torch.Tensor, latent_format) -> torch.Tensor:
 
 def from_model_space(latents: torch.Tensor, latent_format) -> torch.Tensor:
     """Model space -> LATENT (what the VAE decodes); differentiable, for decoding a predicted x̂0."""
-    return latent_format.process_out(latents)
+    return _autograd_safe(latent_format).process_out(latents)
+
+
+def _autograd_safe(latent_format):
+    """The latent format itself, or (under autograd) a copy whose tensors are normal tensors: Wan's
+    per-channel mean/std are made when the model loads, under inference mode, and autograd cannot save
+    inference tensors."""
+    inference = {
+        name: value
+        for name, value in vars(latent_format).items()
+        if isinstance(value, torch.Tensor) and value.is_inference()
+    }
+    if not inference or not torch.is_grad_enabled():
+        return latent_format
+    safe = copy.copy(latent_format)
+    with torch.inference_mode(False):
+        for name, value in inference.items():
+            setattr(safe, name, value.clone())
+    return safe
 
 
 def shields_in_model_space(shield_set: ShieldSet, latent_format) -> ShieldRows:
@@ -49,4 +68,4 @@ def shields_in_model_space(shield_set: ShieldSet, latent_format) -> ShieldRows:
     def convert(rows: torch.Tensor) -> torch.Tensor:
         return to_model_space(rows.reshape(-1, *item_shape), latent_format).reshape(rows.shape[0], -1)
 
-    return ShieldRows(shield_set.latents, convert)
+    return ShieldRows(shield_set.latents, convert, shield_set.file_rows)

@@ -5,8 +5,11 @@ nearest reference than the threshold, the hook computes ∇_x g of g = γ·max_i
 and returns the guided denoised D' (see `procreate_math` for the derivation). Two gradient modes:
 
 - exact: autograd through the look-ahead (the model with the sampler's conds and CFG), the VAE
-  decoder and the embedder, as the paper. Needs a grad-capable copy of the diffusion model when
-  its weights are inference tensors (every model a ComfyUI loader node built): made once per run.
+  decoder and the embedder, as the paper. The weights a ComfyUI loader node built are inference
+  tensors, which autograd cannot save; `embedders.autograd_through` gives the diffusion model and the
+  decoder normal tensors on the same storage for the duration of the gradient, so no weight is copied
+  (BENCHMARKS.md: peak memory of exact vs fast vs plain on the Flux fixture). Saved activations are
+  copied as they are saved (`embedders.saved_tensors_copied`): ComfyUI's Flux updates some in place.
 - fast: x̂0 (one-step or look-ahead) without gradient, then ∂g/∂x̂0 through decoder and embedder
   only, with ∂x̂0/∂x ≈ I/a (the Jacobian of D = (x − s·ε)/a at fixed ε). No backward through the UNet.
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import comfy.model_management
@@ -32,7 +37,7 @@ from ..core.bounded_cache import BoundedCache
 from ..core.records import Curves, MethodRecord, StepEntry
 from ..core.shield_set import ShieldSet, ShieldSetError
 from . import procreate_math as pm
-from .embedders import Embedder, grad_capable
+from .embedders import Embedder, autograd_through, saved_tensors_copied
 from .latent_space import from_model_space
 from .method_patch import MethodPatch, MethodRun, memory_id_of, read_memory
 from .run_state import RunContext
@@ -217,7 +222,13 @@ def signal_and_noise_scale(model_sampling, sigma: torch.Tensor) -> tuple[torch.T
 
 
 def cfg_denoised(model, x: torch.Tensor, sigma: torch.Tensor, cond, uncond, cond_scale: float, model_options: dict):
-    """The sampler's CFG prediction of `denoised` (conds, scale and model wrappers as the sampler)."""
+    """The sampler's CFG prediction of `denoised` (conds, scale and model wrappers as the sampler).
+
+    At cfg 1 the uncond is skipped as ComfyUI's sampler skips it (its cfg-1 optimization): on a
+    guidance-distilled model (Flux dev) an unconditional pass is not the model's guidance and would only
+    double the cost of the look-ahead."""
+    if math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False):
+        uncond = None
     cond_pred, uncond_pred = comfy.samplers.calc_cond_batch(model, [cond, uncond], x, sigma, model_options)
     if "sampler_cfg_function" in model_options:
         args = {
@@ -240,8 +251,14 @@ def cfg_denoised(model, x: torch.Tensor, sigma: torch.Tensor, cond, uncond, cond
     return uncond_pred + (cond_pred - uncond_pred) * cond_scale
 
 
+def embedder_modules(embedder) -> list[torch.nn.Module]:
+    """The torch modules an embedder holds (their weights are never copied by `saved_tensors_copied`)."""
+    return [value for value in vars(embedder).values() if isinstance(value, torch.nn.Module)]
+
+
 def decode_images(vae, first_stage: torch.nn.Module, model, latent: torch.Tensor) -> torch.Tensor:
-    """Sampler-space latent -> IMAGE [B, H, W, C] in [0, 1], differentiable (VAE.decode without tiling)."""
+    """Sampler-space latent -> IMAGE [B, H, W, C] in [0, 1], differentiable (VAE.decode without tiling).
+    A video latent [B, C, T, H, W] gives its frames, [B, T', H, W, C]."""
     vae_latent = from_model_space(latent, model.latent_format)
     parameter = next(first_stage.parameters(), None)
     device = parameter.device if parameter is not None else vae_latent.device
@@ -249,10 +266,13 @@ def decode_images(vae, first_stage: torch.nn.Module, model, latent: torch.Tensor
     return vae.process_output(pixels.float()).movedim(1, -1)
 
 
+def embed_frames(embedder: Embedder, frames: torch.Tensor) -> torch.Tensor:
+    """Embed each frame of decoded clips [B, T, H, W, C] -> [B, T, D]."""
+    return embedder.embed(frames.flatten(0, 1)).reshape(*frames.shape[:2], -1)
+
+
 @dataclasses.dataclass
 class RunState(MethodRun):
-    diffusion_twin: Optional[torch.nn.Module] = None
-    vae_twin: Optional[torch.nn.Module] = None
     guided_steps: int = 0
     skipped_nonfinite: int = 0
     schedule: Optional[torch.Tensor] = None
@@ -313,11 +333,10 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
             settings=dataclasses.asdict(self.settings),
         )
 
-    def finish_run(self, state: RunState) -> None:
-        state.diffusion_twin = state.vae_twin = None
-
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(torch.float32))[..., :3].float().cpu()
+        """Remembered latents -> one IMAGE per item; a remembered clip is represented by its middle frame."""
+        images = self.vae.decode(latents.to(torch.float32))[..., :3].float().cpu()
+        return images[:, images.shape[1] // 2] if images.ndim == 5 else images
 
     def _run_references(self) -> torch.Tensor:
         if not self.memory_id:
@@ -334,14 +353,22 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
             state.record.add_step(sigma=sigma_row.tolist(), touched=[False] * denoised.shape[0], in_window=False)
             return denoised
         self._check_channels(args["input"])
-        with torch.inference_mode(False), torch.enable_grad():
-            guided = self._guide(state, args)
+        comfy.model_management.load_models_gpu([self.vae.patcher])
+        first_stage = self.vae.first_stage_model
+        with torch.inference_mode(False), torch.enable_grad(), autograd_through(first_stage):
+            guided = self._guide(state, args, first_stage)
         return denoised if guided is None else guided.to(denoised.dtype)
 
     def _check_channels(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
+        if x.ndim not in (4, 5):
             raise ValueError(
-                f"ProCreate Energy Guidance supports image latents [B, C, H, W]; got shape {tuple(x.shape)}"
+                f"ProCreate Energy Guidance supports image latents [B, C, H, W] and video latents [B, C, T, H, W]; "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.ndim == 5 and self.settings.intra_batch:
+            raise ValueError(
+                "ProCreate Energy Guidance: intra_batch is not supported for video clips (frames of one clip are "
+                "alike by design). Turn intra_batch off, and use Sparse Repellency's intra_batch for diverse clips."
             )
         vae_channels = getattr(self.vae, "latent_channels", x.shape[1])
         if vae_channels != x.shape[1]:
@@ -350,7 +377,7 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
                 f"samples {x.shape[1]}-channel latents. Connect the VAE that belongs to this model."
             )
 
-    def _guide(self, state: RunState, args: dict[str, Any]) -> Optional[torch.Tensor]:
+    def _guide(self, state: RunState, args: dict[str, Any], first_stage: torch.nn.Module) -> Optional[torch.Tensor]:
         model, settings = args["model"], self.settings
         x, denoised = args["input"].clone().float(), args["denoised"].clone().float()
         sigma = args["sigma"].clone().float().reshape(-1).expand(x.shape[0]).contiguous()
@@ -358,16 +385,18 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
         if state.reference_count == 0 and not (settings.intra_batch and x.shape[0] > 1):
             state.record.add_step(sigma=sigma.tolist(), touched=[False] * x.shape[0], in_window=True, references=0)
             return None
-        first_stage = self._first_stage(state)
         with torch.no_grad():
-            embeddings = self.embedder.embed(decode_images(self.vae, first_stage, model, denoised))
+            embeddings = self._embed(decode_images(self.vae, first_stage, model, denoised), video=x.ndim == 5)
         references = (
             state.references.to(embeddings.device)
             if state.reference_count
-            else embeddings.new_zeros(0, embeddings.shape[1])
+            else embeddings.new_zeros(0, embeddings.shape[-1])
         )
         with torch.no_grad():
-            similarity, nearest = pm.nearest_reference(embeddings, references, batch=settings.intra_batch)
+            if x.ndim == 5:  # a clip is as close to a reference as its closest frame
+                similarity, nearest = pm.nearest_reference_over_frames(embeddings, references)
+            else:
+                similarity, nearest = pm.nearest_reference(embeddings, references, batch=settings.intra_batch)
         # a non-finite similarity goes on to the gradient, where it is skipped and reported
         above = (similarity > settings.similarity_threshold) | ~torch.isfinite(similarity)
         active = above & (signal > MIN_SIGNAL_SCALE)
@@ -383,11 +412,12 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
         finite = torch.isfinite(grad_x.flatten(1)).all(dim=1)
         skipped = active & ~finite
         active = active & finite
-        grad_x = torch.where(active.reshape(-1, 1, 1, 1), grad_x, torch.zeros_like(grad_x))
+        per_sample = active.reshape(-1, *[1] * (x.ndim - 1))
+        grad_x = torch.where(per_sample, grad_x, torch.zeros_like(grad_x))
         grad_vp = pm.to_vp_gradient(grad_x, signal, noise)
         clipped = pm.clip_gradient(grad_vp, settings.gamma, settings.element_clip, settings.max_grad_norm)
         guided = pm.guided_denoised(denoised, clipped, signal, noise)
-        guided = torch.where(active.reshape(-1, 1, 1, 1), guided, args["denoised"].float())
+        guided = torch.where(per_sample, guided, args["denoised"].float())
         state.guided_steps += 1
         state.skipped_nonfinite += int(skipped.sum())
         if bool(skipped.any()):
@@ -406,34 +436,39 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
         )
         return guided.detach()
 
-    def _first_stage(self, state: RunState) -> torch.nn.Module:
-        if state.vae_twin is None:
-            comfy.model_management.load_models_gpu([self.vae.patcher])
-            state.vae_twin = grad_capable(self.vae.first_stage_model)
-        return state.vae_twin
-
     def _gradient(self, state, args, x, sigma, denoised, signal, active, references, first_stage) -> torch.Tensor:
         """∇_x of Σ_{active b} g_b (samples are independent, so each row is that sample's own ∇g)."""
         model, settings = args["model"], self.settings
         mask = active.float()
 
+        video = x.ndim == 5
+
         def energy_of(latent):
-            embeddings = self.embedder.embed(decode_images(self.vae, first_stage, model, latent))
-            g, _ = pm.energy(embeddings, references, settings.gamma, batch=settings.intra_batch)
+            embeddings = self._embed(decode_images(self.vae, first_stage, model, latent), video)
+            if video:
+                g = pm.energy_over_frames(embeddings, references, settings.gamma)
+            else:
+                g, _ = pm.energy(embeddings, references, settings.gamma, batch=settings.intra_batch)
             return (g * mask).sum()
 
         if settings.gradient_mode == "fast":
             with torch.no_grad():
                 x0 = self._look_ahead(state, args, x, sigma, first_denoised=denoised)
             x0 = x0.detach().requires_grad_(True)
-            (grad_x0,) = torch.autograd.grad(energy_of(x0), x0)
-            return grad_x0 / signal.reshape(-1, 1, 1, 1)
+            with saved_tensors_copied(first_stage, *embedder_modules(self.embedder)) if video else nullcontext():
+                (grad_x0,) = torch.autograd.grad(energy_of(x0), x0)
+            return grad_x0 / signal.reshape(-1, *[1] * (x.ndim - 1))
 
         x_var = x.detach().requires_grad_(True)
-        with self._grad_capable_model(state, model):
+        modules = [model.diffusion_model, first_stage] + embedder_modules(self.embedder)
+        with autograd_through(model.diffusion_model), saved_tensors_copied(*modules):
             x0 = self._look_ahead(state, args, x_var, sigma, first_denoised=None)
             (grad_x,) = torch.autograd.grad(energy_of(x0), x_var)
         return grad_x
+
+    def _embed(self, images: torch.Tensor, video: bool) -> torch.Tensor:
+        """[B, D] for images [B, H, W, C]; [B, T, D] for the frames of clips [B, T, H, W, C]."""
+        return embed_frames(self.embedder, images) if video else self.embedder.embed(images)
 
     def _look_ahead(self, state, args, x, sigma, first_denoised):
         model = args["model"]
@@ -458,30 +493,3 @@ class ProCreateGuidance(MethodPatch[ProCreateSettings, RunState]):
             first_denoised=first_denoised,
             check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
         )
-
-    def _grad_capable_model(self, state: RunState, model):
-        return _SwappedDiffusionModel(state, model)
-
-
-class _SwappedDiffusionModel:
-    """Run `model` with a grad-capable copy of its diffusion model for the duration of one gradient.
-
-    The copy is made once per run (only when the weights are inference tensors) and the original
-    module is put back even if the gradient raises (e.g. on an interrupt).
-    """
-
-    def __init__(self, state: RunState, model):
-        self.state, self.model, self.original = state, model, None
-
-    def __enter__(self):
-        if self.state.diffusion_twin is None:
-            self.state.diffusion_twin = grad_capable(self.model.diffusion_model)
-        if self.state.diffusion_twin is not self.model.diffusion_model:
-            self.original = self.model.diffusion_model
-            self.model.diffusion_model = self.state.diffusion_twin
-        return self
-
-    def __exit__(self, *exc):
-        if self.original is not None:
-            self.model.diffusion_model = self.original
-        return False

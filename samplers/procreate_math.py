@@ -104,6 +104,27 @@ def energy(
     return g, index
 
 
+def nearest_reference_over_frames(
+    embeddings: torch.Tensor, references: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Video: per clip, the highest cosine of any of its frames to any reference, and that reference.
+
+    embeddings [B, T, D] (T frames per clip) -> (similarity [B], reference index [B]). With T = 1 this
+    is `nearest_reference` of the images."""
+    clips, frames = embeddings.shape[:2]
+    similarity, index = nearest_reference(embeddings.flatten(0, 1), references)
+    best, frame = similarity.reshape(clips, frames).max(dim=1)
+    return best, index.reshape(clips, frames).gather(1, frame[:, None]).squeeze(1)
+
+
+def energy_over_frames(embeddings: torch.Tensor, references: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Video: eq. 5 per clip on its most similar frame, g = γ·max_t max_i cos(f(frame_t), f(ref_i)) [B],
+    differentiable w.r.t. `embeddings` [B, T, D] (the max's gradient is that frame's, as eq. 5's max)."""
+    clips, frames = embeddings.shape[:2]
+    g, _ = energy(embeddings.flatten(0, 1), references, gamma)
+    return g.reshape(clips, frames).max(dim=1).values
+
+
 def clip_gradient(grad_vp: torch.Tensor, gamma: float, element_clip: float, max_norm: float) -> torch.Tensor:
     """The official code's clipping, per sample: clamp each element to ±γ·element_clip, then scale the
     sample's gradient so its L2 norm is at most γ·max_norm. A value of 0 turns that clip off."""

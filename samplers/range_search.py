@@ -21,6 +21,8 @@ from ..optional_deps import require
 # norms² for D = 64 to 262144: a 250x to 40x margin), not a proven float32 bound (docs/spell.md).
 FILTER_SLACK = 1e-4
 EXACT_CHUNK_BYTES = 64 * 2**20
+BUILD_CHUNK_BYTES = 64 * 2**20  # float32 rows read at once while building an index
+PCA_SAMPLE_BYTES = 256 * 2**20
 AUTO_PROJECTION_MIN_SHIELDS = 4096  # bench: at 10k x 4096 the filter is ~100x faster than a scan
 SEARCH_METHODS = ("auto", "exact", "clustered", "projection", "faiss")
 
@@ -54,23 +56,33 @@ class ShieldRows:
     is computed from that rounded value.
     """
 
-    def __init__(self, data: torch.Tensor, transform=None):
+    def __init__(self, data: torch.Tensor, transform=None, file_rows=None):
         self.data = data.reshape(data.shape[0], -1)
         self.transform = transform
+        self.file_rows = file_rows  # shield_files.FileRows of a memory-mapped `data`, or None
         self.shape = (self.data.shape[0], self.data.shape[1])
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice) and self.file_rows is not None and index.step in (None, 1):
+            start, stop, _ = index.indices(len(self))
+            rows = self.file_rows.read(start, stop).reshape(-1, self.shape[1]).float()  # not mapped: RSS stays low
+        else:
+            if isinstance(index, torch.Tensor) and self.file_rows is not None:
+                self.file_rows.prefetch(index)  # read only these rows from disk, all at once
+            rows = self._gather(index)
+        return rows if self.transform is None else self.transform(rows)
+
+    def _gather(self, index) -> torch.Tensor:
         if isinstance(index, torch.Tensor) and index.numel() > 1:
             # sorted reads touch a memory-mapped file sequentially; undo the sort afterwards
             order = torch.argsort(index)
             rows = torch.empty(index.numel(), self.shape[1], dtype=torch.float32)
             rows[order] = self.data[index[order]].float()
-        else:
-            rows = self.data[index].float()
-        return rows if self.transform is None else self.transform(rows)
+            return rows
+        return self.data[index].float()
 
     def chunks(self, rows_per_chunk: int):
         for start in range(0, len(self), rows_per_chunk):
@@ -169,6 +181,7 @@ def pca_basis(shields, dims: int, sample: int = 4096, seed: int = 0) -> tuple[to
     shields = as_rows(shields)
     generator = torch.Generator().manual_seed(seed)
     count = len(shields)
+    sample = min(sample, max(2 * dims, PCA_SAMPLE_BYTES // (4 * shields.shape[1])))  # ~256 MB of rows at most
     rows = shields[:] if count <= sample else shields[torch.randperm(count, generator=generator)[:sample]]
     mean = rows.mean(0)
     dims = max(1, min(dims, rows.shape[0], rows.shape[1]))
@@ -179,10 +192,16 @@ def pca_basis(shields, dims: int, sample: int = 4096, seed: int = 0) -> tuple[to
     return basis.contiguous(), mean
 
 
+def rows_per_chunk(dims: int, rows: int, bytes_per_value: int = 4) -> int:
+    """At most `rows`, and at most BUILD_CHUNK_BYTES of values (16384 SD1.5 rows would be 1 GB, Flux 16 GB)."""
+    return max(1, min(rows, BUILD_CHUNK_BYTES // (bytes_per_value * dims)))
+
+
 def encode_codes(rows, basis: torch.Tensor, mean: torch.Tensor, chunk: int = 16384, on_chunk=None) -> torch.Tensor:
     """[Pᵀ(z − μ), ρ_z] per row (float32 [K, m + 1]): the code whose L2 distance is `projection_lower_bound`.
     `rows` is a tensor or ShieldRows, read chunk by chunk; `on_chunk(done, total)` reports progress."""
     total = rows.shape[0]
+    chunk = rows_per_chunk(rows.shape[1], chunk)
     codes = torch.empty(total, basis.shape[1] + 1, dtype=torch.float32)
     for start in range(0, total, chunk):
         projected, residual = project_with_residual(rows[start : start + chunk], basis, mean)

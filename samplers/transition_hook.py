@@ -26,9 +26,13 @@ step. An evaluation counts as a new detector step t only if its sigma is strictl
 the last counted step; repeated or higher sigmas (second stages at the same sigma, restarts) reuse
 the current switch state and leave the detector's history unchanged.
 
-No negative conditioning (e.g. BasicGuider): there is no unconditional prediction, so the
-transition cannot be detected nor the before-guidance applied. The hook raises a ValueError that says
-so, rather than silently sampling unguided.
+cfg 1 (guidance-distilled models such as Flux dev with FluxGuidance, or any sampling at cfg 1):
+ComfyUI skips the unconditional pass there (its cfg-1 optimization), so there is no CFG to transition
+from: D_u + 1·(D_c − D_u) = D_c whatever the uncond is. The patch therefore does not ask for the uncond
+(no extra model pass) and leaves such a run as it is, recording it: every step untouched, d_t NaN and
+the summary's `note` saying why, which the Report and the node's run summary show (docs/families.md).
+BasicGuider (no negative conditioning at all) samples at cfg 1 too and is treated the same way. An
+unconditional prediction missing at any other cfg raises a ValueError that says so.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class TransitionSummary(TypedDict):
     never_switched: list[int]
     d_t_curves: list[list[float]]
     sigma_curves: list[list[float]]
+    note: str
     risk_score: list[Optional[float]]
 
 
@@ -151,6 +156,7 @@ class TransitionRun(MethodRun):
         self.batch_size: Optional[int] = None
         self.switch_step: list[Optional[int]] = []
         self.switch_sigma: list[Optional[float]] = []
+        self.note = ""
 
     def _allocate(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -204,6 +210,7 @@ class TransitionRun(MethodRun):
             never_switched=[sample for sample, step in enumerate(self.switch_step) if step is None],
             d_t_curves=d_t_curves,
             sigma_curves=self.counted_curves("sigma"),
+            note=self.note,
             risk_score=[math.sqrt(curve[0]) if curve else None for curve in d_t_curves],
         )
 
@@ -216,11 +223,40 @@ def missing_uncond_error() -> ValueError:
     )
 
 
+CFG1_NOTE = (
+    "inactive: sampled at cfg 1 (a guidance-distilled model such as Flux dev, or no negative), where ComfyUI "
+    "skips the unconditional pass and there is no CFG to transition; the run was left as it was"
+)
+
+
+def no_cfg_step(run: TransitionRun, args: dict) -> list:
+    """cfg 1: nothing to transition (module doc). Record the step as untouched and say why, once."""
+    conds_out = args["conds_out"]
+    batch = conds_out[0].shape[0]
+    sigma = args["sigma"].detach().to("cpu", torch.float64).reshape(-1).expand(batch)
+    if not run.note:
+        run.note = CFG1_NOTE
+        logger.warning("Transition-Point CFG %s", CFG1_NOTE)
+    run.record.add_step(
+        sigma=sigma.tolist(),
+        in_window=True,
+        touched=[False] * batch,
+        d_t=[math.nan] * batch,
+        guidance=[1.0] * batch,
+        switched=[False] * batch,
+        counted=[False] * batch,
+        cfg=float(args["cond_scale"]),
+    )
+    return conds_out
+
+
 def transition_step(run: TransitionRun, args: dict, acting: Optional[torch.Tensor] = None) -> list:
     """The pre-CFG hook body: rewrite the cond of the samples before their transition (module doc).
     Samples a gate holds back (`acting` False) get the sampler's normal CFG."""
     conds_out = args["conds_out"]
     if len(conds_out) < 2 or args["conds"][1] is None:
+        if math.isclose(float(args["cond_scale"]), 1.0):
+            return no_cfg_step(run, args)
         raise missing_uncond_error()
     cond, uncond = conds_out[0], conds_out[1]
     sigma = args["sigma"].detach().to("cpu", torch.float64).reshape(-1)
@@ -248,7 +284,9 @@ class TransitionCfgPatch(MethodPatch[TransitionSettings, TransitionRun]):
 
     method = TRANSITION_RECORD
     hook_point = "pre_cfg"
-    disable_cfg1_optimization = True  # d_t and the before-guidance need the uncond prediction
+    # At cfg ≠ 1 ComfyUI always computes the uncond; at cfg 1 there is no CFG to transition, so the
+    # patch must not force an extra unconditional pass there (module doc).
+    disable_cfg1_optimization = False
 
     def new_run(self, record, context) -> TransitionRun:
         return TransitionRun(self.settings, record)

@@ -497,12 +497,78 @@ def unclip_variations(object_info: dict) -> UIWorkflow:
     return workflow
 
 
+def flux_spell(object_info: dict) -> UIWorkflow:
+    """Flux dev as users run it: cfg 1 with FluxGuidance (distilled guidance, no negative pass), and SPELL,
+    which needs no uncond, for a diverse batch that also avoids the previous batches (docs/families.md)."""
+    workflow = UIWorkflow(object_info)
+    (model,) = workflow.add("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default")
+    (clip,) = workflow.add(
+        "DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux"
+    )
+    (vae,) = workflow.add("VAELoader", vae_name="ae.safetensors")
+    (memory,) = workflow.add("ShieldMemory", memory_id="flux")
+    (model,) = workflow.add("ShieldSparseRepellency", model=model, shield_set=memory, radius=0.5, intra_batch=True)
+    positive, negative = _text_prompts(workflow, clip, "a lighthouse keeper's cat, oil painting")
+    (positive,) = workflow.add("FluxGuidance", conditioning=positive, guidance=3.5)
+    (latent,) = workflow.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=4)
+    _sample_and_save(
+        workflow,
+        model,
+        positive,
+        negative,
+        latent,
+        vae,
+        "shield_flux_spell",
+        steps=20,
+        cfg=1.0,
+        sampler="euler",
+        scheduler="simple",
+    )
+    return workflow
+
+
+def wan_spell(object_info: dict) -> UIWorkflow:
+    """Wan 2.1 text-to-video with SPELL over whole clips: a picture protected as a still clip of the
+    generation's length (Shield Set from Images with `length`), and the clips of a batch kept apart."""
+    workflow = UIWorkflow(object_info)
+    width, height, length = 832, 480, 33
+    (model,) = workflow.add("UNETLoader", unet_name="wan2.1_t2v_1.3B_fp16.safetensors", weight_dtype="default")
+    (clip,) = workflow.add("CLIPLoader", clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
+    (vae,) = workflow.add("VAELoader", vae_name="wan_2.1_vae.safetensors")
+    (model,) = workflow.add("ModelSamplingSD3", model=model, shift=8.0)
+    image, _ = workflow.add("LoadImage", image="protected.png")
+    (shield_set,) = workflow.add(
+        "ShieldSetFromImages", images=image, vae=vae, model=model, width=width, height=height, length=length
+    )
+    (model,) = workflow.add("ShieldSparseRepellency", model=model, shield_set=shield_set, radius=0.5, intra_batch=True)
+    positive, negative = _text_prompts(workflow, clip, "a paper boat drifting down a rainy street", "static, blurry")
+    (latent,) = workflow.add("EmptyHunyuanLatentVideo", width=width, height=height, length=length, batch_size=2)
+    (samples,) = workflow.add(
+        "KSampler",
+        model=model,
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        seed=42,
+        steps=30,
+        cfg=6.0,
+        sampler_name="uni_pc",
+        scheduler="simple",
+        denoise=1.0,
+    )
+    (frames,) = workflow.add("VAEDecode", samples=samples, vae=vae)
+    workflow.add("SaveAnimatedWEBP", images=frames, filename_prefix="shield_wan_spell", fps=16.0)
+    return workflow
+
+
 CHECKPOINT_WORKFLOWS = {
     "shield_sd15_spell": (sd15_spell, "SD1.5 + Sparse Repellency: protected set + Shield Memory + intra-batch"),
     "shield_sdxl_transition_cfg": (sdxl_tpcfg, "SDXL + Transition-Point CFG: dynamic, opposite guidance first"),
     "shield_sd3_spell": (sd3_spell, "SD3.5 + Sparse Repellency: diverse batch (intra-batch)"),
     "shield_sd15_procreate_dreamsim": (sd15_procreate, "SD1.5 + ProCreate with DreamSim: away from a reference"),
     "shield_unclip_variations": (unclip_variations, "unCLIP image variations that never copy the input image"),
+    "shield_flux_spell": (flux_spell, "Flux dev (cfg 1, FluxGuidance) + Sparse Repellency: diverse, remembers"),
+    "shield_wan_spell": (wan_spell, "Wan 2.1 video + Sparse Repellency: a picture shielded as a still clip"),
 }
 
 

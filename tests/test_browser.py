@@ -51,3 +51,27 @@ def test_frontend_shows_what_the_shield_did(server, tmp_path):
     assert screenshot.stat().st_size > 10_000
     if os.environ.get("SHIELD_BROWSER_SCREENSHOT"):  # keep a copy (e.g. for docs/)
         shutil.copy(screenshot, os.environ["SHIELD_BROWSER_SCREENSHOT"])
+
+
+def test_frontend_shows_each_images_certificate_on_the_save_node(server, tmp_path):
+    """The check-then-shield workflow queued from the UI: Save Image with Shield Certificate shows, as text,
+    each image's risk, nearest protected item and what each shield did (#12 item 3)."""
+    screenshot = tmp_path / "certificate.png"
+    result = run_ui_check(
+        server.url,
+        screenshot=str(screenshot),
+        runWorkflow=str(REPO / "example_workflows" / "shield_demo_check_then_shield.json"),
+        waitForSelector=".shield-summary",
+        waitForText="nearest protected (latent L2)",
+        waitForPreviewOf="ShieldSaveImageWithCertificate",
+        viewScale=0.5,
+        waitTimeout=180000,
+    )
+    assert result["selectorFound"], result
+    text = result["selectorText"]
+    assert "image 1/8" in text and "image 8/8" in text and "Transition-Point CFG: " in text, text
+    assert "risk " in text and "Memorization risk, 1 probe step(s)" in text, text
+    assert result["previews"].get("ShieldSaveImageWithCertificate", 0) == 8, result["previews"]
+    assert result["consoleErrors"] == [], result["consoleErrors"]
+    if os.environ.get("SHIELD_CERTIFICATE_SCREENSHOT"):
+        shutil.copy(screenshot, os.environ["SHIELD_CERTIFICATE_SCREENSHOT"])

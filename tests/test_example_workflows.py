@@ -5,9 +5,11 @@ The validator itself is tested on broken copies, so a pass means something.
 
 import copy
 import json
+import os
 import pathlib
 
 import pytest
+import torch
 from workflow_validation import ui_to_api, validate_workflow
 
 WORKFLOW_DIR = pathlib.Path(__file__).resolve().parents[1] / "example_workflows"
@@ -34,7 +36,18 @@ EXPECTED = [
     "shield_sd3_spell",
     "shield_sd15_procreate_dreamsim",
     "shield_unclip_variations",
+    "shield_flux_spell",
+    "shield_wan_spell",
 ]
+# real-checkpoint workflows of the model families whose random-weight fixtures (harness/families.py) run
+FAMILY_WORKFLOWS = {
+    "shield_sd15_spell": "sd15",
+    "shield_sdxl_transition_cfg": "sdxl",
+    "shield_sd3_spell": "sd3",
+    "shield_wan_spell": "wan21",
+    "shield_flux_spell": "flux",
+}
+SLOW = os.environ.get("SHIELD_SLOW_TESTS") == "1"  # Flux's fixture has 404M parameters: opt-in
 
 
 def test_every_expected_workflow_exists():
@@ -50,6 +63,8 @@ def test_each_method_workflow_uses_its_node():
         "shield_demo_check_then_shield": "ShieldGate",
         "shield_sd15_procreate_dreamsim": "ShieldDreamSimLoader",
         "shield_sdxl_transition_cfg": "ShieldTransitionPointCFG",
+        "shield_flux_spell": "FluxGuidance",
+        "shield_wan_spell": "EmptyHunyuanLatentVideo",
     }
     for name, node_type in uses.items():
         assert node_type in {node["type"] for node in load(WORKFLOW_DIR / f"{name}.json")["nodes"]}, name
@@ -130,3 +145,37 @@ def test_demo_workflow_runs_on_the_server(server, path):
 def test_server_serves_the_workflows_as_templates(server):
     templates = server.get("/api/workflow_templates")
     assert "shield_demo_plain" in templates["comfyui_shield"]
+
+
+@pytest.mark.parametrize(
+    "name", [name for name, family in FAMILY_WORKFLOWS.items() if family != "flux" or SLOW], ids=str
+)
+def test_family_workflow_runs_on_the_random_weight_fixture(server, family_files, name):
+    """The saved real-checkpoint graph, with the family fixture's files substituted for the real ones
+    (harness/family_graphs.with_fixture_files: loaders, conditioning, 64 px, 3 steps); its inputs (an
+    image to protect, a saved shield set) are written where the graph expects them."""
+    import numpy
+    from PIL import Image
+
+    from comfyui_shield.core.shield_files import save_shield_set
+    from comfyui_shield.core.shield_set import from_latents
+    from harness.family_graphs import with_fixture_files
+
+    family = family_files.link_into(server.base_dir / "models", FAMILY_WORKFLOWS[name])
+    workflow = load(WORKFLOW_DIR / f"{name}.json")
+    graph = with_fixture_files(ui_to_api(workflow, server.object_info()), family)
+    generator = numpy.random.default_rng(0)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "LoadImage":
+            pixels = generator.integers(0, 256, (64, 64, 3), dtype=numpy.uint8)
+            Image.fromarray(pixels).save(server.base_dir / "input" / inputs["image"])
+        if node["class_type"] == "ShieldLoadShieldSet":
+            shields = torch.randn(3, *family.latent_shape(1, 64, 64, 5)[1:])
+            folder = server.base_dir / "models" / "shield_sets"
+            folder.mkdir(parents=True, exist_ok=True)
+            save_shield_set(from_latents(shields, family.latent_format), folder / inputs["filename"], "float32", True)
+    outputs = server.run(graph, timeout=900)
+    saver = next(n for n in workflow["nodes"] if n["type"] in ("SaveImage", "SaveAnimatedWEBP"))
+    saved = outputs[str(saver["id"])]["images"]
+    assert saved and all(server.output_path(info).is_file() for info in saved)

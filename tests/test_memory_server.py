@@ -19,7 +19,7 @@ from comfyui_shield.core.shield_memory import FAILPOINT_MARKER_VARIABLE, FAILPOI
 from comfyui_shield.core.shield_set import hash_tensor
 from harness.memorizer_graphs import sparse_repellency
 from harness.redis_server import RedisServer
-from harness.server import ComfyServer, ServerError
+from harness.server import ComfyServer, ServerError, free_port
 
 RADIUS = 4.0
 ITEMS = "memory_items"
@@ -148,6 +148,31 @@ def test_refusing_memory_stops_before_sampling_when_full(server, memorizer_items
     assert remembered(server.run(memory_graph(capped, seed=1, prefix="capped/a"))) == 0
     with pytest.raises(ServerError, match=r"is full \(3 of max_items 3.*when_full is 'refuse'"):
         server.run(memory_graph(capped, seed=2, prefix="capped/b"))
+
+
+def test_malformed_and_dead_redis_urls_name_redis_url(server):
+    """Malformed URLs are refused at /prompt naming redis_url (they gave the redis client's "Redis URL must
+    specify one of the following schemes"); a dead server answers within the client's timeouts."""
+
+    def memory_only(url: str) -> dict:
+        inputs = {"memory_id": "urls", "reset": False, "store": "redis", "redis_url": url}
+        return {
+            "memory": {"class_type": "ShieldMemory", "inputs": inputs},
+            "show": {"class_type": "PreviewAny", "inputs": {"source": ["memory", 0]}},
+        }
+
+    for url, why in [
+        ("not a url", "must start with redis://"),
+        ("http://127.0.0.1:6379/0", "must start with redis://"),
+        ("redis://127.0.0.1:99999/0", "has a port that is not a number from 0 to 65535"),
+        ("redis://127.0.0.1:6379/zero", "has database 'zero', which is not a number"),
+    ]:
+        with pytest.raises(ServerError, match=rf"400.*redis_url '{url}' {why}.*; write it as redis://host:port/db"):
+            server.queue(memory_only(url))
+    started = time.monotonic()
+    with pytest.raises(ServerError, match=r"failed or is unreachable.*fix the memory's redis_url"):
+        server.run(memory_only(f"redis://127.0.0.1:{free_port()}/0"), timeout=60)
+    assert time.monotonic() - started < 30
 
 
 # -- the redis store: a farm of two servers ----------------------------------------------------------

@@ -430,3 +430,32 @@ def test_look_ahead_descends_on_shifted_flow_and_edm(build, mode, items, vae, em
         assert all(float(later) < float(earlier) for earlier, later in zip(chain, chain[1:], strict=False))
     guided_norms = [norm for step in record.steps for norm in step.get("clipped_norm", [])]
     assert torch.isfinite(out).all() and max(guided_norms) > 0  # the look-ahead's x̂0 gave a real gradient
+
+
+# -- exact mode on a loaded model: gradients through its own weights, no copy (issue #13 item 4) --------
+def test_exact_mode_takes_gradients_through_the_loaded_weights_without_copying(items, vae, embedder):
+    with torch.inference_mode():  # as a loader node builds it: every weight an inference tensor
+        model = tiny_rgb_unet()
+    diffusion = model.model.diffusion_model
+    assert all(parameter.is_inference() for parameter in diffusion.parameters())
+    storage = {name: parameter.data_ptr() for name, parameter in diffusion.named_parameters()}
+    calls = []
+
+    def watch(module, inputs):
+        pointers = {name: parameter.data_ptr() for name, parameter in module.named_parameters()}
+        calls.append((pointers, any(parameter.is_inference() for parameter in module.parameters())))
+
+    handle = diffusion.register_forward_pre_hook(watch)
+    try:
+        guided = patched(model, vae, embedder, reference_set(items), gamma=100.0, gradient_mode="exact")
+        with torch.inference_mode():
+            out = run(guided, noise_batch(2), steps=3)
+    finally:
+        handle.remove()
+    gradient_passes = [pointers for pointers, inference in calls if not inference]
+    assert gradient_passes and len(gradient_passes) < len(calls)  # sampler passes keep the originals
+    assert all(pointers == storage for pointers, _ in calls)  # one storage: no weight was copied
+    assert all(parameter.is_inference() for parameter in diffusion.parameters())  # put back after each pass
+    record = RECORDS.latest("procreate", "test")
+    norms = [norm for step in record.steps for norm in step.get("grad_norm", [])]
+    assert torch.isfinite(out).all() and norms and max(norms) > 0

@@ -121,3 +121,26 @@ def test_the_old_timestep_schedule_was_wrong_off_the_discrete_schedule():
     assert float(flow.sigma(flow.timestep(torch.tensor(0.5)) * 0.75)) > 0.5
     edm = samplings["edm"]
     assert float(edm.sigma(edm.timestep(torch.tensor(0.5)) * 0.75)) > 0.5  # log σ < 0 scaled towards 0
+
+
+def test_video_energy_is_the_clips_most_similar_frame():
+    """Frame-wise eq. 5 (video clips [B, T, D]): a clip's similarity, nearest reference and energy are
+    those of its most similar frame; one frame per clip is exactly the image version."""
+    generator = torch.Generator().manual_seed(8)
+    references = torch.randn(3, 6, generator=generator)
+    frames = torch.randn(2, 4, 6, generator=generator)
+    frames[1, 2] = references[1] * 2.0  # clip 1's third frame copies reference 1
+    similarity, nearest = pm.nearest_reference_over_frames(frames, references)
+    per_frame = pm.cosine_to_references(frames.flatten(0, 1), references).reshape(2, 4, 3)
+    assert torch.allclose(similarity, per_frame.amax(dim=(1, 2)))
+    assert similarity[1] == pytest.approx(1.0) and int(nearest[1]) == 1
+    energy = pm.energy_over_frames(frames, references, gamma=10.0)
+    assert torch.allclose(energy, 10.0 * similarity)
+    single = frames[:, :1]
+    assert torch.allclose(pm.energy_over_frames(single, references, 10.0), pm.energy(single[:, 0], references, 10.0)[0])
+    assert torch.equal(
+        pm.nearest_reference_over_frames(single, references)[1], pm.nearest_reference(single[:, 0], references)[1]
+    )
+    moving = frames.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(pm.energy_over_frames(moving, references, 10.0).sum(), moving)
+    assert gradient[1, 2].abs().sum() > 0 and gradient[1, [0, 1, 3]].abs().sum() == 0  # only the max frame

@@ -128,6 +128,7 @@ def certificate_graph(threshold: float) -> dict:
                     "folder": "",
                 },
             },
+            "embedder": {"class_type": "ShieldPixelEmbedder", "inputs": {"size": 32}},
             "certificate": {
                 "class_type": "ShieldSaveImageWithCertificate",
                 "inputs": {
@@ -137,6 +138,7 @@ def certificate_graph(threshold: float) -> dict:
                     "risk": ["risk", 0],
                     "latent": ["sample_gated", 0],
                     "shield_set": ["shields", 0],
+                    "embedder": ["embedder", 0],
                 },
             },
         }
@@ -171,6 +173,12 @@ def test_a_saved_png_carries_its_certificate(server):
         nearest = certificate["nearest_protected"]["latent_l2"]
         distances = (items - gated[index]).flatten(1).norm(dim=1)
         assert nearest["distance"] == pytest.approx(float(distances.min()), rel=1e-4)
+        by_pixels = certificate["nearest_protected"]["embedder"]  # the pixel embedder at full size: cosine of pixels
+        pixels = gated[index].clamp(-1, 1).flatten()[None]  # what the pixel_space VAE decodes, back in [-1, 1]
+        cosines = torch.nn.functional.cosine_similarity(pixels, items.flatten(1))
+        assert by_pixels["similarity"] == pytest.approx(float(cosines.max()), abs=2e-3)
+        assert by_pixels["item"] == f"image {int(cosines.argmax())}" and "copy" not in by_pixels  # no copy detector
+        assert nearest["item"] == f"image {int(distances.argmin())}"
     assert sum(read_certificate(server.output_path(i))["risk"]["at_risk"] for i in saved) == 2
     assert "Transition-Point CFG: fired at" in outputs["certificate"]["text"][0]
 

@@ -206,6 +206,15 @@ def test_one_symlink_rule_for_folders_files_sub_folders_and_load(server, sets_di
     (input_dir / "linked_away").symlink_to(outside)
     with pytest.raises(ServerError, match=r"points outside ComfyUI's input directory"):
         server.queue(from_folder_graph("linked_away", "links_set_4"))
+    # a symlink loop, inside the folder or as the folder itself: a message, not "Symlink loop from" (RuntimeError)
+    (input_dir / "links" / "loop_a").symlink_to(input_dir / "links" / "loop_b")
+    (input_dir / "links" / "loop_b").symlink_to(input_dir / "links" / "loop_a")
+    with pytest.raises(ServerError, match=r"Shield Set from Images: folder: .*loop_a is part of a symlink loop"):
+        server.run(from_folder_graph("links", "links_set_5"))
+    with pytest.raises(ServerError, match=r"folder - Shield Set from Images: folder: .*is part of a symlink loop"):
+        server.queue(from_folder_graph("links/loop_a", "links_set_6"))
+    with pytest.raises(ServerError, match=r"folder: the name 'xxx.*is 300 bytes long"):
+        server.queue(from_folder_graph("x" * 300, "links_set_7"))
 
     (sets_dir / "alias.safetensors").symlink_to(sets_dir / "links_set.safetensors")
     server.run(load_graph("alias.safetensors", "alias_copy"))

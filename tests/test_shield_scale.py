@@ -1,6 +1,8 @@
 """Large shield sets: memory-mapped fp16 files, the clustered index (built lazily, cached, saved beside
 the set), and the exactness of list pruning on adversarial cases."""
 
+import os
+
 import nodes as comfy_nodes
 import pytest
 import torch
@@ -144,3 +146,84 @@ def test_guarantee_with_a_memory_mapped_fp16_set_and_a_saved_index(tmp_path, mem
         >= RADIUS - 1e-4
     )
     assert shield_files.load_index(index_file, "stale key") is None
+
+
+def test_scan_in_small_chunks_gathered_or_sliced_equals_brute_force(monkeypatch):
+    monkeypatch.setattr(shield_index, "SCAN_CHUNK", 7)  # many chunks in both the gather and the slice path
+    generator = torch.Generator().manual_seed(8)
+    centres = torch.randn(10, 40, generator=generator) * 8
+    shields = centres[torch.randint(0, 10, (600,), generator=generator)] + torch.randn(600, 40, generator=generator)
+    search = _clustered_search(shields, dims=5, lists=30)
+    queries = torch.cat([shields[[3, 99, 250]] + 0.3, torch.randn(1, 40, generator=generator) * 8])
+    for radius in (2.0, 6.0, 1e4):  # few lists survive (gathered codes) ... all survive (sliced in place)
+        found = search.search(queries, radius)
+        assert _pairs(found) == _brute_force(queries, shields, radius)
+        true = torch.cdist(queries.double(), shields.double())[found.query, found.shield]
+        assert torch.allclose(found.distance, true, rtol=1e-5)
+    assert search.last_scanned == len(shields)
+
+
+# -- reading rows from the set file: range reads, read-ahead of the rows a search gathers ----------------
+def _disk_read_bytes():
+    with open("/proc/self/io") as stats:
+        return next(int(line.split()[1]) for line in stats if line.startswith("read_bytes:"))
+
+
+def _evict(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # written pages must be clean to be dropped
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
+def test_file_rows_read_the_file_as_loaded_even_after_it_is_replaced(tmp_path):
+    latents = torch.randn(40, 4, 8, 8)
+    path = tmp_path / "rows.safetensors"
+    shield_files.save_shield_set(from_latents(latents, "SD15"), path, storage="float16")
+    loaded = shield_files.load_shield_set(path)
+    rows = range_search.ShieldRows(loaded.latents, file_rows=loaded.file_rows)
+    expected = latents.half().float().flatten(1)
+    picked = torch.tensor([30, 2, 3, 4, 30, 39])
+    assert torch.equal(rows[3:17], expected[3:17]) and torch.equal(rows[35:99], expected[35:])
+    assert torch.equal(rows[picked], expected[picked]) and torch.equal(rows[torch.tensor([5])], expected[5:6])
+    shield_files.save_shield_set(from_latents(latents + 5, "SD15"), path, storage="float16")  # same name, new file
+    assert torch.equal(rows[0:40], expected) and torch.equal(rows[picked], expected[picked])
+
+
+def test_a_cold_gather_reads_only_the_rows_asked_for_and_load_does_not_map_the_file(tmp_path):
+    latents = torch.randn(512, 4, 64, 64)  # 32 KB per fp16 row, a 16 MB file: larger than a read-ahead window
+    path = tmp_path / "cold.safetensors"
+    shield_files.save_shield_set(from_latents(latents, "SD15"), path, storage="float16")
+    rss_file = _status_kb("RssFile")
+    loaded = shield_files.load_shield_set(path)  # its finite check reads every row, by pread
+    assert _status_kb("RssFile") - rss_file < 4096  # ... without mapping the 16 MB into this process
+    rows = range_search.ShieldRows(loaded.latents, file_rows=loaded.file_rows)
+    _evict(path)
+    picked = torch.tensor([7, 300, 301, 500])
+    before = _disk_read_bytes()
+    gathered = rows[picked]
+    read = _disk_read_bytes() - before
+    assert torch.equal(gathered, latents.half().float().flatten(1)[picked])
+    # a fault on a cold mapping alone reads the whole read-ahead window around it (128 KB to 8 MB)
+    assert read <= 4 * 32768 + 8 * 4096, f"read {read} bytes from disk for 4 rows of 32 KB"
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def test_index_build_reads_bounded_chunks_at_real_latent_sizes():
+    for dims in (4 * 64 * 64, 4 * 128 * 128, 16 * 128 * 128):  # SD1.5-512, SDXL-1024, Flux-1024
+        assert range_search.rows_per_chunk(dims, 16384) * dims * 4 <= range_search.BUILD_CHUNK_BYTES
+    assert range_search.rows_per_chunk(64, 16384) == 16384
+    rows = torch.randn(300, 5000)
+    monkeypatched = range_search.PCA_SAMPLE_BYTES
+    try:
+        range_search.PCA_SAMPLE_BYTES = 100 * 5000 * 4  # a sample of 100 rows: still an orthonormal basis
+        basis, _ = range_search.pca_basis(rows, 8)
+    finally:
+        range_search.PCA_SAMPLE_BYTES = monkeypatched
+    assert torch.allclose(basis.T @ basis, torch.eye(8), atol=1e-5)

@@ -1,6 +1,7 @@
 """Transition-Point CFG on real ComfyUI models: exactness, per-sample switching, samplers, composition, state."""
 
 import json
+import math
 
 import comfy.samplers
 import nodes as comfy_nodes
@@ -9,11 +10,11 @@ import torch
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 from comfy_extras.nodes_model_advanced import RescaleCFG
 
-from comfyui_shield.core.records import RECORDS
+from comfyui_shield.core.records import RECORDS, touched_summary
 from comfyui_shield.nodes.transition_cfg import TransitionPointCFG, build_settings, check_settings
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.reference_models.tiny_unet import build_tiny_unet, random_text_conditioning
-from comfyui_shield.samplers.transition_hook import KIND, TransitionCfgPatch, TransitionSettings
+from comfyui_shield.samplers.transition_hook import KIND, TransitionCfgPatch, TransitionSettings, transition_step
 from comfyui_shield.samplers.transition_math import first_local_minimum_step, guided
 from harness.server import ServerError
 
@@ -88,17 +89,37 @@ def test_static_hundred_percent_is_unconditional_sampling(prediction, memorizer_
     assert summary["never_switched"] == [0, 1, 2]
 
 
-def test_cfg_one_and_zero_still_apply_the_before_guidance(memorizer_items):
+def test_cfg_one_is_a_recorded_no_op_without_an_extra_uncond_pass(memorizer_items):
+    """cfg 1 (Flux dev, BasicGuider): no CFG to transition. The output is plain cfg-1 sampling, ComfyUI
+    never evaluates the uncond (the patch does not disable the cfg-1 optimization), and the record and
+    the run summary say why (docs/families.md)."""
     model = build_memorizer(memorizer_items)
     positive, negative = conditioning()
-    # cfg 1: ComfyUI would skip the uncond prediction; the patch disables that optimization
+    plain = ksample(model, positive, negative, cfg=1.0)
+    uncond_evaluated = []
+    watched = patch(model, percent=1.0).clone()
+    watched.set_model_sampler_pre_cfg_function(
+        lambda args: uncond_evaluated.append(args["conds"][1] is not None) or args["conds_out"]
+    )
+    assert torch.equal(ksample(watched, positive, negative, cfg=1.0), plain)
+    assert uncond_evaluated and not any(uncond_evaluated)
+    record = RECORDS.latest(KIND)
+    assert record.summary["note"].startswith("inactive: sampled at cfg 1")
+    assert not any(any(step["touched"]) for step in record.steps)
+    assert all(math.isnan(value) for step in record.steps for value in step["d_t"])
+    assert touched_summary(record)["note"] == record.summary["note"]
+
+
+def test_cfg_zero_still_applies_the_before_guidance(memorizer_items):
+    model = build_memorizer(memorizer_items)
+    positive, negative = conditioning()
     unconditional = ksample(model, negative, negative, cfg=1.0)
-    assert torch.equal(ksample(patch(model, percent=1.0), positive, negative, cfg=1.0), unconditional)
     # cfg 0: no rewritten cond can do it; both predictions become the target (here: cond only)
     conditional_only = ksample(model, positive, negative, cfg=1.0)
     patched = ksample(patch(model, percent=1.0, before="conditional"), positive, negative, cfg=0.0)
     torch.testing.assert_close(patched, conditional_only, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(conditional_only, unconditional, atol=1e-2)
+    assert RECORDS.latest(KIND).summary["note"] == ""
 
 
 @pytest.mark.parametrize("before, expected_scale", [("opposite", -2.5), ("conditional", 1.0), ("unconditional", 0.0)])
@@ -158,14 +179,29 @@ def test_every_sampler_runs(prediction, memorizer_items):
         assert counted_sigmas and all(a > b for a, b in zip(counted_sigmas, counted_sigmas[1:], strict=False)), sampler
 
 
-def test_missing_negative_conditioning_raises(memorizer_items):
-    model = patch(build_memorizer(memorizer_items), mode="dynamic")
-    guider = Guider_Basic(model)
-    guider.set_conds(conditioning()[0])
-    sigmas = model.get_model_object("model_sampling").sigma_max * torch.tensor([1.0, 0.5, 0.0])
-    noise = torch.randn(1, 4, 8, 8)
+def test_basic_guider_without_negative_is_a_recorded_no_op(memorizer_items):
+    """BasicGuider has no negative and samples at cfg 1: nothing to transition, said in the record."""
+    base = build_memorizer(memorizer_items)
+    sigmas = base.get_model_object("model_sampling").sigma_max * torch.tensor([1.0, 0.5, 0.0])
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def basic(model):
+        guider = Guider_Basic(model)
+        guider.set_conds(conditioning()[0])
+        return guider.sample(noise, torch.zeros(1, 4, 8, 8), comfy.samplers.sampler_object("euler"), sigmas)
+
+    assert torch.equal(basic(patch(base, mode="dynamic")), basic(base))
+    assert RECORDS.latest(KIND).summary["note"].startswith("inactive: sampled at cfg 1")
+
+
+def test_missing_uncond_at_another_cfg_raises(memorizer_items):
+    run = TransitionCfgPatch(TransitionSettings("dynamic", "unconditional", 0.0)).new_run(
+        RECORDS.start(KIND, "missing-uncond"), None
+    )
+    prediction = torch.zeros(1, 4, 8, 8)
+    args = {"conds_out": [prediction, prediction], "conds": [[{}], None], "cond_scale": 3.0, "sigma": torch.ones(1)}
     with pytest.raises(ValueError, match="negative"):
-        guider.sample(noise, torch.zeros(1, 4, 8, 8), comfy.samplers.sampler_object("euler"), sigmas)
+        transition_step(run, args)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v_prediction"])

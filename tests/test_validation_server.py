@@ -38,16 +38,22 @@ def node_graph(node_class, **values) -> dict:
     return graph
 
 
+HUGE = 10**400  # valid JSON; Python reads it as an int that float() cannot hold
+
+
 def hostile_values(socket) -> list:
-    """Values the socket must refuse: outside min/max, non-finite, wrong types, unknown options."""
+    """Values the socket must refuse: outside min/max, non-finite, wrong types (JSON null included: core
+    hands a node None for it, as for a linked input), unknown options."""
     from comfy_api.v0_0_2 import io
 
     if isinstance(socket, io.Boolean.Input):
-        return ["false", 0, "true"]
+        return ["false", 0, "true", None]
     if isinstance(socket, io.Combo.Input):
-        return ["bogus-option", 3]
+        return ["bogus-option", 3, None]
+    if isinstance(socket, io.String.Input):
+        return [5, None, {"a": 1}]
     if isinstance(socket, (io.Int.Input, io.Float.Input)):
-        values = ["abc", "NaN", True]
+        values = ["abc", "NaN", True, None, HUGE, -HUGE]
         values += [socket.max * 10 + 1] if socket.max is not None else []
         values += [socket.min - 1 - abs(socket.min)] if socket.min is not None else []
         values += [math.nan, math.inf] if isinstance(socket, io.Float.Input) else [2.5]
@@ -65,7 +71,7 @@ CASES = [
 
 def test_every_pack_node_is_a_shield_node():
     assert all(issubclass(node, ShieldNode) for node in NODE_LIST)
-    assert len(CASES) > 150  # every node's numbers, switches and choices are walked
+    assert len(CASES) > 250  # every node's numbers, switches, choices and texts are walked
 
 
 def test_every_hostile_value_of_every_input_is_refused(server):
@@ -117,6 +123,23 @@ DEFECTS = [
 ]
 
 
+# found by the hostile battery (tests/harness/hostile.py) after the schema validator
+DEFECTS += [
+    (
+        "ShieldSparseRepellency",
+        {"radius_unit": None},
+        r"'radius_unit' must be one of \['relative', 'absolute'\], got null",
+    ),
+    ("ShieldSparseRepellency", {"search": None}, r"'search' must be one of .*got null"),
+    ("ShieldSparseRepellencyKSampler", {"sampler_name": None}, r"'sampler_name' must be one of .*got null"),
+    ("ShieldSaveShieldSet", {"filename": None}, r"'filename' must be text, got null"),
+    ("ShieldSaveShieldSet", {"filename": 5}, r"'filename' must be text, got 5"),
+    ("ShieldMemory", {"store": None}, r"'store' must be one of \['server', 'file', 'redis'\], got null"),
+    ("ShieldMemorizerConditioning", {"n_items": HUGE}, r"'n_items' must be in \[1, 4096\], got a 401-digit integer"),
+    ("ShieldSparseRepellency", {"radius": HUGE}, r"'radius' must be in \[0, 100000\], got a 401-digit integer"),
+]
+
+
 @pytest.mark.parametrize("node_id, values, message", DEFECTS, ids=lambda v: v if isinstance(v, str) else None)
 def test_the_battery_cases_are_refused_by_name(server, node_id, values, message):
     (node,) = [n for n in NODE_LIST if n.GET_SCHEMA().node_id == node_id]
@@ -146,6 +169,18 @@ def test_relations_between_inputs_are_refused(server, node_id, values, message):
     assert message in refused(server, node_graph(node, **values))
 
 
+def test_a_bad_value_in_one_node_does_not_let_another_through(server):
+    """The raw-type check runs on every node of the prompt, whatever another node holds: a huge integer in
+    one node used to stop it, so "false" in the next node was read as True and the prompt ran."""
+    spell = next(node for node in NODE_LIST if node.__name__ == "SparseRepellency")
+    conditioning = next(node for node in NODE_LIST if node.__name__ == "ShieldMemorizerConditioning")
+    first = {f"c_{k}": v for k, v in node_graph(conditioning, n_items=HUGE).items()}
+    first["c_preview"]["inputs"]["source"] = ["c_node", 0]
+    answer = refused(server, {**first, **node_graph(spell, intra_batch="false")})
+    assert "'intra_batch' must be true or false, got 'false'" in answer
+    assert "'n_items' must be in [1, 4096], got a 401-digit integer" in answer
+
+
 def test_a_linked_value_is_checked_when_it_arrives(server, memorizer_items):
     """A FLOAT from another node is unknown at validation: the node refuses it at execution."""
     server.write_input_latent("validation_items", memorizer_items)
@@ -172,3 +207,39 @@ def test_in_process_calls_are_checked_too(memorizer_items):
     assert SparseRepellency.validate_inputs(**{**defaults, "radius": None}) is True  # linked: known at execution
     with pytest.raises(ValueError, match=r"Sparse Repellency \(SPELL\): 'radius' must be a finite number"):
         SparseRepellency.execute(build_memorizer(memorizer_items), **{**defaults, "radius": math.inf})
+
+
+def test_empty_flat_and_nan_latents_are_refused_by_name(server, memorizer_items):
+    """An empty batch into the Sparse Repellency KSampler gave "integer modulo by zero"; a 3-D tensor into
+    Shield Radius Calibration gave a number for a shape no sampler makes."""
+    import torch
+
+    server.write_input_latent("validation_items", memorizer_items)
+    server.write_input_latent("validation_empty", torch.zeros(0, 4, 8, 8))
+    server.write_input_latent("validation_flat", torch.randn(4, 8, 8))
+    sampler = next(node for node in NODE_LIST if node.__name__ == "SparseRepellencyKSampler")
+    graph = node_graph(sampler, model=["memorizer", 0], positive=["memorizer", 1], negative=["memorizer", 1])
+    graph["node"]["inputs"].update(latent_image=["empty", 0], steps=2, radius=0.3)
+    graph["items"] = {"class_type": "LoadLatent", "inputs": {"latent": "validation_items.latent"}}
+    graph["empty"] = {"class_type": "LoadLatent", "inputs": {"latent": "validation_empty.latent"}}
+    graph["memorizer"] = {"class_type": "ShieldMemorizerModel", "inputs": {"latent": ["items", 0], "prediction": "eps"}}
+    with pytest.raises(ServerError, match=r"'latent_image' is an empty batch \(0 latents\)"):
+        server.run(graph, timeout=60)
+    calibration = {
+        "flat": {"class_type": "LoadLatent", "inputs": {"latent": "validation_flat.latent"}},
+        "items": graph["items"],
+        "memorizer": graph["memorizer"],
+        "node": {"class_type": "ShieldRadiusCalibration", "inputs": {"latent": ["flat", 0], "model": ["memorizer", 0]}},
+    }
+    with pytest.raises(ServerError, match=r"'latent' has shape \[4, 8, 8\]; it must be a batch of latents"):
+        server.run(calibration, timeout=60)
+    # NaN latents: Radius Calibration printed "median pairwise distance nan", the Report "a: contains NaN or inf"
+    server.write_input_latent("validation_nan", torch.full((2, 4, 8, 8), float("nan")))
+    calibration["flat"]["inputs"]["latent"] = "validation_nan.latent"
+    with pytest.raises(ServerError, match=r"Shield Radius Calibration: 'latent' contains NaN or inf"):
+        server.run(calibration, timeout=60)
+    calibration["node"] = {"class_type": "ShieldReport", "inputs": {"latent": ["flat", 0], "radius": 0.0}}
+    calibration["node"]["inputs"]["include_run_records"] = False
+    calibration["node"]["inputs"]["similarity_threshold"] = 0.0
+    with pytest.raises(ServerError, match=r"Shield Report: 'latent' contains NaN or inf"):
+        server.run(calibration, timeout=60)

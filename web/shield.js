@@ -1,7 +1,8 @@
 // Shield for ComfyUI: what the shield did, visible in the graph.
 // - On every executed Shield node, the text of its UI output (Shield Info, Shield Memory, reports).
 // - On each repellency/guidance node, after a run: how many samples and steps it touched
-//   (the server sends "shield.run_summary" {node, kind, title, samples, samples_touched, steps, steps_touched};
+//   (the server sends "shield.run_summary" {node, kind, title, samples, samples_touched, steps, steps_touched,
+//   note: a method's sentence on why a run did nothing, e.g. Transition-Point CFG at cfg 1};
 //   the title is the method's name from its registered record, so a new method needs no edit here).
 // - On Shield Memory, a button that empties the memory now (POST /shield/memory/reset).
 // Shield sets built from images show their thumbnails through ComfyUI's own image preview.
@@ -57,7 +58,8 @@ function runSummaryText(detail) {
   const kind = detail.title || detail.kind;
   const samples = `${detail.samples_touched}/${detail.samples} samples`;
   const steps = `${detail.steps_touched}/${detail.steps} steps`;
-  return `${kind}: touched ${samples}, ${steps}` + (detail.label ? `\n(${detail.label})` : "");
+  const label = detail.label ? `\n(${detail.label})` : "";
+  return `${kind}: touched ${samples}, ${steps}` + label + (detail.note ? `\n${detail.note}` : "");
 }
 
 function onRunSummary(event) {

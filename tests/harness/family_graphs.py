@@ -94,3 +94,58 @@ class FamilyGraph:
 
     def decode(self, samples: Ref) -> Ref:
         return self.add("VAEDecode", samples=samples, vae=self.vae)
+
+
+# -- example workflows with the family fixtures substituted for the real files -------------------------
+SMALL_SIZES = {"width": 64, "height": 64}
+TEXT_ENCODER_LOADERS = ("CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader")
+
+
+def with_fixture_files(graph: dict[str, dict], family: Family, steps: int = 3) -> dict[str, dict]:
+    """An API graph of a real-checkpoint example workflow, rewritten to run on the family's fixture:
+    its loaders load the fixture files (a single-file checkpoint of a UNETLoader family becomes a
+    UNETLoader plus a VAELoader), text encoders are dropped and every CLIPTextEncode becomes Fabricated
+    Conditioning of that model, latents are 64 px (video: 5 frames) at batch ≤ 2, samplers take `steps`.
+    Everything else (the Shield nodes and their settings, the sampler, the scheduler) stays as saved."""
+    graph = {
+        node_id: {"class_type": node["class_type"], "inputs": dict(node["inputs"])} for node_id, node in graph.items()
+    }
+    renamed: dict[tuple[str, int], list] = {}
+    model_ref = None
+    for node_id, node in list(graph.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple" and family.loader == "checkpoint":
+            inputs["ckpt_name"], model_ref = family.file_name, [node_id, 0]
+        elif kind == "CheckpointLoaderSimple":
+            graph[node_id] = {
+                "class_type": "UNETLoader",
+                "inputs": {"unet_name": family.file_name, "weight_dtype": "default"},
+            }
+            graph[f"{node_id}_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": family.vae_file_name}}
+            renamed[(node_id, 2)], model_ref = [f"{node_id}_vae", 0], [node_id, 0]
+        elif kind == "UNETLoader":
+            inputs["unet_name"], model_ref = family.file_name, [node_id, 0]
+        elif kind == "VAELoader":
+            inputs["vae_name"] = family.vae_file_name
+        elif kind in TEXT_ENCODER_LOADERS:
+            del graph[node_id]
+    if model_ref is None:
+        raise ValueError("the workflow has no checkpoint or diffusion-model loader to substitute")
+    for seed, (node_id, node) in enumerate(sorted(graph.items())):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CLIPTextEncode":
+            graph[node_id] = {
+                "class_type": "ShieldTestFabricatedConditioning",
+                "inputs": {"model": model_ref, "seed": seed + 1, "tokens": 8},
+            }
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "ShieldSetFromImages"):
+            inputs.update(SMALL_SIZES)
+            inputs.update({"length": 5} if "length" in inputs else {})
+            inputs.update({"batch_size": min(2, inputs["batch_size"])} if "batch_size" in inputs else {})
+        elif kind in ("KSampler", "KSamplerAdvanced"):
+            inputs["steps"] = steps
+    for node in graph.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and (value[0], value[1]) in renamed:
+                node["inputs"][name] = renamed[(value[0], value[1])]
+    return graph
