@@ -54,6 +54,7 @@ from comfyui_shield.nodes.procreate import ShieldProCreateGuidance  # noqa: E402
 from comfyui_shield.nodes.spell import SparseRepellency  # noqa: E402
 from comfyui_shield.nodes.transition_cfg import TransitionPointCFG  # noqa: E402
 from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication  # noqa: E402
+from comfyui_shield.reference_models.judge import Judge, load_judge  # noqa: E402
 from comfyui_shield.reference_models.memorizer import build_memorizer, minimum_item_spacing, subset_conditioning  # noqa: E402
 from comfyui_shield.samplers import embedders  # noqa: E402
 
@@ -106,6 +107,7 @@ class Setup:
     seeds_per_prompt: int = 1
     real_indices: Optional[torch.Tensor] = None  # the training items precision/recall compare with (None: all)
     duplicated: Optional[torch.Tensor] = None  # [N] bool: items repeated in training
+    judge: Optional[Judge] = None  # demo domain: copies by the copy detector, class agreement, quality
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -222,6 +224,7 @@ def demo_setup(
         seeds_per_prompt=seeds_per_prompt,
         real_indices=real,
         duplicated=dataset.duplicated,
+        judge=load_judge(),
         notes=notes,
     )
 
@@ -391,6 +394,30 @@ def score(setup: Setup, results: Sequence[Result], embedder) -> None:
         }
         if setup.duplicated is not None:
             result.metrics["replicas_of_duplicated"] = int((replicas & setup.duplicated[nearest]).sum())
+        if setup.judge is not None:
+            result.metrics.update(judge_metrics(setup, result, images))
+
+
+def judge_metrics(setup: Setup, result: Result, images: torch.Tensor) -> dict:
+    """Copies by the copy detector (the definition of a copy; L2 is the second column), class agreement and
+    quality (Fréchet distance of classifier features, noise), averaged over the prompts (classes)."""
+    pixels = demo_dataset.from_comfy_image(images)
+    verdict = setup.judge.is_copy(pixels, demo_dataset.from_comfy_image(setup.item_images))
+    prompts = range(len(setup.prompts))
+    per_prompt = [pixels[result.prompt_of == p] for p in prompts]
+    qualities = [
+        setup.judge.quality(batch, setup.prompts[p].label) for p, batch in zip(prompts, per_prompt, strict=True)
+    ]
+    duplicated = setup.duplicated[verdict.nearest] if setup.duplicated is not None else verdict.is_copy
+    return {
+        "copies": verdict.share,
+        "copies_of_duplicated": int((verdict.is_copy & duplicated).sum()),
+        "class_agreement": statistics.mean(
+            setup.judge.class_agreement(per_prompt[p], setup.prompts[p].label) for p in prompts
+        ),
+        "frechet": statistics.mean(q.frechet for q in qualities),
+        "noise": statistics.mean(q.noise for q in qualities),
+    }
 
 
 # -- output -----------------------------------------------------------------------------------------------
@@ -407,7 +434,10 @@ def table(setup: Setup, results: Sequence[Result]) -> str:
         "time / step × plain",
     ]
     if setup.duplicated is not None:
-        headers.insert(3, "copies of duplicated items")
+        headers.insert(3, "L2 copies of duplicated items")
+    if setup.judge is not None:
+        headers[2] = "pixel L2 ≤ τ (2nd column)"
+        headers[2:2] = ["copies (detector)", "copies of duplicated (detector)", "class agreement", "Fréchet", "noise"]
     rows = []
     for result in results:
         m = result.metrics
@@ -424,6 +454,14 @@ def table(setup: Setup, results: Sequence[Result]) -> str:
         ]
         if setup.duplicated is not None:
             row.insert(3, str(m["replicas_of_duplicated"]))
+        if setup.judge is not None:
+            row[2:2] = [
+                f"{m['copies']:.1%}",
+                str(m["copies_of_duplicated"]),
+                f"{m['class_agreement']:.2f}",
+                f"{m['frechet']:.2f}",
+                f"{m['noise']:.3f}",
+            ]
         rows.append(row)
     return bench_common.markdown_table(headers, rows)
 

@@ -60,6 +60,7 @@ class ReportData:
     cosine_names: list[str] = dataclasses.field(default_factory=list)
     similarity_threshold: float = 0.0
     embedder_key: str = ""
+    copy_threshold: float = 0.0  # > 0 when the embedder is a copy detector: cosine >= it means a copy
     diversity_space: str = ""
     vendi: float = float("nan")
     mss: float = float("nan")
@@ -76,6 +77,12 @@ class ReportData:
         if self.l2_distance is None or self.radius <= 0:
             return None
         return self.l2_distance <= self.radius
+
+    def copies(self) -> Optional[np.ndarray]:
+        """[B] bool: the copy detector's verdict per output (None without a copy detector)."""
+        if self.cosine is None or self.copy_threshold <= 0:
+            return None
+        return self.cosine >= self.copy_threshold
 
     def cosine_violations(self) -> Optional[np.ndarray]:
         if self.cosine is None or self.similarity_threshold <= 0:
@@ -95,6 +102,7 @@ def measure_outputs(
     radius: float = 0.0,
     similarity_threshold: float = 0.0,
     embedder_key: str = "",
+    copy_threshold: float = 0.0,
 ) -> ReportData:
     """Per-output nearest-shield numbers and batch diversity.
 
@@ -105,6 +113,7 @@ def measure_outputs(
     report = ReportData(count=int(batch.shape[0]), names=[""] * int(batch.shape[0]), radius=radius)
     report.similarity_threshold = similarity_threshold
     report.embedder_key = embedder_key
+    report.copy_threshold = copy_threshold
     if shield_latents is not None and latents is not None:
         distances, indices = metrics.nearest_distance(latents, shield_latents)
         report.l2_distance = distances.numpy()
@@ -177,7 +186,10 @@ def _output_line(report: ReportData, index: int) -> str:
                 text += " INSIDE"
         parts.append(text)
     if report.cosine is not None:
-        text = f"cosine {_number(report.cosine[index], 4)} to '{report.cosine_names[index]}'"
+        label = "copy-detector similarity" if report.copy_threshold > 0 else "cosine"
+        text = f"{label} {_number(report.cosine[index], 4)} to '{report.cosine_names[index]}'"
+        if report.copy_threshold > 0 and report.cosine[index] >= report.copy_threshold:
+            text += " COPY"
         if report.similarity_threshold > 0 and report.cosine[index] >= report.similarity_threshold:
             text += " SIMILAR"
         parts.append(text)
@@ -206,10 +218,16 @@ def method_lines(run: MethodCurves) -> list[str]:
 def summary_text(report: ReportData) -> str:
     lines = [f"Shield Report: {report.count} output{'s' if report.count != 1 else ''}"]
     lines += [line for line in (_output_line(report, i) for i in range(report.count)) if line]
+    copies = report.copies()
+    if copies is not None:
+        lines.append(
+            f"copies by the copy detector (similarity >= {report.copy_threshold:.4g}, {report.embedder_key}): "
+            f"{int(copies.sum())}/{report.count}"
+        )
     l2_violations = report.l2_violations()
     if l2_violations is not None:
         lines.append(
-            f"inside the radius r={report.radius:g}: {int(l2_violations.sum())}/{report.count} "
+            f"latent L2 (not a copy test: noise and colour move it) inside the radius r={report.radius:g}: {int(l2_violations.sum())}/{report.count} "
             f"(share {l2_violations.mean():.3f}); min distance {report.relative_distance.min():.2f} r"
         )
     cosine_violations = report.cosine_violations()

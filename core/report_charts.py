@@ -90,10 +90,13 @@ def _draw_distances(axes, report: ReportData) -> None:
 
 
 def _draw_cosines(axes, report: ReportData) -> None:
-    violations = report.cosine_violations()
-    colors = [INSIDE_COLOR if violations is not None and violations[i] else OUTSIDE_COLOR for i in range(report.count)]
+    flagged = report.copies() if report.copies() is not None else report.cosine_violations()
+    colors = [INSIDE_COLOR if flagged is not None and flagged[i] else OUTSIDE_COLOR for i in range(report.count)]
     axes.bar(range(report.count), report.cosine, color=colors)
-    if report.similarity_threshold > 0:
+    if report.copy_threshold > 0:
+        axes.axhline(report.copy_threshold, color=INSIDE_COLOR, linestyle="--", label="copy threshold")
+        axes.legend(loc="lower right", fontsize=9)
+    elif report.similarity_threshold > 0:
         axes.axhline(report.similarity_threshold, color=INSIDE_COLOR, linestyle="--", label="threshold")
         axes.legend(loc="lower right", fontsize=9)
     axes.set_ylim(min(0.0, float(report.cosine.min())) - 0.05, 1.05)

@@ -5,6 +5,7 @@ from typing_extensions import override
 
 from ..samplers import methods  # noqa: F401 (registers the methods' records for the Report and the frontend)
 from .certificate import CERTIFICATE_NODES
+from .copy_detector import NODES as COPY_DETECTOR_NODES
 from .demo_model import ShieldDemoConditioning, ShieldDemoModelLoader, ShieldDemoTrainingSet
 from .embedding_spell import EMBEDDING_SPELL_NODES
 from .info import ShieldInfo
@@ -27,6 +28,7 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     *PROCREATE_NODES,
     *RISK_NODES,
     ShieldReport,
+    *COPY_DETECTOR_NODES,
     *CERTIFICATE_NODES,
     *REFERENCE_NODES,
     ShieldDemoModelLoader,

@@ -54,7 +54,9 @@ class ShieldReport(ShieldNode):
                 EMBEDDER.Input(
                     "embedder",
                     optional=True,
-                    tooltip="Embeds images for cosine similarity and diversity (e.g. DreamSim). Unconnected: diversity uses latents or pixels.",
+                    tooltip="Embeds images for cosine similarity and diversity (e.g. DreamSim). A Shield Copy Detector "
+                    "Loader here makes the report count copies by the detector's threshold. Unconnected: diversity "
+                    "uses latents or pixels.",
                 ),
                 io.Float.Input(
                     "radius",
@@ -157,6 +159,7 @@ def build_report(
         radius=radius,
         similarity_threshold=similarity_threshold,
         embedder_key="" if embedder is None else str(embedder.key),
+        copy_threshold=float(getattr(embedder, "copy_threshold", 0.0)),
     )
     if shield_set is not None and latents is None:
         report.notes.append("no 'latent' connected: latent L2 distances to the shields are not measured")

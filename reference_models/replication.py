@@ -1,4 +1,8 @@
-"""Pixel replication of training items by samples of the demo model: plain torch, no ComfyUI.
+"""Copies and pixel replicas of training items among samples of the demo model: plain torch, no ComfyUI.
+
+A sample is *a copy* of an item when the copy detector says so (reference_models/judge.py: descriptor
+similarity at or above its threshold; noise, colour, blur and a pixel of shift do not hide a copy,
+another item of the same class is none): `summarize_copies`. Pixel L2 is the second, labelled column:
 
 A sample replicates an item *in pixels* when its L2 distance (pixels in [-1, 1], 3×32×32 = 3072 values)
 to the item is below REPLICA_DISTANCE = 6.0, i.e. a root-mean-square pixel error of 6.0/√3072 ≈ 0.108
@@ -13,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .judge import Judge, load_judge
 
 REPLICA_DISTANCE = 6.0
 
@@ -64,4 +70,50 @@ def summarize_replication(
         median_distance=float(distance.median()) if len(distance) else float("nan"),
         distances=tuple(distance.tolist()),
         nearest_index=tuple(index.tolist()),
+    )
+
+
+@dataclass(frozen=True)
+class CopySummary:
+    """Copies by the copy detector (the definition), with the pixel-L2 replicas as a second column."""
+
+    samples: int
+    copies: int  # samples the copy detector calls a copy of some item
+    copies_of_duplicated: int  # ... whose most similar item is a duplicated one
+    similarity: tuple[float, ...]  # detector similarity to the most similar item
+    copy_index: tuple[int, ...]  # that item
+    threshold: float
+    pixels: ReplicationSummary  # pixel L2 < REPLICA_DISTANCE: fooled by noise and colour, for comparison
+
+    @property
+    def share(self) -> float:
+        return self.copies / max(self.samples, 1)
+
+    def as_dict(self) -> dict:
+        return {
+            "samples": self.samples,
+            "copies": self.copies,
+            "copy_share": round(self.share, 4),
+            "copies_of_duplicated_items": self.copies_of_duplicated,
+            "detector_threshold": round(self.threshold, 4),
+            "pixel_l2_replicas": self.pixels.replicas,
+            "pixel_l2_median_nearest_distance": round(self.pixels.median_distance, 3),
+        }
+
+
+def summarize_copies(
+    samples: torch.Tensor, items: torch.Tensor, duplicated: torch.Tensor, judge: Judge | None = None
+) -> CopySummary:
+    """How many samples [B, 3, H, W] in [-1, 1] copy one of the items, by the copy detector (the bundled
+    demo judge unless one is given), and by pixel L2 beside it."""
+    verdict = (judge or load_judge()).is_copy(samples, items)
+    is_copy = verdict.is_copy
+    return CopySummary(
+        samples=len(is_copy),
+        copies=int(is_copy.sum()),
+        copies_of_duplicated=int((is_copy & duplicated[verdict.nearest]).sum()),
+        similarity=tuple(verdict.similarity.tolist()),
+        copy_index=tuple(verdict.nearest.tolist()),
+        threshold=verdict.threshold,
+        pixels=summarize_replication(samples, items, duplicated),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import logging
 from typing import Protocol, runtime_checkable
@@ -209,3 +210,23 @@ class PixelEmbedder:
             pixels = torch.nn.functional.interpolate(pixels, size=(self.size, self.size), mode="area")
         vectors = (2.0 * pixels - 1.0).flatten(1)
         return torch.nn.functional.normalize(vectors, dim=1, eps=1e-8)
+
+
+class CopyDetectorEmbedder:
+    """A Shield copy detector (core/copy_detector.py, SSCD-style) as an embedder: its unit descriptors.
+
+    Cosine similarity of two descriptors at or above `copy_threshold` means "a copy" (noise, colour, blur
+    and small shifts do not hide one); the Shield Report counts copies with it, and ProCreate pushes
+    samples away from references in this space (a learned, differentiable stand-in for DreamSim on
+    the demo domain). Images of another size than the detector's are resized whole, with a logged note.
+    """
+
+    def __init__(self, detector, fingerprint: str):
+        self.detector = dataclasses.replace(detector, model=grad_capable(detector.model))
+        self.copy_threshold = float(detector.threshold)
+        self.key = f"copy_detector/{fingerprint}"
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, "Copy detector embedder")
+        pixels = images[..., :3].movedim(-1, 1).float() * 2.0 - 1.0  # the detector reads [-1, 1]
+        return self.detector.descriptors(pixels, "Copy detector embedder")

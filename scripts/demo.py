@@ -3,8 +3,8 @@
     bash scripts/demo.sh [--out DIR] [--class-name star] [--samples 8] [--steps 20]
 
 Writes to one folder: `demo.png` (rows: methods; columns: the same seeds; each output beside its
-nearest training item, red frame = a copy), `summary.md` and `summary.json` (replication share,
-nearest-item distance and Vendi diversity per method), and the server log. Methods whose nodes this ComfyUI lacks are
+most similar training item by the copy detector, red frame = a copy), `summary.md` and `summary.json`
+(copies by the detector and by pixel L2, class agreement, quality and Vendi diversity per method), and the server log. Methods whose nodes this ComfyUI lacks are
 skipped with a message (they are entries of build_workflows.METHODS).
 """
 
@@ -86,25 +86,31 @@ def run_method(server: ComfyServer, object_info: dict, method, args) -> dict:
     return {"images": load_images(paths), "seconds": seconds, "workflow": ui, "setting": method.setting}
 
 
-def measure(images, dataset) -> dict:
+def measure(images, dataset, class_name: str) -> dict:
+    """Copies by the copy detector (pixel L2 beside it), class agreement, quality and diversity."""
     from comfyui_shield.core import metrics
     from comfyui_shield.reference_models import replication
+    from comfyui_shield.reference_models.judge import load_judge
 
-    summary = replication.summarize_replication(images, dataset.images, dataset.duplicated)
+    judge = load_judge()
+    summary = replication.summarize_copies(images, dataset.images, dataset.duplicated, judge)
     return {
         **summary.as_dict(),
-        "distances": [round(d, 2) for d in summary.distances],
-        "nearest_index": list(summary.nearest_index),
-        # diversity of the batch: Vendi score of the cosine kernel on pixel vectors (1 = all alike, max = batch size)
-        "vendi": round(metrics.vendi_score(images.flatten(1).double()), 3),
+        "similarity": [round(v, 3) for v in summary.similarity],
+        "nearest_index": list(summary.copy_index),
+        "pixel_distances": [round(d, 2) for d in summary.pixels.distances],
+        "class_agreement": round(judge.class_agreement(images, class_name), 3),
+        **judge.quality(images, class_name).as_dict(),
+        # diversity of the batch: Vendi score of the detector descriptors (1 = all alike, max = batch size)
+        "vendi": round(metrics.vendi_score(judge.detector.descriptors(images).detach()), 3),
     }
 
 
 def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathlib.Path, caption: str) -> None:
-    """One row per method: output | nearest training item, per seed; a red frame marks a copy."""
+    """One row per method: output | most similar training item (copy detector), per seed; a red frame
+    marks a copy."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from comfyui_shield.reference_models import replication
     from comfyui_shield.reference_models.demo_dataset import to_comfy_image
 
     columns = len(rows[0][2])
@@ -116,8 +122,8 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
     draw.text((8, 8), caption, fill=(20, 20, 20), font=title)
     draw.text(
         (8, 34),
-        "each pair: output | its nearest training item.  Red frame: a copy "
-        f"(L2 < {replication.REPLICA_DISTANCE}).  Column i starts from the same noise in every row.",
+        "each pair: output | its most similar training item by the copy detector, with the similarity.  Red "
+        "frame: a copy (similarity >= the detector's threshold).  Column i starts from the same noise in every row.",
         fill=(70, 70, 70),
         font=small,
     )
@@ -130,19 +136,20 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
         y = top + row * (CELL + gap)
         if row % 2:
             draw.rectangle((0, y - gap // 2, width, y + CELL + gap // 2), fill=(238, 240, 244))
-        share = 100 * metrics["replica_share"]
+        share = 100 * metrics["copy_share"]
         draw.text((8, y + 2), label, fill=(10, 10, 10), font=font)
         draw.multiline_text((8, y + 21), textwrap.fill(setting, 34), fill=(90, 90, 90), font=small, spacing=1)
-        copy_colour = (190, 20, 20) if metrics["replicas"] else (20, 130, 40)
+        copy_colour = (190, 20, 20) if metrics["copies"] else (20, 130, 40)
         draw.text(
-            (8, y + 56),
-            f"copies {metrics['replicas']}/{metrics['samples']} ({share:.0f} %)",
+            (8, y + 52),
+            f"copies {metrics['copies']}/{metrics['samples']} ({share:.0f} %)",
             fill=copy_colour,
             font=font,
         )
         draw.text(
-            (8, y + 76),
-            f"nearest L2 {metrics['median_nearest_distance']:.1f} · Vendi {metrics['vendi']:.2f}",
+            (8, y + 70),
+            f"class {metrics['class_agreement']:.2f} · FD {metrics['frechet']:.1f} · noise {metrics['noise']:.3f}\n"
+            f"Vendi {metrics['vendi']:.2f} · pixel-L2 replicas {metrics['pixel_l2_replicas']}",
             fill=(40, 40, 40),
             font=small,
         )
@@ -151,7 +158,10 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
             nearest = dataset.images[metrics["nearest_index"][column]]
             sheet.paste(tile(images[column]), (x, y))
             sheet.paste(tile(nearest), (x + CELL + 6, y))
-            if metrics["distances"][column] < replication.REPLICA_DISTANCE:
+            draw.text(
+                (x + CELL + 8, y + CELL - 14), f"{metrics['similarity'][column]:.2f}", fill=(255, 255, 255), font=small
+            )
+            if metrics["similarity"][column] >= metrics["detector_threshold"]:
                 draw.rectangle((x - 4, y - 4, x + pair_width + 3, y + CELL + 3), outline=(220, 30, 30), width=4)
     sheet.save(path)
 
@@ -161,23 +171,28 @@ def write_summary(out: pathlib.Path, results: dict, skipped: dict, args) -> str:
         f"# Shield demo: class `{args.class_name}`, {args.samples} samples, seed {args.seed}, "
         f"euler {args.steps} steps, cfg {args.cfg}",
         "",
-        "| method | setting | copies of a training item | median L2 to nearest item | min L2 | Vendi | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| method | setting | copies (detector) | copies (pixel L2 < 6) | class agreement | Fréchet | noise "
+        "| Vendi | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, result in results.items():
         metrics = result["metrics"]
         lines.append(
-            f"| {label} | {result['setting']} | {metrics['replicas']}/{metrics['samples']} "
-            f"({100 * metrics['replica_share']:.0f} %) | {metrics['median_nearest_distance']:.2f} "
-            f"| {min(metrics['distances']):.2f} | {metrics['vendi']:.2f} | {result['seconds']:.1f} |"
+            f"| {label} | {result['setting']} | {metrics['copies']}/{metrics['samples']} "
+            f"({100 * metrics['copy_share']:.0f} %) | {metrics['pixel_l2_replicas']}/{metrics['samples']} "
+            f"| {metrics['class_agreement']:.2f} | {metrics['frechet']:.2f} | {metrics['noise']:.3f} "
+            f"| {metrics['vendi']:.2f} | {result['seconds']:.1f} |"
         )
     for label, reason in skipped.items():
-        lines.append(f"| {label} | skipped: {reason} | | | | | |")
+        lines.append(f"| {label} | skipped: {reason} | | | | | | | |")
     lines += [
         "",
-        "A copy: L2 distance to the nearest training item below REPLICA_DISTANCE "
-        "(reference_models/replication.py), pixels in [-1, 1]. Vendi: effective number of distinct "
-        f"images in the batch (cosine kernel on pixels; 1 = all alike, {args.samples} = all different).",
+        "A copy: the copy detector (reference_models/judge.py, docs/judge.md) finds a training item at or above "
+        "its similarity threshold; pixel L2 < REPLICA_DISTANCE (reference_models/replication.py) is the second "
+        "column, which noise and colour fool. Class agreement: share the independent classifier assigns to the "
+        "class. Fréchet: distance of the classifier features to the class's training items (lower is closer). "
+        "Noise: estimated pixel-noise sigma. Vendi: effective number of distinct images in the batch (cosine "
+        f"kernel on detector descriptors; 1 = all alike, {args.samples} = all different).",
     ]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
@@ -222,7 +237,7 @@ def main() -> None:
     dataset = demo_dataset.build_dataset()
     rows = []
     for label, result in results.items():
-        result["metrics"] = measure(result["images"], dataset)
+        result["metrics"] = measure(result["images"], dataset, args.class_name)
         rows.append((label, result["setting"], result["images"], result["metrics"]))
     if rows:
         caption = (
