@@ -555,7 +555,9 @@ def report(setup: Setup, results: Sequence[Result]) -> str:
 # Seeds: TUNING_SEEDS were used to pick the documented settings (docs/effects.md "How the settings were
 # chosen"); the table is measured on HELD_OUT_SEEDS only, which no tuning run used.
 TUNING_SEEDS = (11, 12, 13)
-HELD_OUT_SEEDS = (9001, 9002, 9003, 9004)
+# The classes with duplicated items: the memorizable ones and the few-shot one (its items are all duplicated).
+TARGET_CLASSES = demo_dataset.MEMORIZABLE_CLASSES + demo_dataset.FEW_SHOT_CLASSES
+HELD_OUT_SEEDS = (9001, 9002, 9003)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -611,7 +613,7 @@ def target_setup(
 
     (model,) = ShieldDemoModelLoader.execute().result
     dataset = demo_dataset_for(pixel_unet.read_metadata())
-    classes = list(classes or demo_dataset.MEMORIZABLE_CLASSES)
+    classes = list(classes or TARGET_CLASSES)
     prompts = [Prompt(name, *ShieldDemoConditioning.execute(name).result) for name in classes]
     (embedder,) = ShieldCopyDetectorLoader.execute(BUNDLED).result
     return TargetSetup(
@@ -689,16 +691,16 @@ def documented_methods(setup: TargetSetup, settings: Optional[dict] = None, suff
 
 # The documented settings (docs/effects.md says how they were chosen, on TUNING_SEEDS).
 DOCUMENTED = {
-    "spell_radius": 12.0,
+    "spell_radius": 16.0,  # larger radii did not remove more detector copies and cost quality (docs/effects.md)
     "spell_intra_batch": False,
     "spell_end": 1.0,
     "tpcfg_mode": "dynamic",
     "tpcfg_percent": 0.5,
     "tpcfg_before": "unconditional",
-    "procreate_gamma": 100.0,
+    "procreate_gamma": 10.0,
     "procreate_look_ahead": 0,
-    "procreate_threshold": -1.0,
-    "embedding_similarity": 0.5,
+    "procreate_threshold": 0.5,
+    "embedding_similarity": 0.6,
     "embedding_iterations": 3,
     "embedding_end": 1.0,
 }
@@ -754,7 +756,8 @@ def target_metrics(setup: TargetSetup, images: torch.Tensor, labels: torch.Tenso
 def check_target(target: Optional[Target], row: dict, plain: dict) -> list[str]:
     """The goals this row misses (empty: it meets them all)."""
     if target is None:
-        return [] if min(plain["copies_per_class"]) >= 0.30 else ["plain copies < 30 % in a class"]
+        low = [share for share in plain["copies_per_class"] if share < 0.30]
+        return [] if not low else [f"plain copies < 30 % in {len(low)} of {len(plain['copies_per_class'])} classes"]
     missed = []
     limit = target.copies * plain["copies"] if target.copies_of_plain else target.copies
     if row["copies"] > limit + 1e-12:
@@ -805,7 +808,7 @@ def targets_report(setup: TargetSetup, variants: Sequence[Variant], rows: dict[s
     lines = [
         "## Targets (issue #10): each method at its documented setting, judged by the copy detector",
         "",
-        f"Demo model, memorizable classes {', '.join(setup.classes)} × held-out seeds {list(setup.seeds)} × batch "
+        f"Demo model, classes with duplicated items {', '.join(setup.classes)} × held-out seeds {list(setup.seeds)} × batch "
         f"{setup.batch} = {plain['samples']} samples per method, {setup.sampler} {setup.scheduler} {setup.steps} "
         f"steps, cfg {setup.cfg}; seeds {list(TUNING_SEEDS)} were used for tuning and are not among them. One run, "
         "the same seeds for every method.",
@@ -824,7 +827,7 @@ def targets_report(setup: TargetSetup, variants: Sequence[Variant], rows: dict[s
         "",
         targets_table(setup, variants, rows),
         "",
-        "Targets: plain ≥ 30 % copies in every memorizable class; "
+        "Targets: plain ≥ 30 % copies in every class sampled; "
         + "; ".join(f"{family}: {target.describe()}" for family, target in TARGETS.items())
         + " (embedding-space SPELL is held to SPELL's row).",
         "",
