@@ -46,7 +46,7 @@ from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings  # noqa: E402
 
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 3.0, "euler", "normal"
-MAX_N = 3
+MAX_N = 5
 TARGET_FPR = 0.01
 CALIBRATION_SEED0, HELD_OUT_SEED0 = 1000, 5000
 
@@ -63,17 +63,17 @@ class Batch:
     memorizable: bool
 
 
-def sample(model, class_name: str, seed: int, batch: int) -> torch.Tensor:
+def sample(model, class_name: str, seed: int, batch: int, steps: int = STEPS) -> torch.Tensor:
     positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
     latent = {"samples": torch.zeros(batch, 3, demo_dataset.IMAGE_SIZE, demo_dataset.IMAGE_SIZE)}
-    (out,) = comfy_nodes.common_ksampler(model, seed, STEPS, CFG, SAMPLER, SCHEDULER, positive, negative, latent)
+    (out,) = comfy_nodes.common_ksampler(model, seed, steps, CFG, SAMPLER, SCHEDULER, positive, negative, latent)
     return out["samples"].float()
 
 
-def risk_of(model, class_name: str, seed: int, batch: int, probe_steps: int, threshold: float):
+def risk_of(model, class_name: str, seed: int, batch: int, probe_steps: int, threshold: float, steps: int = STEPS):
     positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
     latent = {"samples": torch.zeros(batch, 3, demo_dataset.IMAGE_SIZE, demo_dataset.IMAGE_SIZE)}
-    run = KSamplerSettings(seed, STEPS, CFG, SAMPLER, SCHEDULER)
+    run = KSamplerSettings(seed, steps, CFG, SAMPLER, SCHEDULER)
     return probe(model, positive, negative, latent, run, probe_steps, threshold)
 
 
@@ -82,12 +82,14 @@ def is_copy(outputs: torch.Tensor, dataset: demo_dataset.DemoDataset) -> torch.T
     return (distance < replication.REPLICA_DISTANCE) & dataset.duplicated[index]
 
 
-def collect(model, dataset, seeds: list[int], batch: int) -> list[Batch]:
+def collect(
+    model, dataset, seeds: list[int], batch: int, classes=demo_dataset.CLASS_NAMES, steps: int = STEPS
+) -> list[Batch]:
     batches = []
-    for class_name in demo_dataset.CLASS_NAMES:
+    for class_name in classes:
         for seed in seeds:
-            risk = risk_of(model, class_name, seed, batch, MAX_N, 0.0)
-            outputs = sample(model, class_name, seed, batch)
+            risk = risk_of(model, class_name, seed, batch, MAX_N, 0.0, steps)
+            outputs = sample(model, class_name, seed, batch, steps)
             batches.append(
                 Batch(
                     class_name,

@@ -106,7 +106,6 @@ class ShieldMemorizationRisk(ShieldNode):
                 ),
                 io.String.Output("text", tooltip="The scores and flags as text."),
             ],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod

@@ -4,6 +4,7 @@ mirrors and against Transition-Point CFG's record, the gate's checks, and the ce
 import dataclasses
 import math
 
+import comfy.model_patcher
 import nodes as comfy_nodes
 import pytest
 import torch
@@ -11,11 +12,14 @@ from PIL import Image
 
 from comfyui_shield.core.certificate import certificate_text, read_certificate
 from comfyui_shield.core.records import RECORDS
-from comfyui_shield.reference_models import pixel_unet
+from comfyui_shield.nodes.risk import ShieldMemorizationRisk
+from comfyui_shield.reference_models import demo_dataset, pixel_unet
+from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.samplers.method_patch import add_model_gate, shield_patch_ids, without_shield_patches
 from comfyui_shield.samplers.risk_math import auc, rates_at, step_magnitude, threshold_at_fpr
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings
+from harness.families import flux_unet
 
 STEPS, CFG = 6, 3.0
 
@@ -122,3 +126,57 @@ def test_certificate_text_names_risk_nearest_item_and_each_shield():
     text = certificate_text(certificate, "a.png")
     assert "image 1/2: a.png" in text and "risk 0.91 (AT RISK" in text
     assert "star_0001_dup at 3.2" in text and "Transition-Point CFG: fired at 2/20 evaluations" in text
+
+
+def test_a_guidance_distilled_flux_model_at_cfg_1_is_refused_saying_why():
+    """Flux dev (the family fixture's config; ComfyUI's own Flux model class, built on the meta device:
+    the check runs before any evaluation) as users run it: cfg 1, no negative pass."""
+    model = flux_unet().get_model({}, device=torch.device("meta"))
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+    conditioning = [[torch.zeros(1, 8, 64), {"pooled_output": torch.zeros(1, 64), "guidance": 3.5}]]
+    with pytest.raises(ValueError, match=r"undefined here: 'cfg' is 1 \(and this model is guidance-distilled\)"):
+        ShieldMemorizationRisk.execute(
+            patcher,
+            conditioning,
+            conditioning,
+            {"samples": torch.zeros(1, 16, 8, 8)},
+            0,
+            4,
+            1.0,
+            "euler",
+            "simple",
+            1.0,
+            1,
+            1.0,
+        )
+
+
+# -- detection on a reduced demo set ---------------------------------------------------------------------
+@pytest.mark.parametrize("prediction", ["eps", "v_prediction", "flow"])
+def test_detector_auc_on_a_reduced_demo_set(prediction):
+    """Demo-dataset items in the closed-form memorizer (the exact optimal denoiser, so memorization is
+    certain): prompts whose distribution is a handful of repeated items (the few-shot heart's 4 items; one
+    memorizable class's 2 duplicated items: Wen et al.'s memorized prompts) against prompts over 32 unique
+    items of a class (control circles; unique stars). Per sample, over seeds, in every parameterization
+    (EPS noise, V-prediction, flow velocity): AUC ≥ 0.95 and the 1 %-FPR threshold keeps TPR ≥ 0.9.
+    (The bundled demo UNet itself barely memorizes: docs/risk.md gives its numbers.)"""
+    dataset = demo_dataset.build_dataset()
+    heart, star_dup = dataset.class_items("heart"), dataset.class_items("star", duplicated=True)
+    circles, stars = dataset.class_items("circle")[:32], dataset.class_items("star", duplicated=False)[:32]
+    items = dataset.images[torch.cat([heart, star_dup, circles, stars])]
+    groups = [range(0, 4), range(4, 6), range(6, 38), range(38, 70)]
+    memorized = [True, True, False, False]
+    model = build_memorizer(items, prediction=prediction)
+    scores, labels = [], []
+    for group, is_memorized in zip(groups, memorized, strict=True):
+        positive, negative = subset_conditioning(len(items), group), subset_conditioning(len(items))
+        for seed in range(3):
+            latent = {"samples": torch.zeros(4, *items.shape[1:])}
+            risk = probe(model, positive, negative, latent, KSamplerSettings(seed, 10, CFG), 1, 0.0)
+            scores += risk.scores
+            labels += [is_memorized] * len(risk.scores)
+    assert auc(scores, labels) >= 0.95
+    threshold = threshold_at_fpr([s for s, m in zip(scores, labels, strict=True) if not m], 0.01)
+    assert rates_at(scores, labels, threshold)[0] >= 0.9
