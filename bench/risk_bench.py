@@ -161,7 +161,8 @@ def gating_rows(model, dataset, held_out: list[Batch], thresholds: dict[str, flo
     patch_model = TransitionCfgPatch(TransitionSettings("dynamic", "unconditional", 0.0)).patch(model)
     plain = torch.cat([b.outputs for b in held_out])
     class_of = torch.tensor([demo_dataset.class_index(b.class_name) for b in held_out for _ in range(batch)])
-    variants = {"plain": (plain, len(plain)), "TPCFG on every sample": (run_all(patch_model, held_out, batch), 0)}
+    # per variant: its outputs and how many samples the method may act on (the rest must equal plain)
+    variants = {"plain": (plain, 0), "TPCFG on every sample": (run_all(patch_model, held_out, batch), len(plain))}
     for name, threshold in thresholds.items():
         outputs, flagged = [], 0
         for b in held_out:
