@@ -142,6 +142,16 @@ def save_detector(model: CopyDescriptor, threshold: float, path: pathlib.Path, i
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
 
 
+def _check_config_matches(config: DetectorConfig, state_dict: dict) -> None:
+    """The config's layer shapes are the weights' (built on the meta device: nothing is allocated), so a
+    config of absurd sizes in a small file is refused before the model is built, not after gigabytes."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in CopyDescriptor(config).state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in state_dict.items()}
+    if expected != found:
+        raise ValueError(f"its config {config.as_json()} does not match its weights")
+
+
 def load_detector(path: pathlib.Path | str, where: str = "copy detector") -> CopyDetector:
     """The detector in a safetensors file written by `save_detector`, in float32 on the CPU, frozen.
 
@@ -169,6 +179,9 @@ def load_detector(path: pathlib.Path | str, where: str = "copy detector") -> Cop
     try:
         config = DetectorConfig(**json.loads(metadata["config"]))
         threshold = float(metadata["threshold"])
+        if not -1.0 <= threshold <= 1.0:  # a cosine similarity (NaN fails too)
+            raise ValueError(f"threshold {metadata['threshold']!r} is not a cosine similarity in [-1, 1]")
+        _check_config_matches(config, state_dict)
         model = CopyDescriptor(config)
         model.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()}, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

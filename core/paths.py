@@ -22,7 +22,9 @@ DEFAULT_NAME_MAX = 255  # bytes in one path component on ext4, xfs, btrfs, APFS,
 def check_relative_name(name: str, where: str, examples: str) -> None:
     """Refuse names that cannot be a file name: empty, padded with spaces, NUL."""
     if not name or name.strip() != name or "\x00" in name:
-        raise ShieldSetError(f"{where}: the name {name!r} is empty or has leading/trailing spaces; use {examples}")
+        raise ShieldSetError(
+            f"{where}: the name {name!r} is empty, has leading/trailing spaces or a NUL character; use {examples}"
+        )
 
 
 def name_max(folder: pathlib.Path) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 from typing import Optional
 
 import folder_paths
@@ -20,9 +21,10 @@ from comfy_api.v0_0_2 import io
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..core import paths
 from ..core.certificate import CHUNK, build_certificate, certificate_json, certificate_text, node_settings, shield_entry
 from ..core.records import RECORDS
-from ..core.shield_set import ShieldSet
+from ..core.shield_set import ShieldSet, ShieldSetError
 from ..samplers.method_patch import shield_patch_ids
 from ..samplers.risk_probe import RiskResult
 from ..version import __version__
@@ -80,6 +82,10 @@ class ShieldSaveImageWithCertificate(ShieldNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix, **unused) -> bool | str:
+        return prefix_problem(filename_prefix) or True
+
+    @classmethod
     def execute(
         cls,
         images: torch.Tensor,
@@ -90,6 +96,9 @@ class ShieldSaveImageWithCertificate(ShieldNode):
         shield_set: Optional[ShieldSet] = None,
         embedder=None,
     ) -> io.NodeOutput:
+        problem = prefix_problem(filename_prefix)  # again: a linked prefix is known only now
+        if problem is not None:
+            raise ValueError(problem)
         prompt = cls.hidden.prompt if cls.hidden is not None else None
         extra_pnginfo = cls.hidden.extra_pnginfo if cls.hidden is not None else None
         certificates = certificates_for(images, model, risk, latent, shield_set, embedder, prompt)
@@ -172,12 +181,37 @@ def nearest_protected(images, latent, shield_set, embedder, model) -> Optional[l
     return entries
 
 
+PREFIX = "Save Image with Shield Certificate: filename_prefix"
+COUNTER_SUFFIX = "_00001_.png"  # what the files' names add to the prefix (Save Image's counter)
+
+
+def prefix_problem(filename_prefix: str) -> Optional[str]:
+    """Why the prefix cannot name files inside ComfyUI's output directory, or None: the pack's path rule
+    (core/paths.py) at /prompt, where core would refuse '..' only at run time and a NUL or an over-long
+    name gave a raw OS error."""
+    try:
+        paths.real_path_inside(
+            pathlib.Path(folder_paths.get_output_directory()),
+            filename_prefix + COUNTER_SUFFIX,
+            PREFIX,
+            "a prefix such as 'shield' or 'my_folder/shield'",
+            "ComfyUI's output directory",
+        )
+    except ShieldSetError as error:
+        return str(error)
+    return None
+
+
 def save_pngs(images, filename_prefix, certificates, prompt, extra_pnginfo) -> list[dict]:
     """Save Image's files and metadata, plus the certificate chunk."""
     output_dir = folder_paths.get_output_directory()
-    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-        filename_prefix, output_dir, images[0].shape[1], images[0].shape[0]
-    )
+    try:  # it creates the prefix's sub-folder
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, output_dir, images[0].shape[1], images[0].shape[0]
+        )
+    except OSError as error:
+        path = pathlib.Path(output_dir, filename_prefix)
+        raise ShieldSetError(paths.explain_write_error(error, PREFIX, path, "the filename_prefix input")) from error
     saved = []
     for index, (image, certificate) in enumerate(zip(images, certificates, strict=True)):
         pixels = np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)
@@ -189,7 +223,13 @@ def save_pngs(images, filename_prefix, certificates, prompt, extra_pnginfo) -> l
                 metadata.add_text(key, json.dumps(value))
         metadata.add_text(CHUNK, certificate_json(certificate))
         name = f"{filename.replace('%batch_num%', str(index))}_{counter + index:05}_.png"
-        Image.fromarray(pixels).save(os.path.join(folder, name), pnginfo=metadata, compress_level=4)
+        path = os.path.join(folder, name)
+        try:
+            Image.fromarray(pixels).save(path, pnginfo=metadata, compress_level=4)
+        except OSError as error:
+            raise ShieldSetError(
+                paths.explain_write_error(error, PREFIX, pathlib.Path(path), "the filename_prefix input")
+            ) from error
         saved.append({"filename": name, "subfolder": subfolder, "type": "output"})
     return saved
 

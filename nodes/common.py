@@ -16,3 +16,18 @@ def require_finite(tensor: torch.Tensor, where: str) -> None:
     """Refuse NaN or inf in a tensor input; `where` names the node and the input ("Shield Report: 'latent'")."""
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{where} contains NaN or inf; check the node that made it (a VAE or sampler that diverged)")
+
+
+def require_latent_batch(samples: torch.Tensor, where: str) -> None:
+    """A LATENT's samples as a sampler needs them: [N, C, H, W] (or [N, C, T, H, W] video), N >= 1, finite.
+    Nested (multi-part) latents are left to the nodes that read them."""
+    if getattr(samples, "is_nested", False):
+        return
+    if samples.ndim < 4:
+        raise ValueError(
+            f"{where} has shape {list(samples.shape)}; it must be a batch of latents [N, C, H, W] (or [N, C, T, H, "
+            "W] for video), as Empty Latent Image, VAE Encode or a sampler make them"
+        )
+    if samples.shape[0] == 0:
+        raise ValueError(f"{where} is an empty batch (0 latents); connect a latent with batch_size 1 or more")
+    require_finite(samples, where)

@@ -13,7 +13,7 @@ from comfy_api.v0_0_2 import io
 
 from ..samplers.method_patch import add_model_gate
 from ..samplers.risk_probe import KSamplerSettings, RiskGate, RiskResult, probe
-from .common import CATEGORY, RISK
+from .common import CATEGORY, RISK, require_latent_batch
 from .validation import ShieldNode
 
 # Calibrated on the bundled demo model (bench/risk_bench.py; docs/risk.md): the score above which at most
@@ -125,6 +125,7 @@ class ShieldMemorizationRisk(ShieldNode):
         probe_steps,
         threshold,
     ) -> io.NodeOutput:
+        require_latent_batch(latent_image["samples"], "Memorization Risk: 'latent_image'")
         run = KSamplerSettings(seed, steps, cfg, sampler_name, scheduler, denoise)
         risk = probe(model, positive, negative, latent_image, run, probe_steps, threshold)
         text = risk.text()

@@ -32,7 +32,7 @@ from ..core.shield_memory import DEFAULT_CAP, MAX_CAP, MEMORY, STORES, WHEN_FULL
 from ..core.shield_set import ShieldSet, ShieldSetError, from_latents, latent_format_name  # noqa: F401
 from ..samplers import spell_math
 from ..samplers.latent_space import latent_format_of, to_model_space
-from .common import CATEGORY, SHIELD_SET, require_finite
+from .common import CATEGORY, SHIELD_SET, require_latent_batch
 from .validation import ShieldNode
 
 logger = logging.getLogger(__name__)
@@ -542,14 +542,9 @@ class ShieldRadiusCalibration(ShieldNode):
     @classmethod
     def execute(cls, latent, model) -> io.NodeOutput:
         samples = latent["samples"]
-        if samples.ndim < 4:
-            raise ValueError(
-                f"Shield Radius Calibration: 'latent' has shape {list(samples.shape)}; it must be a batch of latents "
-                "[N, C, H, W] (or [N, C, T, H, W] for video), as a sampler outputs them"
-            )
+        require_latent_batch(samples, "Shield Radius Calibration: 'latent'")
         if samples.shape[0] < 2:
             raise ValueError("Shield Radius Calibration: latent needs a batch of at least 2 (raise batch_size)")
-        require_finite(samples, "Shield Radius Calibration: 'latent'")
         scaled = to_model_space(samples, latent_format_of(model))
         median = spell_math.median_pairwise_distance(scaled)
         relative = median / samples[0].numel() ** 0.5

@@ -12,7 +12,7 @@ from comfy_api.v0_0_2 import io
 from ..core.shield_set import ShieldSet, ShieldSetError
 from ..samplers.range_search import SEARCH_METHODS
 from ..samplers.spell_hook import RepellencySettings, SparseRepellencyPatch
-from .common import CATEGORY, SHIELD_SET, require_finite
+from .common import CATEGORY, SHIELD_SET, require_latent_batch
 from .method_node import method_schema, patched_model
 from .run_summary import node_id_of
 from .validation import ShieldNode
@@ -271,12 +271,7 @@ class SparseRepellencyKSampler(ShieldNode):
         shield_set=None,
         shield_set_2=None,
     ) -> io.NodeOutput:
-        if latent_image["samples"].shape[0] == 0:
-            raise ValueError(
-                "Sparse Repellency KSampler: 'latent_image' is an empty batch (0 latents); connect a latent with "
-                "batch_size 1 or more"
-            )
-        require_finite(latent_image["samples"], "Sparse Repellency KSampler: 'latent_image'")
+        require_latent_batch(latent_image["samples"], "Sparse Repellency KSampler: 'latent_image'")
         patched = repellency_model(
             model,
             shield_set,

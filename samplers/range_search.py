@@ -57,6 +57,7 @@ class ShieldRows:
     """
 
     def __init__(self, data: torch.Tensor, transform=None, file_rows=None):
+        self.item_shape = tuple(data.shape[1:])  # one shield's shape, e.g. (4, 128, 128)
         self.data = data.reshape(data.shape[0], -1)
         self.transform = transform
         self.file_rows = file_rows  # shield_files.FileRows of a memory-mapped `data`, or None

@@ -3,8 +3,9 @@
 Plain torch (no ComfyUI import). Builds on `range_search.ProjectionRangeSearch` (paper appendix I asks
 for a range search; SPELL's guarantee, appendix B, needs every shield within r to be found):
 
-1. Each shield z has a code c_z = [Pᵀ(z − μ), ρ_z] (m + 1 floats, P orthonormal from a PCA); the code
-   distance ‖c_x − c_z‖ is a lower bound of ‖x − z‖ (`range_search.projection_lower_bound`).
+1. Each shield z has a code c_z = [Pᵀ(z − μ), ρ_z] (m + 1 floats, P orthonormal); the code distance
+   ‖c_x − c_z‖ is a lower bound of ‖x − z‖ (`range_search.projection_lower_bound`). P is a PCA basis
+   of the latents pooled over spatial blocks (`pooled_sketch`): a code costs O(D), not D × m.
 2. The codes are clustered (k-means in code space) into inverted lists L_j with centroid μ_j and radius
    R_j = max_{z ∈ L_j} ‖c_z − μ_j‖ (measured after assignment, so it holds whatever k-means did).
 3. For a query code q, every member of L_j has ‖q − c_z‖ ≥ ‖q − μ_j‖ − R_j (triangle inequality in
@@ -14,6 +15,8 @@ for a range search; SPELL's guarantee, appendix B, needs every shield within r t
    S_j = max ‖z − ν_j‖: ‖x − z‖ ≥ ‖x − ν_j‖ − S_j ≥ r proves every member out of range. The code-space
    bound alone loses the directions P does not keep (at 1M shields in 250 clusters, m = 128 keeps about
    half of the cluster-centre directions and almost nothing was pruned); the full-space bound does not.
+   ‖x − ν_j‖ itself is bounded below through the pooled split (`pooled_sketch`), so a step reads the
+   lists' pooled means (1,024 values each at SDXL-1024), not their full means (65,536).
 4. The surviving lists' codes are scanned like the flat filter; the candidates are re-checked against
    the full vectors (`range_search.exact_recheck`, float64 near the boundary), which are read only for
    those candidates and may stay memory-mapped on disk in fp16.
@@ -28,9 +31,11 @@ import torch
 
 from ..core.bounded_cache import BoundedCache
 from . import range_search
+from .pooled_sketch import PooledSketch
 
 SCAN_CHUNK = 16384  # codes scanned at once (a [B, 16384] distance block)
 PRUNE_MARGIN = 1e-9  # relative: float64 rounding of ‖q − μ‖ and R_j
+RADIUS_MARGIN = 1e-6  # relative: S_j from float32 differences summed in float64 (rounding ≤ 6e-8)
 
 
 def kmeans(codes: torch.Tensor, lists: int, iterations: int = 10, sample: int = 64, seed: int = 0) -> torch.Tensor:
@@ -62,9 +67,9 @@ def assign(codes: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> 
 def full_space_lists(
     rows, labels: torch.Tensor, lists: int, chunk: int, on_chunk=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each list's mean ν_j in the full space [lists, D] and radius S_j = max ‖z − ν_j‖ (float64), from
-    two passes over the rows (labels in row order). The radius is measured on the float32 mean as
-    stored, so the pruning bound holds for exactly the tensors the search uses."""
+    """Each list's mean ν_j in the full space [lists, D] (float32) and radius S_j ≥ max ‖z − ν_j‖ (float64),
+    from two passes over the rows (labels in row order). The radius is measured on the float32 mean that
+    the search's pooled split is computed from, so the pruning bound holds for exactly that ν_j."""
     total = len(rows)
     sums = torch.zeros(lists, rows.shape[1], dtype=torch.float64)
     for start, block in rows.chunks(chunk):
@@ -76,11 +81,11 @@ def full_space_lists(
     radius = torch.zeros(lists, dtype=torch.float64)
     for start, block in rows.chunks(chunk):
         block_labels = labels[start : start + block.shape[0]]
-        spread = (block.double() - means[block_labels].double()).norm(dim=1)
+        spread = torch.linalg.vector_norm(block - means[block_labels], dim=1, dtype=torch.float64)
         radius.scatter_reduce_(0, block_labels, spread, "amax")
         if on_chunk is not None:
             on_chunk(min(total, start + chunk), total)
-    return means, radius
+    return means, radius * (1 + RADIUS_MARGIN)
 
 
 class ClusteredProjectionSearch:
@@ -95,16 +100,18 @@ class ClusteredProjectionSearch:
 
     def __init__(self, shields, state: dict):
         self.shields = range_search.as_rows(shields)
-        self.basis, self.mean = state["basis"], state["mean"]
+        self.sketch = PooledSketch.from_state(state)
         self.codes, self.order, self.offsets = state["codes"], state["order"], state["offsets"]
         self.centroids, self.list_radius, self.list_max_norm = (
             state["centroids"],
             state["list_radius"],
             state["list_max_norm"],
         )
-        self.full_centroids, self.full_radius = state["full_centroids"], state["full_radius"]
+        # each list's full-space mean ν_j as its pooled split (Uᵀν_j, σ_ν_j), and its radius S_j
+        self.list_pooled, self.list_outside = state["list_pooled"], state["list_outside"]
+        self.full_radius = state["full_radius"]
         self._centroids64 = self.centroids.double()
-        self._full_norms = self.full_centroids.double().pow(2).sum(1)
+        self._list_pooled_norms = self.list_pooled.pow(2).sum(1)
         self.code_norms = self.codes.pow(2).sum(1)
         self.code_lists = torch.repeat_interleave(torch.arange(len(self.offsets) - 1), self.offsets.diff())
         self.last_scanned = 0  # codes scanned by the last search (for benchmarks and reports)
@@ -122,8 +129,8 @@ class ClusteredProjectionSearch:
         after every chunk read (progress, interrupts)."""
         rows = range_search.as_rows(shields)
         count = len(rows)
-        basis, mean = range_search.pca_basis(rows, dims)
-        codes = range_search.encode_codes(rows, basis, mean, chunk, on_chunk)
+        sketch = PooledSketch.fit(rows, dims, rows.item_shape)
+        codes = sketch.encode(rows, range_search.rows_per_chunk(rows.shape[1], chunk, 8), on_chunk)
         lists = lists or max(1, int(math.sqrt(count)))
         centroids = kmeans(codes, lists)
         labels = assign(codes, centroids)
@@ -137,37 +144,38 @@ class ClusteredProjectionSearch:
         norms = codes.double().pow(2).sum(1)
         list_max_norm = torch.zeros(centroids.shape[0], dtype=torch.float64).scatter_reduce_(0, labels, norms, "amax")
         # float64 sums of a chunk: BUILD_CHUNK_BYTES bounds the transient memory at every latent size
-        full_centroids, full_radius = full_space_lists(
+        full_means, full_radius = full_space_lists(
             rows,
             labels[torch.argsort(order)],
             centroids.shape[0],
             range_search.rows_per_chunk(rows.shape[1], chunk, 8),
             on_chunk,
         )
+        list_pooled, _, list_outside = sketch.split(full_means)
         return {
-            "basis": basis,
-            "mean": mean,
+            **sketch.state(),
             "codes": codes,
             "order": order,
             "offsets": offsets,
             "centroids": centroids,
             "list_radius": list_radius,
             "list_max_norm": list_max_norm,
-            "full_centroids": full_centroids,
+            "list_pooled": list_pooled,
+            "list_outside": list_outside,
             "full_radius": full_radius,
         }
 
     def state(self) -> dict:
         return {
-            "basis": self.basis,
-            "mean": self.mean,
+            **self.sketch.state(),
             "codes": self.codes,
             "order": self.order,
             "offsets": self.offsets,
             "centroids": self.centroids,
             "list_radius": self.list_radius,
             "list_max_norm": self.list_max_norm,
-            "full_centroids": self.full_centroids,
+            "list_pooled": self.list_pooled,
+            "list_outside": self.list_outside,
             "full_radius": self.full_radius,
         }
 
@@ -175,33 +183,36 @@ class ClusteredProjectionSearch:
         return len(self.shields)
 
     def index_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.state().values(), self.code_norms))
+        extra = (self.code_norms, self.code_lists)
+        return sum(t.numel() * t.element_size() for t in (*self.state().values(), *extra))
 
     def surviving_lists(
-        self, query_codes: torch.Tensor, radius: float, queries: Optional[torch.Tensor] = None
+        self, query_codes: torch.Tensor, radius: float, queries: Optional[torch.Tensor] = None, split=None
     ) -> torch.Tensor:
         """[B, lists] bool: False only where the triangle inequality proves every member out of reach.
 
         Code space: the scan accepts z when ‖q − c_z‖² ≤ r² + s·(‖q‖² + ‖c_z‖²) + 1e-6 (s = FILTER_SLACK);
         with ‖c_z‖² ≤ max_norm_j that is at most t_j², so ‖q − μ_j‖ − R_j > t_j rules out every member.
-        Full space (when `queries` [B, D] is given): ‖x − ν_j‖ − S_j > r rules out every member."""
+        Full space (when `queries` [B, D] or their `split` is given): ‖x − ν_j‖ − S_j > r rules out every
+        member, with ‖x − ν_j‖ bounded below by the pooled split (`pooled_sketch`)."""
         alive = self._code_space_alive(query_codes, radius)
-        if queries is not None:
+        if split is None and queries is not None:
+            split = self.sketch.split(queries.flatten(1).float())
+        if split is not None:
             alive &= (
-                self._full_space_lower(queries) - self.full_radius[None, :]
+                self._full_space_lower(split[0], split[2]) - self.full_radius[None, :]
                 <= radius * (1 + PRUNE_MARGIN) + PRUNE_MARGIN
             )
         return alive
 
-    def _full_space_lower(self, queries: torch.Tensor) -> torch.Tensor:
-        """A lower bound of ‖x − ν_j‖ [B, lists]: ‖x‖² − 2x·ν + ‖ν‖² in float32 (a float64 cdist over
-        4096 dims cost ~7 ms per step at 100k shields), minus a slack that covers its rounding
-        (FILTER_SLACK relative to the norms, as in the code scan)."""
-        queries = queries.float()
-        query_norms = queries.double().pow(2).sum(1)
-        squared = query_norms[:, None] - 2.0 * (queries @ self.full_centroids.T).double() + self._full_norms[None, :]
-        slack = range_search.FILTER_SLACK * (query_norms[:, None] + self._full_norms[None, :]) + 1e-6
-        return (squared - slack).clamp_min(0.0).sqrt()
+    def _full_space_lower(self, pooled: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+        """A lower bound of ‖x − ν_j‖ [B, lists]: √(‖Uᵀx − Uᵀν_j‖² + (σ_x − σ_ν_j)²), float64, minus a
+        slack far above float64's rounding of ‖a‖² − 2a·b + ‖b‖² over D_p terms."""
+        pooled_norms = pooled.pow(2).sum(1)
+        squared = pooled_norms[:, None] - 2.0 * pooled @ self.list_pooled.T + self._list_pooled_norms[None, :]
+        squared = squared - 1e-12 * (pooled_norms[:, None] + self._list_pooled_norms[None, :])
+        squared = squared + (outside[:, None] - self.list_outside[None, :]).pow(2)
+        return squared.clamp_min(0.0).sqrt()
 
     def _code_space_alive(self, query_codes: torch.Tensor, radius: float) -> torch.Tensor:
         to_centroid = torch.cdist(query_codes.double(), self._centroids64)
@@ -219,9 +230,10 @@ class ClusteredProjectionSearch:
         One vectorised pass: the surviving codes are scanned in chunks (gathered when few survive, sliced
         in place when most do), then the pairs of a list pruned for that query are dropped. A Python
         loop over the lists cost ~0.2 ms per list, 60 ms per step at 100k shields when none is pruned."""
-        codes = range_search.encode_codes(queries, self.basis, self.mean)
+        split = self.sketch.split(queries)
+        codes = self.sketch.codes_of_split(split[0], split[1])
         query_norms = codes.pow(2).sum(1)
-        alive = self.surviving_lists(codes, radius, queries)
+        alive = self.surviving_lists(codes, radius, split=split)
         surviving = alive.any(0)[self.code_lists]  # [K] bool, in code order
         count = int(surviving.sum())
         self.last_scanned = count

@@ -253,7 +253,7 @@ def _only_acting(
     return dataclasses.replace(result, denoised=moved, delta_norm=delta_norm)
 
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: pooled sketch codes (samplers/pooled_sketch.py)
 
 
 def _progress_reporter():

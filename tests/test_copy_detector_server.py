@@ -1,6 +1,7 @@
 """The copy detector in a real ComfyUI server graph (#10 item 4): Shield Copy Detector Loader as ProCreate's
 embedder on the demo model, and the Shield Report counting copies with it."""
 
+import json
 import re
 
 import pytest
@@ -129,3 +130,26 @@ def test_a_user_detector_file_that_is_damaged_is_named_in_the_error(server):
     with pytest.raises(ServerError) as raised:
         server.wait(prompt_id, timeout=120)
     assert "broken.safetensors is damaged or not a safetensors file" in str(raised.value)
+
+    # damaged metadata in an otherwise valid file (the hostile battery): a NaN threshold loaded and counted no
+    # copy; a config of absurd sizes built a model of gigabytes before its weights were compared
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from comfyui_shield.reference_models.judge import DETECTOR_PATH
+
+    with safe_open(str(DETECTOR_PATH), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    damaged = {
+        "nan_threshold": ({"threshold": "nan"}, r"threshold 'nan' is not a cosine similarity in \[-1, 1\]"),
+        "huge_config": (
+            {"config": json.dumps({"image_size": 1024, "width": 16, "dim": 128})},
+            r"its config .*1024.* does not match its weights",
+        ),
+    }
+    for name, (change, message) in damaged.items():
+        save_file(tensors, str(folder / f"{name}.safetensors"), metadata={**metadata, **change})
+        graph["detector"]["inputs"]["detector"] = f"{name}.safetensors"
+        with pytest.raises(ServerError, match=rf"{name}.safetensors does not hold a complete copy detector.*{message}"):
+            server.run(graph, timeout=120)

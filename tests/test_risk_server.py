@@ -183,6 +183,50 @@ def test_a_saved_png_carries_its_certificate(server):
     assert "Transition-Point CFG: fired at" in outputs["certificate"]["text"][0]
 
 
+def test_risk_refuses_empty_flat_and_nan_latents_by_name(server):
+    """The hostile battery: an empty batch gave "integer modulo by zero", a 3-D tensor a matmul shape error,
+    NaN latents scores of nan; each now names 'latent_image'."""
+    server.write_input_latent("risk_empty", torch.zeros(0, 3, 32, 32))
+    server.write_input_latent("risk_flat", torch.zeros(3, 32, 32))
+    server.write_input_latent("risk_nan", torch.full((2, 3, 32, 32), float("nan")))
+    graph = {key: value for key, value in risk_graph(threshold=1.0).items() if key in ("model", "conditioning", "risk")}
+    graph["show"] = {"class_type": "PreviewAny", "inputs": {"source": ["risk", 3]}}
+    graph["risk"]["inputs"]["latent_image"] = ["bad", 0]
+    for name, why in [
+        ("risk_empty", "is an empty batch"),
+        ("risk_flat", "has shape \\[3, 32, 32\\]"),
+        ("risk_nan", "contains NaN"),
+    ]:
+        graph["bad"] = {"class_type": "LoadLatent", "inputs": {"latent": f"{name}.latent"}}
+        with pytest.raises(ServerError, match=rf"Memorization Risk: 'latent_image' {why}"):
+            server.run(graph, timeout=60)
+
+
+def test_a_certificate_prefix_outside_output_or_too_long_is_refused_by_name(server):
+    """The hostile battery: '..' and absolute prefixes were refused by core only at run time ("Saving image
+    outside the output folder is not allowed", not naming the input), a NUL gave "embedded null byte" and
+    300 characters "[Errno 36] File name too long". All are refused at /prompt naming filename_prefix."""
+    images = {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}
+    for prefix, why in [
+        ("../escape", "points outside ComfyUI's output directory"),
+        ("/tmp/escape", "points outside ComfyUI's output directory"),
+        ("sub/../../escape", "points outside ComfyUI's output directory"),
+        ("nul\x00byte", "a NUL character"),
+        ("x" * 300, "is 311 bytes long.*Shorten it"),
+    ]:
+        certificate = {"images": ["images", 0], "filename_prefix": prefix}
+        graph = {
+            "images": images,
+            "certificate": {"class_type": "ShieldSaveImageWithCertificate", "inputs": certificate},
+        }
+        with pytest.raises(ServerError, match=rf"400.*Save Image with Shield Certificate: filename_prefix: .*{why}"):
+            server.queue(graph)
+    certificate = {"images": ["images", 0], "filename_prefix": "certificates/ünï v1.5"}
+    graph = {"images": images, "certificate": {"class_type": "ShieldSaveImageWithCertificate", "inputs": certificate}}
+    (saved,) = server.run(graph)["certificate"]["images"]
+    assert server.output_path(saved).is_file() and saved["subfolder"] == "certificates"
+
+
 def server_items() -> torch.Tensor:
     """The star class's duplicated training items as pixel-space latents ([-1, 1], what the set holds)."""
     dataset = demo_dataset.build_dataset()

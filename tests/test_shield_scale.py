@@ -12,7 +12,7 @@ from comfyui_shield.core.bounded_cache import BoundedCache
 from comfyui_shield.core.shield_set import from_latents
 from comfyui_shield.nodes.spell import repellency_model
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
-from comfyui_shield.samplers import range_search, shield_index
+from comfyui_shield.samplers import pooled_sketch, range_search, shield_index
 
 RADIUS = 4.0
 
@@ -73,7 +73,7 @@ def test_pruning_skips_lists_only_with_a_proof_and_does_skip_far_lists():
     found = search.search(query, 6.0)
     assert _pairs(found) == _brute_force(query, shields, 6.0)
     assert search.last_scanned < len(shields) // 4  # far clusters were proven out of reach
-    codes = range_search.encode_codes(query, search.basis, search.mean)
+    codes = search.sketch.codes(query)
     code_alive = search.surviving_lists(codes, 6.0)[0]
     alive = search.surviving_lists(codes, 6.0, query)[0]
     assert bool((alive <= code_alive).all()) and int(alive.sum()) >= 1  # the full-space bound only prunes more
@@ -227,3 +227,56 @@ def test_index_build_reads_bounded_chunks_at_real_latent_sizes():
     finally:
         range_search.PCA_SAMPLE_BYTES = monkeypatched
     assert torch.allclose(basis.T @ basis, torch.eye(8), atol=1e-5)
+
+
+# -- the pooled sketch: an orthonormal projection, so its codes bound the distance from below -------------
+def test_pool_factor_at_real_latent_sizes():
+    assert pooled_sketch.pool_factor((4, 64, 64)) == 4  # SD1.5-512: 4x16x16 = 1024 pooled values
+    assert pooled_sketch.pool_factor((4, 128, 128)) == 8  # SDXL-1024: 4x16x16
+    assert pooled_sketch.pool_factor((16, 128, 128)) == 8  # Flux-1024: 16x16x16
+    assert pooled_sketch.pool_factor((16, 21, 60, 104)) == 4  # Wan video [C, T, H, W]: frames kept
+    assert pooled_sketch.pool_factor((4, 8, 8)) == 1 and pooled_sketch.pool_factor((4096,)) == 1  # plain PCA codes
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 32), (2, 3, 16, 24)])
+def test_pooled_codes_are_a_lower_bound_even_for_what_pooling_cannot_see(shape, monkeypatch):
+    monkeypatch.setattr(pooled_sketch, "POOL_TARGET_DIMS", 16)  # pool 8x8 (4x4 for the 5-D shape) on small items
+    generator = torch.Generator().manual_seed(9)
+    rows = torch.randn(300, *shape, generator=generator).cumsum(-1).cumsum(-2)  # smooth, like latents
+    sketch = pooled_sketch.PooledSketch.fit(rows.flatten(1), 6, shape)
+    assert sketch.factor > 1
+    checker = (torch.arange(shape[-2])[:, None] + torch.arange(shape[-1])[None, :]) % 2 * 2.0 - 1.0
+    high = checker.expand(shape).flatten()  # sums to 0 in every block: invisible to the pooling
+    x = rows[:40].flatten(1)
+    pairs = [x[1:] - 0.0, x[:1] + 0.3 * high, x[:1] + 5.0, x[:1] * 0.0, x[:1] + 1e-3 * high]
+    for z in pairs:
+        bound = torch.cdist(sketch.codes(x[:1]).double(), sketch.codes(z).double())
+        true = torch.cdist(x[:1].double(), z.double())
+        assert bool((bound <= true * (1 + 1e-6) + 1e-6).all())
+    pooled, squared, outside = sketch.split(x)
+    assert torch.allclose(pooled.pow(2).sum(1) + outside.pow(2), squared, rtol=1e-9)  # U is orthonormal
+    codes = sketch.codes(x).double()  # ‖code‖ = ‖x − μ‖ (Pythagoras), μ the lifted pooled mean
+    lifted = sketch.mean.reshape(-1, 1).repeat_interleave(sketch.factor**2, 1)
+    lifted = lifted.reshape(-1, shape[-2] // sketch.factor, shape[-1] // sketch.factor, sketch.factor, sketch.factor)
+    mu = lifted.permute(0, 1, 3, 2, 4).reshape(-1) / sketch.factor
+    assert torch.allclose(codes.norm(dim=1), (x.double() - mu).norm(dim=1), rtol=1e-5)
+
+
+def test_clustered_search_on_pooled_latents_equals_brute_force_at_the_boundary(monkeypatch):
+    monkeypatch.setattr(pooled_sketch, "POOL_TARGET_DIMS", 16)
+    generator = torch.Generator().manual_seed(10)
+    centres = torch.randn(6, 4, 32, 32, generator=generator).cumsum(-1).cumsum(-2) * 0.2
+    shields = centres[torch.randint(0, 6, (400,), generator=generator)]
+    shields = shields + torch.randn(400, 4, 32, 32, generator=generator)
+    search = _clustered_search(shields, dims=8, lists=20)
+    assert search.sketch.factor == 8
+    flat = shields.flatten(1)
+    checker = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 2.0 - 1.0).expand(4, 32, 32).flatten()
+    radius = 20.0
+    queries = []
+    for t in (0.5, 0.99, 1.01, 1.5):  # moved by t·r along a direction pooling cannot see, and along one it can
+        queries += [flat[7] + t * radius * checker / checker.norm(), flat[50] + t * radius / flat.shape[1] ** 0.5]
+    queries = torch.stack(queries + [torch.full_like(flat[0], 30.0)])
+    found = search.search(queries, radius)
+    assert _pairs(found) == _brute_force(queries, flat, radius)
+    assert {(0, 7), (1, 50), (2, 7), (3, 50)} <= _pairs(found) and not {(4, 7), (5, 50)} & _pairs(found)

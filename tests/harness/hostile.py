@@ -714,6 +714,7 @@ class Battery:
             graph = base_graph(node_id, info[node_id], images=["tiny", 0])
             graph["tiny"] = tiny
             self.expect_runs("shapes", node_id, "images", "1x1 image", graph)
+        self.newer_node_shapes()
         # ProCreate: a reference set without images or embeddings (from latents)
         graph = base_graph("ShieldProCreateGuidance", info["ShieldProCreateGuidance"], reference_set=["lset", 0])
         graph["lset"] = {"class_type": "ShieldSetFromLatents", "inputs": {"latent": ["rgb", 0], "model": ["memrgb", 0]}}
@@ -729,6 +730,38 @@ class Battery:
         graph = base_graph("ShieldProCreateGuidance", info["ShieldProCreateGuidance"], model=["mem", 0])
         graph["ks"] = _sampler(["n", 0], ["mem", 1], ["empty", 0])
         self.expect_error("shapes", "ShieldProCreateGuidance", "vae", "VAE of another model", graph, r"vae|VAE|channel")
+
+    def newer_node_shapes(self) -> None:
+        """Memorization Risk, Shield Gate, the certificate, Embedding Repellency and the video length input."""
+        info = self.info
+        for latent_name, label in ((EMPTY, "empty batch"), (NAN, "NaN"), (FLAT, "3-D latent")):
+            graph = base_graph("ShieldMemorizationRisk", info["ShieldMemorizationRisk"], latent_image=["bad", 0])
+            graph["bad"] = _latent(latent_name)
+            pattern = r"'latent_image' (is an empty batch|has shape|contains NaN)"
+            self.expect_error("shapes", "ShieldMemorizationRisk", "latent_image", label, graph, pattern)
+        # the gate with a risk scored on another batch (1 sample) than the sampler's (2)
+        graph = base_graph("ShieldGate", info["ShieldGate"], model=["spell", 0])  # a method for the gate to gate
+        graph["spell"] = base_graph("ShieldSparseRepellency", info["ShieldSparseRepellency"])["n"]
+        graph["one"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+        graph["risk"]["inputs"]["latent_image"] = ["one", 0]
+        self.expect_error("shapes", "ShieldGate", "risk", "risk of another batch size", graph, r"risk|batch|seed")
+        # the certificate: 2 images, a risk of 2 samples from another run is fine; 1 image against it is not
+        graph = base_graph("ShieldSaveImageWithCertificate", info["ShieldSaveImageWithCertificate"], risk=["risk", 0])
+        graph["one"] = {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0}}
+        graph["n"]["inputs"]["images"] = ["one", 0]
+        self.expect_error("shapes", "ShieldSaveImageWithCertificate", "risk", "1 image, 2 scores", graph, r"'risk'")
+        graph = base_graph(
+            "ShieldSaveImageWithCertificate", info["ShieldSaveImageWithCertificate"], latent=["items", 0]
+        )
+        graph["n"]["inputs"]["shield_set"] = ["set", 0]
+        self.expect_error("shapes", "ShieldSaveImageWithCertificate", "latent", "6 latents, 2 images", graph, r"latent")
+        # Embedding Repellency with a set that has neither images nor embeddings: its latents are decoded
+        graph = base_graph("ShieldEmbeddingRepellency", info["ShieldEmbeddingRepellency"], shield_set=["lset", 0])
+        graph["lset"] = {"class_type": "ShieldSetFromLatents", "inputs": {"latent": ["rgb", 0], "model": ["memrgb", 0]}}
+        self.expect_runs("shapes", "ShieldEmbeddingRepellency", "shield_set", "set without images", graph)
+        # length (video frames) with an image VAE
+        graph = base_graph("ShieldSetFromImages", info["ShieldSetFromImages"], length=5)
+        self.expect_error("shapes", "ShieldSetFromImages", "length", "5 with an image VAE", graph, r"length")
 
     # -- files -------------------------------------------------------------------------------------------
     @property
