@@ -330,6 +330,7 @@ def piece_search(family: str, count: int, data_dir: pathlib.Path, truth: dict) -
     state = shield_files.load_index(shield_files.index_path_for(str(path)), "bench")
     search = shield_index.ClusteredProjectionSearch(rows, state)
     queries, _ = make_queries(torch, shield_set, latent_format, shape)
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here: not the query generator's
     radius = radius_of(shape)
     row_bytes = math.prod(shape) * 2
     truth_pairs = {tuple(pair) for pair in truth["pairs"]}
@@ -368,6 +369,7 @@ def piece_search(family: str, count: int, data_dir: pathlib.Path, truth: dict) -
             "pairs": len(truth_pairs),
             "baseline_rss_mb": baseline_rss,
             "peak_rss_mb": status_mb("VmHWM"),
+            "rss_mb": status_mb("VmRSS"),
             "rss_anon_mb": status_mb("RssAnon"),
             "index_ram_mb": search.index_bytes() / 2**20,
             "load_average": os.getloadavg()[0],
