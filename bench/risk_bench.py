@@ -6,18 +6,21 @@ Run: $SHIELD_PYTHON bench/risk_bench.py [--quick]   (one thread; prints markdown
 - Samples: every demo class (the prompt) × seeds × a batch, sampled by ComfyUI's KSampler (euler, normal,
   20 steps, cfg 3); the Memorization Risk probe (samplers/risk_probe.py) runs on the same seed, latent and
   schedule with probe_steps = MAX_N, so its per-step scores give the score for every N ≤ MAX_N at once.
-- Two definitions of a positive, both reported:
+- Three definitions of a positive, all reported:
   * "copy" (per sample, the primary one): the output is a copy of a duplicated training item (an item of a
-    memorizable class repeated 128× per epoch, or of the few-shot class): its nearest training item is
-    duplicated and lies within replication.REPLICA_DISTANCE (pixel L2; RMS error 0.11 in [-1, 1]).
-    Every other output (non-copies of any class, all control-class outputs) is a negative.
+    memorizable class repeated in training, or of the few-shot class) by the demo copy detector
+    (reference_models/judge.py: geometry, tolerant of colour, noise and small shifts), against the
+    duplicated items. Every other output (non-copies of any class, all control-class outputs) is a negative.
+  * "pixel copy": the same with pixel L2 instead: nearest training item duplicated and within
+    replication.REPLICA_DISTANCE (RMS error 0.11 in [-1, 1]); colour or a shift defeat it.
   * "class" (per prompt, as Wen et al. score prompts): the output's class holds duplicated items
     (memorizable or few-shot); negatives are the control classes' outputs.
 - Calibration seeds choose the threshold: the score that flags at most 1 % of the calibration negatives.
   Held-out seeds (disjoint) give the AUC, and the TPR and FPR at that threshold.
 - Gating: on the held-out seeds, Transition-Point CFG (dynamic, unconditional before the transition) on every
-  sample vs only on the flagged ones (Shield Gate), with copies, samples left bit-identical to plain sampling,
-  and fidelity (k-NN precision of the outputs against the training items of their class, k = 3, pixels).
+  sample vs only on the flagged ones (Shield Gate), with copies (detector and pixel), samples left
+  bit-identical to plain sampling, and fidelity: class agreement (the judge's independent classifier) and
+  k-NN precision of the outputs against the training items of their class (k = 3, pixels).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import nodes as comfy_nodes  # noqa: E402
 
 from comfyui_shield.core import metrics  # noqa: E402
 from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication  # noqa: E402
+from comfyui_shield.reference_models.judge import load_judge  # noqa: E402
 from comfyui_shield.samplers.method_patch import add_model_gate  # noqa: E402
 from comfyui_shield.samplers.risk_math import auc, rates_at, threshold_at_fpr  # noqa: E402
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe  # noqa: E402
@@ -59,7 +63,8 @@ class Batch:
     seed: int
     step_scores: torch.Tensor
     outputs: torch.Tensor
-    copy: torch.Tensor  # [B] bool
+    copy: torch.Tensor  # [B] bool, by the copy detector
+    pixel_copy: torch.Tensor  # [B] bool, by pixel L2
     memorizable: bool
 
 
@@ -78,6 +83,11 @@ def risk_of(model, class_name: str, seed: int, batch: int, probe_steps: int, thr
 
 
 def is_copy(outputs: torch.Tensor, dataset: demo_dataset.DemoDataset) -> torch.Tensor:
+    """Copies of a duplicated item by the demo copy detector."""
+    return load_judge().is_copy(outputs, dataset.images[dataset.duplicated]).is_copy.cpu()
+
+
+def is_pixel_copy(outputs: torch.Tensor, dataset: demo_dataset.DemoDataset) -> torch.Tensor:
     distance, index = replication.nearest_items(outputs, dataset.images)
     return (distance < replication.REPLICA_DISTANCE) & dataset.duplicated[index]
 
@@ -97,6 +107,7 @@ def collect(
                     torch.tensor(risk.step_scores, dtype=torch.float64).T,
                     outputs,
                     is_copy(outputs, dataset),
+                    is_pixel_copy(outputs, dataset),
                     demo_dataset.has_duplicates(class_name),
                 )
             )
@@ -109,15 +120,18 @@ def scores_at(batches: list[Batch], n: int) -> list[float]:
 
 
 def labels(batches: list[Batch], definition: str) -> list[bool]:
-    """Per sample: 'copy': the output copies a duplicated item; 'class': its class holds duplicated items."""
+    """Per sample: 'copy' / 'pixel copy': the output copies a duplicated item (detector / pixel L2);
+    'class': its class holds duplicated items."""
     if definition == "copy":
         return torch.cat([b.copy for b in batches]).tolist()
+    if definition == "pixel copy":
+        return torch.cat([b.pixel_copy for b in batches]).tolist()
     return [b.memorizable for b in batches for _ in range(len(b.copy))]
 
 
 def detector_rows(calibration: list[Batch], held_out: list[Batch]) -> tuple[list[list], dict]:
     rows, thresholds = [], {}
-    for definition in ("copy", "class"):
+    for definition in ("copy", "pixel copy", "class"):
         cal_pos, test_pos = labels(calibration, definition), labels(held_out, definition)
         for n in range(1, MAX_N + 1):
             cal_scores, test_scores = scores_at(calibration, n), scores_at(held_out, n)
@@ -141,41 +155,45 @@ def detector_rows(calibration: list[Batch], held_out: list[Batch]) -> tuple[list
     return rows, thresholds
 
 
-def gating_rows(model, dataset, held_out: list[Batch], threshold: float, batch: int) -> list[list]:
-    """Transition-Point CFG on every sample vs gated on the risk flags (N = 1), on the held-out seeds."""
+def gating_rows(model, dataset, held_out: list[Batch], thresholds: dict[str, float], batch: int) -> list[list]:
+    """Transition-Point CFG on every sample vs gated on the risk flags (N = 1) at each named threshold,
+    on the held-out seeds."""
     patch_model = TransitionCfgPatch(TransitionSettings("dynamic", "unconditional", 0.0)).patch(model)
-    plain, every, gated, flagged, untouched = [], [], [], 0, 0
-    class_of = []
-    for b in held_out:
-        risk = risk_of(model, b.class_name, b.seed, batch, 1, threshold)
-        gated_model = patch_model.clone()
-        add_model_gate(gated_model, RiskGate(risk))
-        out_every = sample(patch_model, b.class_name, b.seed, batch)
-        out_gated = sample(gated_model, b.class_name, b.seed, batch)
-        plain.append(b.outputs)
-        every.append(out_every)
-        gated.append(out_gated)
-        flagged += sum(risk.flagged)
-        untouched += sum(torch.equal(out_gated[i], b.outputs[i]) for i in range(batch))
-        class_of += [demo_dataset.class_index(b.class_name)] * batch
-    class_of = torch.tensor(class_of)
-    total = len(class_of)
+    plain = torch.cat([b.outputs for b in held_out])
+    class_of = torch.tensor([demo_dataset.class_index(b.class_name) for b in held_out for _ in range(batch)])
+    # per variant: its outputs and how many samples the method may act on (the rest must equal plain)
+    variants = {"plain": (plain, 0), "TPCFG on every sample": (run_all(patch_model, held_out, batch), len(plain))}
+    for name, threshold in thresholds.items():
+        outputs, flagged = [], 0
+        for b in held_out:
+            risk = risk_of(model, b.class_name, b.seed, batch, 1, threshold)
+            gated_model = patch_model.clone()
+            add_model_gate(gated_model, RiskGate(risk))
+            outputs.append(sample(gated_model, b.class_name, b.seed, batch))
+            flagged += sum(risk.flagged)
+        variants[f"TPCFG gated, {name} (threshold {threshold:.4g}; flagged {flagged}/{len(plain)})"] = (
+            torch.cat(outputs),
+            flagged,
+        )
     rows = []
-    for name, outputs in (("plain", plain), ("TPCFG on every sample", every), ("TPCFG gated by risk", gated)):
-        outputs = torch.cat(outputs)
-        copies = int(is_copy(outputs, dataset).sum())
-        same = total if name == "plain" else sum(torch.equal(outputs[i], torch.cat(plain)[i]) for i in range(total))
+    for name, (outputs, flagged) in variants.items():
+        same = sum(torch.equal(outputs[i], plain[i]) for i in range(len(plain)))
+        assert same >= len(plain) - flagged  # every unflagged sample bit-identical (tests/test_risk_server.py)
         rows.append(
             [
                 name,
-                f"{copies}/{total}",
-                f"{same / total:.0%}",
+                f"{int(is_copy(outputs, dataset).sum())}/{len(plain)}",
+                f"{int(is_pixel_copy(outputs, dataset).sum())}/{len(plain)}",
+                f"{same / len(plain):.0%}",
+                f"{load_judge().class_agreement(outputs, class_of):.2f}",
                 f"{class_precision(outputs, class_of, dataset):.2f}",
             ]
         )
-    rows.append(["(flagged by the risk node)", f"{flagged}/{total}", "", ""])
-    assert untouched >= total - flagged  # every unflagged sample bit-identical (tests/test_risk.py asserts it)
     return rows
+
+
+def run_all(model, batches: list[Batch], batch: int) -> torch.Tensor:
+    return torch.cat([sample(model, b.class_name, b.seed, batch) for b in batches])
 
 
 def class_precision(outputs: torch.Tensor, class_of: torch.Tensor, dataset) -> float:
@@ -199,7 +217,9 @@ def main() -> None:
     held_out = collect(model, dataset, [HELD_OUT_SEED0 + s for s in range(seeds_per_split)], batch)
     rows, thresholds = detector_rows(calibration, held_out)
     gate_threshold = thresholds[("copy", 1)]
-    gating = gating_rows(model, dataset, held_out, gate_threshold, batch)
+    quarter = threshold_at_fpr(scores_at(calibration, 1), 0.25)  # flags the top quarter of all calibration scores
+    gate_at = {"calibrated (1 % FPR)": gate_threshold, "top quarter": quarter}
+    gating = gating_rows(model, dataset, held_out, gate_at, batch)
     seconds = time.perf_counter() - start
     per_split = len(demo_dataset.CLASS_NAMES) * seeds_per_split * batch
     training = json.loads(metadata.get("training", "{}") or "{}")
@@ -231,8 +251,12 @@ def main() -> None:
         f"\nCost: the probe makes 2N model evaluations per sample (cond + uncond at N sigmas, in N batched calls); "
         f"the {STEPS}-step run it screens makes {2 * STEPS}.\n"
     )
-    print(f"Gating on the held-out seeds (threshold {gate_threshold:.4g}, N = 1):\n")
-    print(bench_common.markdown_table(["variant", "copies", "outputs identical to plain", "k-NN precision"], gating))
+    print(
+        "Gating on the held-out seeds (N = 1), at the calibrated threshold and, to show what gating does when it "
+        "flags samples, at the threshold that flags the top quarter of the calibration scores:\n"
+    )
+    headers = ["variant", "copies (detector)", "copies (pixel L2)", "outputs identical to plain", "class agreement"]
+    print(bench_common.markdown_table([*headers, "k-NN precision"], gating))
 
 
 if __name__ == "__main__":

@@ -47,13 +47,13 @@ class ShieldEmbeddingRepellency(ShieldNode):
                 ),
                 io.Float.Input(
                     "similarity",
-                    default=0.8,
+                    default=0.6,
                     min=-1.0,
                     max=1.0,
                     step=0.01,
                     tooltip="A sample is inside a shield when the cosine similarity of its embedding to the "
-                    "shield's is above this (an angle arccos(similarity) on the unit sphere). Set it at or below the copy "
-                    "detector's threshold; 1 turns the patch off.",
+                    "shield's is above this (an angle arccos(similarity) on the unit sphere). Set it below the copy "
+                    "detector's threshold (demo detector: 0.75; 0.6 measured best, docs/effects.md); 1 turns the patch off.",
                 ),
                 io.Float.Input(
                     "overcompensation",

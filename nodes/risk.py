@@ -16,9 +16,10 @@ from ..samplers.risk_probe import KSamplerSettings, RiskGate, RiskResult, probe
 from .common import CATEGORY, RISK, require_latent_batch
 from .validation import ShieldNode
 
-# Calibrated on the bundled demo model (bench/risk_bench.py; docs/risk.md): the score at which at most
-# 1 % of the calibration seeds' non-copies are flagged. A threshold belongs to one model and resolution.
-DEFAULT_THRESHOLD = 1.0
+# Calibrated on the bundled demo model (bench/risk_bench.py; docs/risk.md): the score above which at most
+# 1 % of the calibration seeds' non-copies lie (0.7411, N = 1, interim 1200-step weights). A threshold
+# belongs to one model and one resolution.
+DEFAULT_THRESHOLD = 0.74
 MAX_PROBE_STEPS = 50
 
 

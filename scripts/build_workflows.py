@@ -127,6 +127,7 @@ def widget_default(spec: list):
 
 # -- the demo model's classes (read from its weights, never hard-coded) -----------------------------
 DEMO_WEIGHTS = REPO_ROOT / "reference_models" / "weights" / "demo_unet.safetensors"
+DEMO_DATASET = REPO_ROOT / "reference_models" / "demo_dataset.py"
 
 
 def demo_class_names(path: pathlib.Path = DEMO_WEIGHTS) -> list[str]:
@@ -144,6 +145,20 @@ def demo_class_names(path: pathlib.Path = DEMO_WEIGHTS) -> list[str]:
 DEFAULT_DEMO_CLASS = "star"
 
 
+def has_duplicates(class_name: str) -> bool:
+    """Whether the class holds duplicated training items (reference_models/demo_dataset.py, read as a file:
+    it imports neither ComfyUI nor the pack)."""
+    import importlib.util
+
+    module = sys.modules.get("shield_demo_dataset")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("shield_demo_dataset", DEMO_DATASET)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+        spec.loader.exec_module(module)
+    return module.has_duplicates(class_name)
+
+
 def default_demo_class() -> str:
     names = demo_class_names()
     return DEFAULT_DEMO_CLASS if DEFAULT_DEMO_CLASS in names else names[0]
@@ -159,37 +174,44 @@ class Method:
     setting: str = ""  # one line for the picture: what the row does
 
 
-# Settings for the 32x32 pixel-space demo model (D = 3*32*32 = 3072): a relative radius of 0.25 is an L2
-# of 13.9, about the distance between two distinct training items (median 13.6), far above a copy (< 4).
+# The documented settings (docs/effects.md "Targets"; bench/effect_bench.py DOCUMENTED), chosen on tuning
+# seeds with the copy detector, class agreement and quality. Shields/references: the class's duplicated items.
 METHODS = (
     Method("plain", "Plain sampling", setting="KSampler, no patch"),
     Method(
         "spell",
         "Sparse Repellency (SPELL)",
         ("ShieldSparseRepellency",),
-        {"radius": 0.25, "intra_batch": True},
-        "shield: the class's training set + intra-batch, r = 0.25 sqrt(D)",
+        {"radius": 16.0, "radius_unit": "absolute", "intra_batch": False},
+        "shield: the class's duplicated items, L2 r = 16, shields only",
+    ),
+    Method(
+        "embedding_spell",
+        "SPELL, copy-detector space",
+        ("ShieldEmbeddingRepellency",),
+        {"similarity": 0.6},
+        "shield: the duplicated items, detector similarity 0.6",
     ),
     Method(
         "tpcfg",
         "Transition-Point CFG",
         ("ShieldTransitionPointCFG",),
-        {"mode": "dynamic", "before_guidance": "opposite", "opposite_scale": 3.0},
-        "dynamic; opposite guidance (scale 3) before the transition",
+        {"mode": "dynamic", "before_guidance": "unconditional"},
+        "dynamic; unconditional before the transition",
     ),
     Method(
         "procreate",
         "ProCreate",
         ("ShieldProCreateGuidance",),
-        {"strength": 100.0},
-        "pixel embedder, strength 100, refs: the class's training set",
+        {"strength": 10.0, "similarity_threshold": 0.5},
+        "copy-detector embedder, strength 10, threshold 0.5",
     ),
 )
 
 # Stock or pack nodes that can supply a socket type a patch node needs, with their widget overrides.
 PROVIDERS = {
     "SHIELD_SET": ("ShieldSetFromImages", {"width": IMAGE_SIZE, "height": IMAGE_SIZE}),
-    "SHIELD_EMBEDDER": ("ShieldPixelEmbedder", {}),
+    "SHIELD_EMBEDDER": ("ShieldCopyDetectorLoader", {}),
 }
 
 
@@ -242,7 +264,8 @@ def demo_workflow(
     (model,) = workflow.add("ShieldDemoModelLoader")
     positive, negative = workflow.add("ShieldDemoConditioning", class_name=class_name)
     (vae,) = workflow.add("VAELoader", vae_name="pixel_space")
-    shields, _ = workflow.add("ShieldDemoTrainingSet", items="all", class_name=class_name)
+    items = "duplicated" if has_duplicates(class_name) else "all"  # the items a copy would reproduce
+    shields, _ = workflow.add("ShieldDemoTrainingSet", items=items, class_name=class_name)
     node_type = method_node_type(method, object_info)
     if method.node_types and node_type is None:
         raise LookupError(f"{method.label}: none of the node types {method.node_types} is loaded")

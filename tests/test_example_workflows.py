@@ -25,6 +25,7 @@ EXPECTED = [
     # the bundled demo model: these run here
     "shield_demo_plain",
     "shield_demo_spell",
+    "shield_demo_embedding_spell",
     "shield_demo_tpcfg",
     "shield_demo_procreate",
     "shield_demo_memory",
@@ -57,6 +58,7 @@ def test_every_expected_workflow_exists():
 def test_each_method_workflow_uses_its_node():
     uses = {
         "shield_demo_spell": "ShieldSparseRepellency",
+        "shield_demo_embedding_spell": "ShieldEmbeddingRepellency",
         "shield_demo_tpcfg": "ShieldTransitionPointCFG",
         "shield_demo_procreate": "ShieldProCreateGuidance",
         "shield_demo_memory": "ShieldMemory",
