@@ -23,7 +23,7 @@ from ..core.records import Curves, MethodRecord, StepEntry
 from ..core.shield_set import ShieldSet
 from . import embedding_spell_math as esm
 from .embedders import Embedder, grad_capable
-from .method_patch import MethodPatch, MethodRun, memory_id_of, read_memory
+from .method_patch import MethodPatch, MethodRun, memory_id_of, read_memory, window_problem
 from .procreate_hook import check_model_compatibility, decode_images, reference_embeddings
 
 NODE_TITLE = "Sparse Repellency (embedding space)"
@@ -91,11 +91,9 @@ class EmbeddingRepellencySettings:
     def validate(self) -> None:
         if not -1.0 <= self.similarity <= 1.0:
             raise ValueError(f"{NODE_TITLE}: similarity must lie in [-1, 1], got {self.similarity}")
-        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
-            raise ValueError(
-                f"{NODE_TITLE}: need 0 ≤ start_percent ≤ end_percent ≤ 1, got {self.start_percent} and "
-                f"{self.end_percent}"
-            )
+        window = window_problem(NODE_TITLE, self.start_percent, self.end_percent)
+        if window:
+            raise ValueError(window)
         if self.iterations < 1:
             raise ValueError(f"{NODE_TITLE}: iterations must be ≥ 1, got {self.iterations}")
 
