@@ -716,7 +716,9 @@ DOCUMENTED = {
 def sample_targets(
     setup: TargetSetup, variants: Sequence[Variant], progress: Callable[[str], None] = lambda s: None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{variant: (images [M, 3, 32, 32] in [-1, 1], class index [M])}: every variant on every (class, seed)."""
+    """{variant: (images [M, 3, 32, 32], class index [M])}: every variant on every (class, seed), as the sampler
+    returns them (model space, not clamped: SPELL's guarantee holds there; clamping to [-1, 1] can move an
+    output closer to a shield)."""
     models = [variant.patch(setup.model) for variant in variants]
     outputs: dict[str, list] = {variant.name: [] for variant in variants}
     labels: dict[str, list] = {variant.name: [] for variant in variants}
@@ -728,7 +730,7 @@ def sample_targets(
                     model, seed, setup.steps, setup.cfg, setup.sampler, setup.scheduler, prompt.positive,
                     prompt.negative, latent,
                 )  # fmt: skip
-                outputs[variant.name].append(out["samples"].float().clamp(-1, 1))
+                outputs[variant.name].append(out["samples"].float())
                 labels[variant.name] += [class_index] * setup.batch
             progress(f"targets: {prompt.label}, seed {seed} done")
     return {name: (torch.cat(outputs[name]), torch.tensor(labels[name])) for name in outputs}
@@ -738,6 +740,7 @@ def target_metrics(setup: TargetSetup, images: torch.Tensor, labels: torch.Tenso
     """Copies of duplicated items (detector; pixel L2 second), class agreement, quality (Fréchet, noise) and
     Vendi on detector descriptors, the last three averaged over the classes."""
     judge = setup.judge
+    images = images.clamp(-1, 1)
     verdict = judge.is_copy(images, setup.shields)
     distances, _ = replication.nearest_items(images, setup.shields)
     per_class = [(name, images[labels == index]) for index, name in enumerate(setup.classes)]

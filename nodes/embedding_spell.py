@@ -10,16 +10,11 @@ from comfy_api.v0_0_2 import io
 
 from ..core.shield_set import ShieldSet, ShieldSetError
 from ..samplers.embedding_spell_hook import NODE_TITLE, EmbeddingRepellencyPatch, EmbeddingRepellencySettings
+from ..samplers.method_patch import window_problem
 from .common import EMBEDDER, SHIELD_SET
 from .method_node import method_schema, patched_model
 from .run_summary import node_id_of
 from .validation import ShieldNode
-
-
-def validate_window(start_percent: float, end_percent: float) -> bool | str:
-    if start_percent > end_percent:
-        return f"{NODE_TITLE}: start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
-    return True
 
 
 class ShieldEmbeddingRepellency(ShieldNode):
@@ -53,7 +48,7 @@ class ShieldEmbeddingRepellency(ShieldNode):
                     step=0.01,
                     tooltip="A sample is inside a shield when the cosine similarity of its embedding to the "
                     "shield's is above this (an angle arccos(similarity) on the unit sphere). Set it below the copy "
-                    "detector's threshold (demo detector: 0.75; 0.6 measured best, docs/effects.md); 1 turns the patch off.",
+                    "detector's threshold (demo detector: 0.724; 0.6 measured best, docs/effects.md); 1 turns the patch off.",
                 ),
                 io.Float.Input(
                     "overcompensation",
@@ -100,7 +95,7 @@ class ShieldEmbeddingRepellency(ShieldNode):
 
     @classmethod
     def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **_) -> bool | str:
-        return validate_window(start_percent, end_percent)
+        return window_problem(NODE_TITLE, start_percent, end_percent) or True
 
     @classmethod
     def execute(
@@ -116,9 +111,6 @@ class ShieldEmbeddingRepellency(ShieldNode):
         end_percent,
         iterations,
     ) -> io.NodeOutput:
-        message = validate_window(start_percent, end_percent)
-        if message is not True:
-            raise ValueError(message)
         if not isinstance(shield_set, ShieldSet):
             raise ShieldSetError(f"{NODE_TITLE}: 'shield_set' is a {type(shield_set).__name__}, not a SHIELD_SET")
         settings = EmbeddingRepellencySettings(
@@ -129,6 +121,7 @@ class ShieldEmbeddingRepellency(ShieldNode):
             end_percent=end_percent,
             iterations=iterations,
         )
+        settings.validate()  # at execution too: a linked start/end skips validate_inputs
         has_memory = bool(shield_set.settings.get("shield_memory_id"))
         off = similarity >= 1.0 or overcompensation == 0 or not (len(shield_set) or intra_batch or has_memory)
         patch = None if off else EmbeddingRepellencyPatch(vae, embedder, shield_set, settings)

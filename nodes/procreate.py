@@ -21,6 +21,7 @@ from safetensors import safe_open
 from ..core.shield_set import latent_format_name
 from ..optional_deps import require
 from ..samplers.embedders import ClipVisionEmbedder, DreamSimEmbedder, PixelEmbedder
+from ..samplers.method_patch import window_problem
 from ..samplers.procreate_hook import GRADIENT_MODES, ProCreateGuidance, ProCreateSettings, reference_embeddings
 from .common import CATEGORY, EMBEDDER, SHIELD_SET
 from .method_node import method_schema, patched_model
@@ -373,12 +374,7 @@ class ShieldProCreateGuidance(ShieldNode):
 
     @classmethod
     def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **_):
-        if start_percent > end_percent:
-            return (
-                f"ProCreate Energy Guidance: start_percent ({start_percent}) must not exceed end_percent "
-                f"({end_percent})"
-            )
-        return True
+        return window_problem("ProCreate Energy Guidance", start_percent, end_percent) or True
 
     @classmethod
     def execute(

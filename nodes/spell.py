@@ -10,6 +10,7 @@ import nodes as comfy_nodes
 from comfy_api.v0_0_2 import io
 
 from ..core.shield_set import ShieldSet, ShieldSetError
+from ..samplers.method_patch import window_problem
 from ..samplers.range_search import SEARCH_METHODS
 from ..samplers.spell_hook import RepellencySettings, SparseRepellencyPatch
 from .common import CATEGORY, SHIELD_SET, require_latent_batch
@@ -107,9 +108,7 @@ def validate_shield_settings(
             f"Sparse Repellency: relative radius {radius} is absurdly large (max {MAX_RELATIVE_RADIUS}); independent "
             f"latents are about 1.4 apart in relative units. Use Shield Radius Calibration to pick it."
         )
-    if start_percent > end_percent:
-        return f"Sparse Repellency: start_percent {start_percent} is after end_percent {end_percent}"
-    return True
+    return window_problem("Sparse Repellency", start_percent, end_percent) or True
 
 
 def repellency_model(

@@ -22,8 +22,8 @@ from typing_extensions import TypedDict
 from ..core.records import Curves, MethodRecord, StepEntry
 from ..core.shield_set import ShieldSet
 from . import embedding_spell_math as esm
-from .embedders import Embedder, grad_capable
-from .method_patch import MethodPatch, MethodRun, memory_id_of, read_memory
+from .embedders import Embedder, autograd_through
+from .method_patch import MethodPatch, MethodRun, memory_id_of, read_memory, window_problem
 from .procreate_hook import check_model_compatibility, decode_images, reference_embeddings
 
 NODE_TITLE = "Sparse Repellency (embedding space)"
@@ -91,11 +91,9 @@ class EmbeddingRepellencySettings:
     def validate(self) -> None:
         if not -1.0 <= self.similarity <= 1.0:
             raise ValueError(f"{NODE_TITLE}: similarity must lie in [-1, 1], got {self.similarity}")
-        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
-            raise ValueError(
-                f"{NODE_TITLE}: need 0 ≤ start_percent ≤ end_percent ≤ 1, got {self.start_percent} and "
-                f"{self.end_percent}"
-            )
+        window = window_problem(NODE_TITLE, self.start_percent, self.end_percent)
+        if window:
+            raise ValueError(window)
         if self.iterations < 1:
             raise ValueError(f"{NODE_TITLE}: iterations must be ≥ 1, got {self.iterations}")
 
@@ -107,7 +105,6 @@ class EmbeddingRepellencySettings:
 @dataclasses.dataclass
 class RunState(MethodRun):
     shields: Optional[torch.Tensor] = None  # [K, D] unit embeddings for this run (a memory grows between runs)
-    vae_twin: Optional[torch.nn.Module] = None
     still_inside: int = 0
 
 
@@ -158,9 +155,6 @@ class EmbeddingRepellencyPatch(MethodPatch[EmbeddingRepellencySettings, RunState
             memory_id=self.memory_id or None,
         )
 
-    def finish_run(self, state: RunState) -> None:
-        state.vae_twin = None
-
     # -- the hook -------------------------------------------------------------------------------
     def step(self, state: RunState, args: dict[str, Any]) -> torch.Tensor:
         denoised = args["denoised"]
@@ -178,12 +172,14 @@ class EmbeddingRepellencyPatch(MethodPatch[EmbeddingRepellencySettings, RunState
                 inside_after=[],
             )
             return denoised
-        with torch.inference_mode(False):
-            return self._repel(state, args, denoised, sigma)
+        comfy.model_management.load_models_gpu([self.vae.patcher])
+        first_stage = self.vae.first_stage_model
+        with torch.inference_mode(False), autograd_through(first_stage):  # no copy of the VAE's weights
+            return self._repel(state, args, denoised, sigma, first_stage)
 
-    def _repel(self, state: RunState, args: dict[str, Any], denoised: torch.Tensor, sigma: torch.Tensor):
+    def _repel(self, state: RunState, args: dict, denoised: torch.Tensor, sigma: torch.Tensor, first_stage):
         settings, batch = self.settings, denoised.shape[0]
-        embed = self._embed_function(state, args["model"])
+        embed = self._embed_function(first_stage, args["model"])
         x0 = denoised.detach().clone().float()
         with torch.no_grad():
             embedded = embed(x0)
@@ -240,12 +236,8 @@ class EmbeddingRepellencyPatch(MethodPatch[EmbeddingRepellencySettings, RunState
         return torch.where(mask, moved.detach().to(denoised.dtype), denoised)
 
     # -- pieces -------------------------------------------------------------------------------------
-    def _embed_function(self, state: RunState, model):
+    def _embed_function(self, first_stage: torch.nn.Module, model):
         """x̂0 in the sampler's space -> unit embeddings [B, D], differentiable (VAE decode, then the embedder)."""
-        if state.vae_twin is None:
-            comfy.model_management.load_models_gpu([self.vae.patcher])
-            state.vae_twin = grad_capable(self.vae.first_stage_model)
-        first_stage = state.vae_twin
 
         def embed(latent: torch.Tensor) -> torch.Tensor:
             return esm.unit_embeddings(self.embedder.embed(decode_images(self.vae, first_stage, model, latent)))

@@ -73,6 +73,16 @@ def memory_id_of(shield_set: ShieldSet) -> str:
     return str(shield_set.settings.get("shield_memory_id", ""))
 
 
+def window_problem(title: str, start_percent: float, end_percent: float) -> Optional[str]:
+    """The one check of a method's active window (0 <= start_percent <= end_percent <= 1), for its settings
+    and its node; None when the window is valid."""
+    if start_percent > end_percent:
+        return f"{title}: start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        return f"{title}: start_percent and end_percent must lie in [0, 1], got {start_percent} and {end_percent}"
+    return None
+
+
 class MethodPatch(Generic[Settings, Run]):
     """One node execution of a method: settings, hooks, per-run state, records and memory output."""
 

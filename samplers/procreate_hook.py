@@ -39,7 +39,7 @@ from ..core.shield_set import ShieldSet, ShieldSetError
 from . import procreate_math as pm
 from .embedders import Embedder, autograd_through, saved_tensors_copied
 from .latent_space import from_model_space
-from .method_patch import MethodPatch, MethodRun, memory_id_of, read_memory
+from .method_patch import MethodPatch, MethodRun, memory_id_of, read_memory, window_problem
 from .run_state import RunContext
 
 logger = logging.getLogger(__name__)
@@ -114,11 +114,9 @@ class ProCreateSettings:
             raise ValueError(
                 f"ProCreate Energy Guidance: gradient_mode must be one of {GRADIENT_MODES}, got {self.gradient_mode!r}"
             )
-        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
-            raise ValueError(
-                f"ProCreate Energy Guidance: need 0 ≤ start_percent ≤ end_percent ≤ 1, got "
-                f"{self.start_percent} and {self.end_percent}"
-            )
+        window = window_problem("ProCreate Energy Guidance", self.start_percent, self.end_percent)
+        if window:
+            raise ValueError(window)
         if self.look_ahead_steps < 0:
             raise ValueError(f"ProCreate Energy Guidance: look_ahead_steps must be ≥ 0, got {self.look_ahead_steps}")
 

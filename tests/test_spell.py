@@ -228,7 +228,7 @@ def test_bad_inputs(items, shields):
     assert "absurdly" in SparseRepellency.validate_inputs(
         radius=50.0, radius_unit="relative", start_percent=0, end_percent=1
     )
-    assert "after" in SparseRepellency.validate_inputs(
+    assert "must not exceed end_percent" in SparseRepellency.validate_inputs(
         radius=1.0, radius_unit="relative", start_percent=0.8, end_percent=0.2
     )
     with pytest.raises(ValueError, match="radius"):

@@ -153,7 +153,7 @@ def test_the_battery_cases_are_refused_by_name(server, node_id, values, message)
         (
             "ShieldSparseRepellency",
             {"start_percent": 0.8, "end_percent": 0.2},
-            "start_percent 0.8 is after end_percent",
+            "start_percent (0.8) must not exceed end_percent",
         ),
         ("ShieldProCreateGuidance", {"start_percent": 0.8, "end_percent": 0.2}, "must not exceed end_percent"),
         (
