@@ -92,9 +92,9 @@ class ShieldMemorizationRisk(ShieldNode):
                     min=0.0,
                     max=1.0e6,
                     step=0.01,
-                    tooltip="Samples scoring above it are flagged at risk. The default is calibrated on the bundled "
+                    tooltip="Samples scoring at or above it are flagged at risk. The default is calibrated on the bundled "
                     "demo model (docs/risk.md); calibrate it for your model and resolution (the score grows with "
-                    "the latent size). 0 flags every sample whose prompt changes the prediction at all.",
+                    "the latent size). 0 flags every sample.",
                 ),
             ],
             outputs=[
@@ -103,7 +103,7 @@ class ShieldMemorizationRisk(ShieldNode):
                 ),
                 io.Float.Output("scores", is_output_list=True, tooltip="The score of each sample (a list)."),
                 io.Boolean.Output(
-                    "at_risk", is_output_list=True, tooltip="Per sample: score above threshold (a list)."
+                    "at_risk", is_output_list=True, tooltip="Per sample: score at or above threshold (a list)."
                 ),
                 io.String.Output("text", tooltip="The scores and flags as text."),
             ],

@@ -39,7 +39,7 @@ FIRST_INPUT_RTOL = 1e-4  # the gate's check that the sampler's first input is th
 class RiskResult:
     """The probe's answer for one batch (the SHIELD_RISK socket's value).
 
-    scores: per sample, the mean of ‖D_c − D_u‖/σ over the probed steps; flagged: score > threshold.
+    scores: per sample, the mean of ‖D_c − D_u‖/σ over the probed steps; flagged: score >= threshold (core/metrics.py's detector convention).
     step_scores: [steps][samples]; sigmas: the probed sigmas; model_evaluations: per sample (cond +
     uncond at each probed step). first_input_norms / first_sigma: ‖x‖ per sample at the first evaluation,
     so the gate can check that a sampler starts from the same noise.
@@ -63,7 +63,7 @@ class RiskResult:
         flagged = sum(self.flagged)
         lines = [
             f"Memorization risk, {len(self.sigmas)} probe step(s), {self.model_evaluations} model evaluations per "
-            f"sample: {flagged}/{self.batch_size} sample(s) above {self.threshold:g}",
+            f"sample: {flagged}/{self.batch_size} sample(s) at or above {self.threshold:g}",
         ]
         for sample, (score, flag) in enumerate(zip(self.scores, self.flagged, strict=True)):
             lines.append(f"  sample {sample}: {score:.4g}{'  AT RISK' if flag else ''}")
@@ -202,7 +202,7 @@ def probe(
     scores = per_step.mean(dim=0).tolist()
     return RiskResult(
         scores=tuple(scores),
-        flagged=tuple(score > threshold for score in scores),
+        flagged=tuple(score >= threshold for score in scores),
         threshold=float(threshold),
         step_scores=tuple(tuple(row) for row in recorder.step_scores),
         sigmas=tuple(recorder.sigmas),

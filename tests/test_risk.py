@@ -2,7 +2,6 @@
 mirrors and against Transition-Point CFG's record, the gate's checks, and the certificate's text."""
 
 import dataclasses
-import math
 
 import comfy.model_patcher
 import nodes as comfy_nodes
@@ -10,13 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from comfyui_shield.core import metrics
 from comfyui_shield.core.certificate import certificate_text, read_certificate
 from comfyui_shield.core.records import RECORDS
 from comfyui_shield.nodes.risk import ShieldMemorizationRisk
 from comfyui_shield.reference_models import demo_dataset, pixel_unet
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.samplers.method_patch import add_model_gate, shield_patch_ids, without_shield_patches
-from comfyui_shield.samplers.risk_math import auc, rates_at, step_magnitude, threshold_at_fpr
+from comfyui_shield.samplers.risk_math import step_magnitude
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings
 from harness.families import flux_unet
@@ -44,18 +44,28 @@ def ksample(model, class_name="star", seed=3, batch=3):
 
 # -- the statistics ------------------------------------------------------------------------------------
 def test_auc_counts_ordered_pairs_and_ties_half():
-    assert auc([3, 2, 1, 0], [True, True, False, False]) == 1.0
-    assert auc([0, 1, 2, 3], [True, True, False, False]) == 0.0
-    assert auc([1, 1, 2, 0], [True, False, True, False]) == 0.875  # pairs (1,1) ½, (1,0), (2,1), (2,0): 3.5 / 4
-    assert math.isnan(auc([1, 2], [True, True]))
+    assert metrics.roc_auc([3, 2], [1, 0]) == 1.0
+    assert metrics.roc_auc([0, 1], [2, 3]) == 0.0
+    assert metrics.roc_auc([1, 2], [1, 0]) == 0.875  # pairs (1,1) ½, (1,0), (2,1), (2,0): 3.5 / 4
+    assert metrics.roc_auc([1, 1, 1], [1, 1]) == 0.5  # all tied: chance
+    with pytest.raises(ValueError, match="at least one positive and one negative"):
+        metrics.roc_auc([1, 2], [])
 
 
-def test_the_threshold_for_a_false_positive_rate_flags_at_most_that_share():
+def test_the_threshold_for_a_false_positive_rate_flags_at_most_that_share_and_never_half_a_tie():
     negatives = list(range(100))
-    threshold = threshold_at_fpr(negatives, 0.01)
-    assert threshold == 98  # only 99 lies above
-    assert rates_at(negatives + [200, 50], [False] * 100 + [True, True], threshold) == (0.5, 0.01)
-    assert threshold_at_fpr([5.0], 0.01) == 5.0  # nothing above the largest negative
+    threshold = metrics.threshold_at_fpr(negatives, 0.01)
+    assert 98 < threshold < 99  # only 99 is at or above it
+    assert metrics.rate_at_threshold(negatives, threshold) == 0.01
+    assert metrics.rate_at_threshold([200, 50], threshold) == 0.5
+    assert metrics.threshold_at_fpr([5.0], 0.01) > 5.0  # nothing at or above the largest negative
+    # ties at the boundary: 2 of 5 may be flagged, but three negatives tie at 2.0 -> only 3.0 is flagged
+    tied = [1.0, 2.0, 2.0, 2.0, 3.0]
+    assert metrics.rate_at_threshold(tied, metrics.threshold_at_fpr(tied, 0.4)) == 0.2
+    assert metrics.rate_at_threshold(tied, metrics.threshold_at_fpr(tied, 0.8)) == 0.8
+    assert metrics.threshold_at_fpr(tied, 1.0) == float("-inf")
+    # the node's rule is the same (score >= threshold): a score equal to the threshold is flagged
+    assert metrics.rate_at_threshold([threshold], threshold) == 1.0
 
 
 def test_the_step_score_is_the_noise_prediction_difference():
@@ -177,6 +187,31 @@ def test_detector_auc_on_a_reduced_demo_set(prediction):
             risk = probe(model, positive, negative, latent, KSamplerSettings(seed, 10, CFG), 1, 0.0)
             scores += risk.scores
             labels += [is_memorized] * len(risk.scores)
-    assert auc(scores, labels) >= 0.95
-    threshold = threshold_at_fpr([s for s, m in zip(scores, labels, strict=True) if not m], 0.01)
-    assert rates_at(scores, labels, threshold)[0] >= 0.9
+    positive = [s for s, m in zip(scores, labels, strict=True) if m]
+    negative = [s for s, m in zip(scores, labels, strict=True) if not m]
+    assert metrics.roc_auc(positive, negative) >= 0.95
+    assert metrics.rate_at_threshold(positive, metrics.threshold_at_fpr(negative, 0.01)) >= 0.9
+
+
+def demo_scores(model, classes, seeds=(7001, 7002), batch=8) -> list[float]:
+    """The probe's score (N = 1, the node's default) of every sample of these demo classes."""
+    scores = []
+    for class_name in classes:
+        for seed in seeds:
+            scores += run_probe(model, class_name, seed, batch).scores
+    return scores
+
+
+def test_detector_auc_on_a_reduced_demo_set_with_the_bundled_demo_model(demo_model):
+    """The real bundled demo UNet, probe only (N = 1, 2 seeds × batch 8 per class, seeds the bench does not
+    use). The few-shot heart (4 training images seen 144× each and nothing else: a prompt whose distribution
+    has collapsed onto a handful of images, Wen et al.'s memorized prompt) scores above the control prompts
+    (unique items only): AUC ≥ 0.8. The memorizable prompts (2 duplicated items among unique ones) do not:
+    their AUC against the controls stays below 0.6, as docs/risk.md explains (the unconditional model knows
+    the duplicated items too, so the prompt's guidance measures the class, not the memorization); the bench
+    (bench/risk_bench.py --record) gives the full numbers."""
+    controls = demo_scores(demo_model, demo_dataset.CONTROL_CLASSES)
+    few_shot = demo_scores(demo_model, demo_dataset.FEW_SHOT_CLASSES)
+    memorizable = demo_scores(demo_model, demo_dataset.MEMORIZABLE_CLASSES)
+    assert metrics.roc_auc(few_shot, controls) >= 0.8
+    assert metrics.roc_auc(memorizable, controls) < 0.6
