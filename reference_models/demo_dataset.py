@@ -2,7 +2,7 @@
 
 Memorization comes from duplication inside a varied class, as on web-scale data. Three kinds of classes:
 - *memorizable* (MEMORIZABLE_CLASSES): many unique items, plus DUPLICATED_PER_CLASS items each repeated
-  DUPLICATE_COPIES times in the training stream (about 44 % of the class's stream). Plain sampling copies
+  DUPLICATE_COPIES times in the training stream (two thirds of the class's stream). Plain sampling copies
   the duplicated items often and otherwise has the rest of the class to offer: novel items to steer to.
 - *control* (CONTROL_CLASSES): unique items only; nothing to copy, the model has to generalize.
 - *few-shot* (FEW_SHOT_CLASSES): a handful of items seen many times and nothing else (ProCreate §5's
@@ -34,8 +34,10 @@ FEW_SHOT_CLASSES = ("heart",)
 CLASS_NAMES = MEMORIZABLE_CLASSES + CONTROL_CLASSES + FEW_SHOT_CLASSES
 STREAM_PER_CLASS = 576  # training draws per class and epoch
 DUPLICATED_PER_CLASS = 2  # duplicated items of each memorizable class ...
-DUPLICATE_COPIES = 128  # ... each repeated this often per epoch (2 × 128 of 576 draws: 44 %)
-UNIQUE_PER_CLASS = STREAM_PER_CLASS - DUPLICATED_PER_CLASS * DUPLICATE_COPIES  # 320 in a memorizable class
+# ... each repeated this often per epoch (2 × 192 of 576 draws: 67 %). At 128 (44 %) the CPU-trained model
+# copied no duplicated item in pixels (docs/demo_model.md); the bundled model's first stage was trained so.
+DUPLICATE_COPIES = 192
+UNIQUE_PER_CLASS = STREAM_PER_CLASS - DUPLICATED_PER_CLASS * DUPLICATE_COPIES  # 192 in a memorizable class
 FEW_SHOT_ITEMS = 4  # items of a few-shot class, each STREAM_PER_CLASS / FEW_SHOT_ITEMS times
 DEFAULT_SEED = 20241210
 
@@ -222,8 +224,11 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return data.reshape(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def class_params(class_id: int, seed: int = DEFAULT_SEED) -> tuple[list[ItemParams], list[int]]:
-    """A class's distinct items and the copies of each per epoch: duplicated items first."""
+def class_params(
+    class_id: int, seed: int = DEFAULT_SEED, duplicate_copies: int = DUPLICATE_COPIES
+) -> tuple[list[ItemParams], list[int]]:
+    """A class's distinct items and the copies of each per epoch: duplicated items first (the same items
+    for any `duplicate_copies`; fewer copies leave room for more unique items after them)."""
     rng = random.Random(seed * 1000 + class_id)
     kind = class_kind(class_id)
     if kind == "few-shot":
@@ -231,16 +236,21 @@ def class_params(class_id: int, seed: int = DEFAULT_SEED) -> tuple[list[ItemPara
             STREAM_PER_CLASS // FEW_SHOT_ITEMS
         ] * FEW_SHOT_ITEMS
     duplicated = DUPLICATED_PER_CLASS if kind == "memorizable" else 0
-    unique = STREAM_PER_CLASS - duplicated * DUPLICATE_COPIES
+    unique = STREAM_PER_CLASS - duplicated * duplicate_copies
     items = [random_params(class_id, rng) for _ in range(duplicated + unique)]
-    return items, [DUPLICATE_COPIES] * duplicated + [1] * unique
+    return items, [duplicate_copies] * duplicated + [1] * unique
 
 
-def build_dataset(seed: int = DEFAULT_SEED) -> DemoDataset:
-    """The same dataset for the same seed, on every machine (PIL rendering is deterministic)."""
+def build_dataset(seed: int = DEFAULT_SEED, duplicate_copies: int = DUPLICATE_COPIES) -> DemoDataset:
+    """The same dataset for the same seed, on every machine (PIL rendering is deterministic).
+    `duplicate_copies` other than DUPLICATE_COPIES: only to reproduce the demo model's first training stage."""
+    if not 1 < duplicate_copies <= STREAM_PER_CLASS // DUPLICATED_PER_CLASS:
+        raise ValueError(
+            f"duplicate_copies must lie in (1, {STREAM_PER_CLASS // DUPLICATED_PER_CLASS}], got {duplicate_copies}"
+        )
     params, labels, copies = [], [], []
     for class_id in range(len(CLASS_NAMES)):
-        items, counts = class_params(class_id, seed)
+        items, counts = class_params(class_id, seed, duplicate_copies)
         params += items
         labels += [class_id] * len(items)
         copies += counts

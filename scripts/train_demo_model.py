@@ -25,6 +25,7 @@ from harness.host import import_comfyui_in_process  # noqa: E402
 
 import_comfyui_in_process()
 
+import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
 from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication  # noqa: E402
@@ -33,18 +34,33 @@ from comfyui_shield.reference_models import demo_dataset, pixel_unet, replicatio
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=700)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--cfg-dropout", type=float, default=0.25)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument(
+        "--duplicate-copies",
+        type=int,
+        default=demo_dataset.DUPLICATE_COPIES,
+        help="copies of each duplicated item per epoch (the bundled model's first stage: 128)",
+    )
+    parser.add_argument(
+        "--init-from", type=pathlib.Path, default=None, help="continue training from these weights (a second stage)"
+    )
     # bfloat16 autocast (weights and optimizer stay float32): 1.25-1.5x faster steps on this CPU (AVX512-BF16)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     # one thread: on a shared 2-core machine two threads stall each other (4x slower per step here)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", type=pathlib.Path, default=None, help="save the evaluation samples as a PNG grid")
     parser.add_argument("--out", type=pathlib.Path, default=pixel_unet.WEIGHTS_PATH)
-    parser.add_argument("--eval-per-class", type=int, default=8)
+    parser.add_argument("--eval-per-class", type=int, default=64)
+    parser.add_argument("--eval-seed", type=int, default=5000, help="sampling seed of class 0 (class k: + k)")
+    parser.add_argument("--grid-per-class", type=int, default=16, help="samples per class shown in --grid")
+    parser.add_argument(
+        "--judge", action=argparse.BooleanOptionalAction, default=True, help="copy detector, classifier, quality"
+    )
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--eval-cfg", type=float, default=3.0)
     parser.add_argument("--skip-train", action="store_true", help="only evaluate the weights at --out")
@@ -62,6 +78,9 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
 def train(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> torch.nn.Module:
     model = pixel_unet.build_demo_base_model()
     pixel_unet.init_for_training(model, args.seed)
+    if args.init_from is not None:
+        state_dict = safetensors.torch.load_file(str(args.init_from))
+        model.diffusion_model.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()})
     net = model.diffusion_model.train()
     ema = {name: tensor.detach().clone() for name, tensor in net.state_dict().items()}
     sigmas = model.model_sampling.sigmas.float()
@@ -95,7 +114,7 @@ def train(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> torch.
             for name, tensor in net.state_dict().items():
                 ema[name].lerp_(tensor, 1 - decay)
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if step % 100 == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == args.steps - 1:
             elapsed = time.monotonic() - start
             errors = memorized_item_errors(model, dataset)
             print(
@@ -150,30 +169,66 @@ def sample_class(model, class_id: int, count: int, seed: int, steps: int, cfg: f
 
 
 def evaluate(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> dict:
-    """Sample every class through ComfyUI's KSampler; per class, the share of samples within
-    REPLICA_DISTANCE (pixel L2) of a duplicated item of the class, and of any training item."""
+    """Sample every class through ComfyUI's KSampler (the demo's sampler) and measure each class's
+    samples: copies of its duplicated items, class agreement and quality (`measure_class`)."""
     model = pixel_unet.load_demo_model(args.out)
+    judge = load_judge() if args.judge else None
     samples, per_class = [], {}
     for class_id, name in enumerate(demo_dataset.CLASS_NAMES):
-        images = sample_class(model, class_id, args.eval_per_class, 1000 + class_id, args.eval_steps, args.eval_cfg)
-        samples.append(images)
-        distances, nearest = replication.nearest_items(images, dataset.images)
-        replica = distances < replication.REPLICA_DISTANCE
-        duplicated_item = dataset.duplicated[nearest] & (dataset.labels[nearest] == class_id)
-        per_class[name] = {
-            "kind": demo_dataset.class_kind(name),
-            "pixel_copies_of_duplicated": round(float((replica & duplicated_item).float().mean()), 3),
-            "pixel_copies_of_any_item": round(float(replica.float().mean()), 3),
-            "median_nearest_l2": round(float(distances.median()), 2),
-        }
+        seed = args.eval_seed + class_id
+        images = sample_class(model, class_id, args.eval_per_class, seed, args.eval_steps, args.eval_cfg)
+        samples.append(images[: args.grid_per_class])
+        per_class[name] = measure_class(images, class_id, dataset, judge)
+        print(f"[memorization] {name}: {json.dumps(per_class[name])}", flush=True)
     if args.grid is not None:
-        save_grid(torch.cat(samples), args.eval_per_class, args.grid)
+        save_grid(torch.cat(samples), min(args.grid_per_class, args.eval_per_class), args.grid)
     return {
-        "sampler": f"euler/normal, {args.eval_steps} steps, cfg {args.eval_cfg}",
+        "sampler": f"euler/normal, {args.eval_steps} steps, cfg {args.eval_cfg}, seeds {args.eval_seed} + class id",
         "samples_per_class": args.eval_per_class,
-        "threshold": replication.REPLICA_DISTANCE,
+        "pixel_threshold": replication.REPLICA_DISTANCE,
+        "detector_threshold": None if judge is None else round(judge.threshold, 4),
         "per_class": per_class,
     }
+
+
+def load_judge():
+    from comfyui_shield.reference_models.judge import load_judge as load
+
+    return load()
+
+
+def measure_class(images: torch.Tensor, class_id: int, dataset: demo_dataset.DemoDataset, judge) -> dict:
+    """One class's samples: the share that copies one of the class's duplicated items (pixel L2 below
+    REPLICA_DISTANCE; by the copy detector when a judge is given), the share copying any training item,
+    the share whose nearest training item (pixel L2) is of the prompted class, and with a judge the
+    classifier's class agreement and the quality figure beside that of as many fresh real items."""
+    duplicated = dataset.class_items(class_id, duplicated=True)
+    distances, nearest = replication.nearest_items(images, dataset.images)
+    replica = distances < replication.REPLICA_DISTANCE
+    row = {
+        "kind": demo_dataset.class_kind(class_id),
+        "pixel_copies_of_duplicated": share(replica & torch.isin(nearest, duplicated)),
+        "pixel_copies_of_any_item": share(replica),
+        "nearest_item_of_class": share(dataset.labels[nearest] == class_id),
+        "median_nearest_l2": round(float(distances.median()), 2),
+    }
+    if judge is None:
+        return row
+    class_items = dataset.class_items(class_id)
+    if len(duplicated):
+        row["detector_copies_of_duplicated"] = round(judge.is_copy(images, dataset.images[duplicated]).share, 3)
+    row["detector_copies_of_any_item"] = round(judge.is_copy(images, dataset.images[class_items]).share, 3)
+    row["class_agreement"] = round(judge.class_agreement(images, class_id), 3)
+    real = demo_dataset.render_items(
+        [p for p in demo_dataset.held_out_params(len(images), seed=7) if p.class_id == class_id]
+    )
+    row["quality"] = judge.quality(images, class_id).as_dict()
+    row["quality_of_real_items"] = judge.quality(real, class_id).as_dict()
+    return row
+
+
+def share(mask: torch.Tensor) -> float:
+    return round(float(mask.float().mean()), 3)
 
 
 def save_grid(samples: torch.Tensor, per_row: int, path: pathlib.Path) -> None:
@@ -190,19 +245,50 @@ def save_grid(samples: torch.Tensor, per_row: int, path: pathlib.Path) -> None:
 
 
 def print_evaluation(result: dict) -> None:
+    """The per-class table of docs/demo_model.md (markdown)."""
     print(f"\n[memorization] {result['samples_per_class']} samples per class, {result['sampler']}")
-    print(f"  pixel copy: L2 < {result['threshold']} to a training item (pixels in [-1, 1])")
+    print(
+        f"  copy: detector similarity ≥ {result['detector_threshold']}; pixel: L2 < {result['pixel_threshold']} "
+        "(pixels in [-1, 1]). Quality: Fréchet distance of classifier features to the class's training "
+        "items / noise sigma, samples vs as many fresh real items.\n"
+    )
+    print(
+        "| class | kind | copies of its duplicated items: detector | pixel L2 | copies of any item of the class:"
+        " detector | pixel L2 | class agreement (classifier) | nearest item of the class (pixel L2) "
+        "| quality: Fréchet, samples / real | noise σ, samples / real | median nearest L2 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in result["per_class"].items():
-        print(
-            f"  {name:9s} {row['kind']:12s} copies of its duplicated items {100 * row['pixel_copies_of_duplicated']:5.1f} %"
-            f"   of any item {100 * row['pixel_copies_of_any_item']:5.1f} %   median nearest L2 {row['median_nearest_l2']}"
-        )
+        quality, real = row.get("quality", {}), row.get("quality_of_real_items", {})
+        cells = [
+            name,
+            row["kind"],
+            percent(row.get("detector_copies_of_duplicated")),
+            percent(row["pixel_copies_of_duplicated"] if row["kind"] != "control" else None),
+            percent(row.get("detector_copies_of_any_item")),
+            percent(row["pixel_copies_of_any_item"]),
+            percent(row.get("class_agreement")),
+            percent(row["nearest_item_of_class"]),
+            f"{quality.get('frechet', '–')} / {real.get('frechet', '–')}",
+            f"{quality.get('noise', '–')} / {real.get('noise', '–')}",
+            str(row["median_nearest_l2"]),
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f} %"
+
+
+def init_from_info(path: pathlib.Path) -> dict:
+    """The first stage's training record, kept in the second stage's metadata."""
+    return {"file": path.name, "training": json.loads(pixel_unet.read_metadata(path).get("training", "{}"))}
 
 
 def main() -> None:
     args = parse_args()
-    dataset = demo_dataset.build_dataset()
     if not args.skip_train:
+        dataset = demo_dataset.build_dataset(duplicate_copies=args.duplicate_copies)
         torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
         start = time.monotonic()
@@ -218,13 +304,15 @@ def main() -> None:
             "bf16_autocast": args.bf16,
             "minutes": round(minutes, 1),
             "dataset_seed": demo_dataset.DEFAULT_SEED,
+            "duplicate_copies": args.duplicate_copies,
+            "init_from": None if args.init_from is None else init_from_info(args.init_from),
             "threads": args.threads,
         }
         pixel_unet.save_weights(model, args.out, info)
         print(f"[train] saved {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {minutes:.1f} min", flush=True)
     torch.set_num_threads(1)
     with torch.inference_mode():
-        result = evaluate(args, dataset)
+        result = evaluate(args, demo_dataset.build_dataset())
     print_evaluation(result)
     print(json.dumps(result))
 

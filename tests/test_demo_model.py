@@ -15,6 +15,7 @@ from comfyui_shield.nodes.demo_model import (
 from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication
 
 SIZE = demo_dataset.IMAGE_SIZE
+MIN_TEST_COPIES = 16  # of 32 (50 %; 90 % on average at 20 steps over 256 samples: docs/demo_model.md)
 
 
 def sample(model, class_name: str, count: int, seed: int, steps: int = 8, cfg: float = 3.0) -> torch.Tensor:
@@ -57,9 +58,13 @@ def test_training_set_node_names_the_inputs_when_a_class_has_no_such_items():
         ShieldDemoTrainingSet.execute("unique", "heart")
 
 
-def test_the_bundled_model_draws_the_prompted_class_and_copies_no_control_item():
-    """Most few-shot samples land nearest to the few-shot items (of 3020 items of 8 classes) and most
-    control-class samples nearest to their class; none of them reproduces a training item in pixels (the detector-based tables: docs/demo_model.md)."""
+def test_the_bundled_model_draws_the_prompted_class():
+    """Most few-shot samples land nearest to the few-shot items (of 2508 items of 8 classes) and the
+    control-class samples are clean circles: nearest to training circles and classified as circles. A
+    control sample may lie within pixel L2 6 of some training circle (576 of them cover the class
+    densely: 12 % of 64 samples do, docs/demo_model.md), so that is not asserted."""
+    from comfyui_shield.reference_models.judge import load_judge
+
     model = ShieldDemoModelLoader.execute().args[0]
     dataset = cached_dataset()
     heart = sample(model, "heart", 4, seed=21, steps=10)
@@ -67,9 +72,30 @@ def test_the_bundled_model_draws_the_prompted_class_and_copies_no_control_item()
     assert (dataset.labels[index] == demo_dataset.class_index("heart")).sum() >= 3
     circle = sample(model, "circle", 4, seed=21, steps=10)
     assert torch.isfinite(circle).all() and circle.abs().max() < 2.0
-    distance, index = replication.nearest_items(circle, dataset.images)
-    assert (distance > replication.REPLICA_DISTANCE).all(), distance
+    _, index = replication.nearest_items(circle, dataset.images)
     assert (dataset.labels[index] == demo_dataset.class_index("circle")).sum() >= 3
+    assert load_judge().class_agreement(circle, "circle") >= 0.75
+
+
+def test_plain_sampling_copies_the_duplicated_items_of_memorizable_classes_and_draws_the_class_otherwise():
+    """The memorization the shield's methods remove (docs/demo_model.md: 64 samples per class at 20 steps):
+    on a reduced sample (4 memorizable classes × 8 samples, 10 euler steps, cfg 3) a large share of plain
+    samples copy one of their class's two duplicated items by the copy detector, and the others are
+    still recognised as the prompted class by the independent classifier."""
+    from comfyui_shield.reference_models.judge import load_judge
+
+    model, dataset, judge = ShieldDemoModelLoader.execute().args[0], cached_dataset(), load_judge()
+    copies, others_on_class, others = 0, 0, 0
+    for name in demo_dataset.MEMORIZABLE_CLASSES:
+        images = sample(model, name, 8, seed=31, steps=10)
+        verdict = judge.is_copy(images, dataset.images[dataset.class_items(name, duplicated=True)])
+        copies += verdict.count
+        rest = images[~verdict.is_copy]
+        if len(rest):
+            others += len(rest)
+            others_on_class += round(judge.class_agreement(rest, name) * len(rest))
+    assert copies >= MIN_TEST_COPIES, copies
+    assert others > 0 and others_on_class >= 0.75 * others, (others_on_class, others)
 
 
 def test_class_conditioning_changes_the_samples():

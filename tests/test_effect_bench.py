@@ -83,8 +83,10 @@ def test_the_report_has_one_row_per_variant_and_the_chart_is_written(effect_benc
 
 
 # -- the Targets table's SPELL rows (issue #10), on a reduced sample count -----------------------------------
-# The few-shot class: its 4 items are all duplicated (144 times each per epoch), so plain sampling copies them.
-TARGET_CLASSES = ("heart",)
+# A memorizable class: plain sampling copies its two duplicated items (95 % of 64 samples), and the model
+# knows 192 unique moons to steer to. Not the few-shot heart: its 4 items are all the model knows of hearts
+# (100 % copies), so any repellency from them leaves the class (docs/effects.md).
+TARGET_CLASSES = ("moon",)
 
 
 @pytest.fixture(scope="module")
