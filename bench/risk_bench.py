@@ -1,7 +1,7 @@
 """Memorization Risk on the bundled demo model: does the first-steps score tell memorized prompts and
 copies from the rest, at what threshold and cost, and what does gating a shield on it change? (#12 items 1, 2)
 
-Run: $SHIELD_PYTHON bench/risk_bench.py --record   (one thread; ~15 min; writes bench/recorded/risk.md, which
+Run: $SHIELD_PYTHON bench/risk_bench.py --record [--seeds S] [--gating]   (one thread; ~15 min on a busy machine; writes bench/recorded/risk.md, which
      bench/run_all.py appends to BENCHMARKS.md; without --record it only prints; --quick: a small smoke run)
 
 - Samples: every demo class (the prompt) × seeds × a batch, sampled by ComfyUI's KSampler (euler, normal,
@@ -54,11 +54,12 @@ from comfyui_shield.core import metrics  # noqa: E402
 from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication  # noqa: E402
 from comfyui_shield.reference_models.judge import load_judge  # noqa: E402
 from comfyui_shield.samplers.method_patch import add_model_gate  # noqa: E402
+from comfyui_shield.samplers.risk_math import sample_score  # noqa: E402
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe  # noqa: E402
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings  # noqa: E402
 
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 3.0, "euler", "normal"
-MAX_N = 8  # probe steps measured; every score below uses the first N <= MAX_N
+MAX_N = 10  # probe steps measured; every score below uses the first N <= MAX_N
 TARGET_FPR = 0.01
 TARGET_AUC = 0.95  # issue #12 item 1
 CALIBRATION_SEED0, HELD_OUT_SEED0 = 1000, 5000
@@ -84,11 +85,20 @@ def sample(model, class_name: str, seed: int, batch: int, steps: int = STEPS) ->
     return out["samples"].float()
 
 
-def risk_of(model, class_name: str, seed: int, batch: int, probe_steps: int, threshold: float, steps: int = STEPS):
+def risk_of(
+    model,
+    class_name: str,
+    seed: int,
+    batch: int,
+    probe_steps: int,
+    threshold: float,
+    steps: int = STEPS,
+    statistic: str = "magnitude",
+):
     positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
     latent = {"samples": torch.zeros(batch, 3, demo_dataset.IMAGE_SIZE, demo_dataset.IMAGE_SIZE)}
     run = KSamplerSettings(seed, steps, CFG, SAMPLER, SCHEDULER)
-    return probe(model, positive, negative, latent, run, probe_steps, threshold)
+    return probe(model, positive, negative, latent, run, probe_steps, threshold, statistic)
 
 
 def is_copy(outputs: torch.Tensor, dataset: demo_dataset.DemoDataset) -> torch.Tensor:
@@ -137,13 +147,12 @@ def specified(n: int) -> Score:
     return Score(f"mean ‖D_c − D_u‖/σ, N = {n}", n, lambda steps: steps[:, :n].mean(dim=1))
 
 
-def persistence(n: int) -> Score:
-    return Score(
-        f"persistence: mean(d_2..d_{n}) / d_1, N = {n}", n, lambda steps: steps[:, 1:n].mean(dim=1) / steps[:, 0]
-    )
+def drop(n: int) -> Score:
+    return Score(f"drop d_1 / d_{n}, N = {n}", n, lambda steps: sample_score(steps[:, :n].T, "drop"))
 
 
-SCORES = [specified(1), specified(2), specified(3), specified(5), specified(MAX_N), persistence(5), persistence(MAX_N)]
+SPECIFIED = [specified(n) for n in (1, 2, 3, 5, MAX_N)]
+DROPS = [drop(n) for n in range(3, MAX_N + 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,27 +242,32 @@ def detect(calibration: list[Batch], held_out: list[Batch], definition: Definiti
     )
 
 
-def detector_rows(calibration: list[Batch], held_out: list[Batch]) -> list[Detection]:
-    """Every definition with the specified score at N = 1 (the node's default), then every score for the
-    prompt definition and the per-sample copy."""
-    rows = [detect(calibration, held_out, d, SCORES[0]) for d in DEFINITIONS]
-    for definition in (DEFINITIONS[0], DEFINITIONS[3]):
-        rows += [detect(calibration, held_out, definition, score) for score in SCORES[1:]]
+def chosen_drop(calibration: list[Batch]) -> Score:
+    """The drop score's N with the highest AUC on the calibration seeds (prompt definition; held-out unseen)."""
+    return max(DROPS, key=lambda score: metrics.roc_auc(*split(calibration, PROMPTS, score)))
+
+
+def detector_rows(calibration: list[Batch], held_out: list[Batch], best: Score) -> list[Detection]:
+    """Every definition with the specified score at N = 1 (the node's default) and with the chosen drop score,
+    then every candidate score for the prompt definition."""
+    rows = [detect(calibration, held_out, d, score) for score in (SPECIFIED[0], best) for d in DEFINITIONS]
+    rows += [detect(calibration, held_out, PROMPTS, score) for score in SPECIFIED[1:] + DROPS]
     return rows
 
 
-def gating_rows(model, dataset, held_out: list[Batch], thresholds: dict[str, float], batch: int) -> list[list]:
-    """Transition-Point CFG on every sample vs gated on the risk flags (N = 1) at each named threshold,
-    on the held-out seeds."""
+def gating_rows(model, dataset, held_out: list[Batch], gates: dict[str, tuple], batch: int) -> list[list]:
+    """Transition-Point CFG on every sample vs gated on the risk flags of each named (score, threshold), on the
+    held-out seeds."""
     patch_model = TransitionCfgPatch(TransitionSettings("dynamic", "unconditional", 0.0)).patch(model)
     plain = torch.cat([b.outputs for b in held_out])
     class_of = torch.tensor([demo_dataset.class_index(b.class_name) for b in held_out for _ in range(batch)])
     # per variant: its outputs and how many samples the method may act on (the rest must equal plain)
     variants = {"plain": (plain, 0), "TPCFG on every sample": (run_all(patch_model, held_out, batch), len(plain))}
-    for name, threshold in thresholds.items():
+    for name, (score, threshold) in gates.items():
         outputs, flagged = [], 0
+        statistic = "drop" if score in DROPS else "magnitude"
         for b in held_out:
-            risk = risk_of(model, b.class_name, b.seed, batch, 1, threshold)
+            risk = risk_of(model, b.class_name, b.seed, batch, score.probe_steps, threshold, STEPS, statistic)
             gated_model = patch_model.clone()
             add_model_gate(gated_model, RiskGate(risk))
             outputs.append(sample(gated_model, b.class_name, b.seed, batch))
@@ -300,6 +314,8 @@ def arguments():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small smoke run: detection only, few samples")
     parser.add_argument("--record", action="store_true", help=f"also write the section to {RECORDED.name}")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per split (batch 8 each); default 1")
+    parser.add_argument("--gating", action="store_true", help="also the gating table (about as long again)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -311,35 +327,38 @@ def main() -> None:
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    seeds_per_split, batch = (1, 4) if args.quick else (4, 8)
+    seeds_per_split, batch = (1, 4) if args.quick else (args.seeds, 8)
     metadata = pixel_unet.read_metadata()
     dataset = demo_dataset.build_dataset()
     model = pixel_unet.load_demo_model()
     start = time.perf_counter()
     calibration = collect(model, dataset, [CALIBRATION_SEED0 + s for s in range(seeds_per_split)], batch)
     held_out = collect(model, dataset, [HELD_OUT_SEED0 + s for s in range(seeds_per_split)], batch)
-    detections = detector_rows(calibration, held_out)
-    default = detections[0]  # the prompt definition, the specified score at N = 1: the node's default
+    best = chosen_drop(calibration)
+    detections = detector_rows(calibration, held_out, best)
+    default, drop_row = detections[0], detections[len(DEFINITIONS)]  # prompt definition: magnitude N = 1; drop
     gating = []
-    if not args.quick:
-        quarter = metrics.threshold_at_fpr([v for b in calibration for v in SCORES[0].of(b.step_scores).tolist()], 0.25)
-        gate_at = {"calibrated (1 % FPR of control prompts)": default.threshold, "top quarter": quarter}
-        gating = gating_rows(model, dataset, held_out, gate_at, batch)
+    if args.gating and not args.quick:
+        gates = {
+            "magnitude N = 1 (the node's default)": (SPECIFIED[0], default.threshold),
+            f"drop N = {best.probe_steps}": (best, drop_row.threshold),
+        }
+        gating = gating_rows(model, dataset, held_out, gates, batch)
     seconds = time.perf_counter() - start
-    text = report(args, metadata, detections, gating, seeds_per_split, batch, seconds)
+    text = report(args, metadata, detections, gating, seeds_per_split, batch, seconds, best)
     print(text, flush=True)
     if args.record:
         RECORDED.write_text(text)
 
 
-def report(args, metadata, detections, gating, seeds_per_split, batch, seconds) -> str:
+def report(args, metadata, detections, gating, seeds_per_split, batch, seconds, best: Score) -> str:
     per_split = len(demo_dataset.CLASS_NAMES) * seeds_per_split * batch
     training = json.loads(metadata.get("training", "{}") or "{}")
-    default = detections[0]
-    met = default.auc_held_out[0].isdigit() and float(default.auc_held_out) >= TARGET_AUC
-    command = "$SHIELD_PYTHON bench/risk_bench.py" + (" --quick" if args.quick else " --record")
+    default, drop_row = detections[0], detections[len(DEFINITIONS)]
+    command = "$SHIELD_PYTHON bench/risk_bench.py " + " ".join(sys.argv[1:])
     lines = [
-        "## Memorization Risk: detection on the demo model, and gating (#12 items 1, 2)"
+        "## Memorization Risk: detection on the demo model"
+        + (", and gating (#12 items 1, 2)" if gating else " (#12 item 1)")
         + ("" if args.quick else " (recorded run)"),
         "",
         f"`{command}` ({bench_common.git_commit()}, {time.strftime('%Y-%m-%d', time.gmtime())}); weights "
@@ -350,9 +369,10 @@ def report(args, metadata, detections, gating, seeds_per_split, batch, seconds) 
         f"{seconds:.0f} s. Threshold: the lowest flagging ≤ {TARGET_FPR:.0%} of the calibration negatives "
         "(flagged = score ≥ threshold); AUC, TPR and FPR on the held-out seeds (docs/risk.md).",
         "",
-        f"**Node default (N = 1, threshold {default.threshold:.4g}, 2 model evaluations per sample): held-out AUC "
-        f"{default.auc_held_out} for duplicated-item prompts vs control prompts, TPR {default.tpr:.2f} at FPR "
-        f"{default.fpr:.3f}; target AUC ≥ {TARGET_AUC}: {'met' if met else 'NOT met'}.**",
+        summary("Node default, score magnitude", default),
+        "",
+        summary("Score drop", drop_row)
+        + f" (N = {best.probe_steps} chosen among {DROPS[0].probe_steps}..{MAX_N} by the calibration AUC)",
         "",
         bench_common.markdown_table(
             [
@@ -376,12 +396,21 @@ def report(args, metadata, detections, gating, seeds_per_split, batch, seconds) 
         headers = ["variant", "copies (detector)", "copies (pixel L2)", "outputs identical to plain", "class agreement"]
         lines += [
             "",
-            "Gating on the held-out seeds (N = 1), at the calibrated threshold and, to show what gating does when "
-            "it flags more samples, at the threshold that flags the top quarter of the calibration scores:",
+            "Gating on the held-out seeds: Transition-Point CFG on every sample, and gated by each score at its "
+            "calibrated threshold:",
             "",
             bench_common.markdown_table([*headers, "k-NN precision"], gating),
         ]
     return "\n".join(lines) + "\n"
+
+
+def summary(title: str, row: Detection) -> str:
+    met = row.auc_held_out[0].isdigit() and float(row.auc_held_out) >= TARGET_AUC
+    return (
+        f"**{title} (N = {row.score.probe_steps}, threshold {row.threshold:.4g}, {2 * row.score.probe_steps} model "
+        f"evaluations per sample): held-out AUC {row.auc_held_out} for {row.definition}, TPR {row.tpr:.2f} at FPR "
+        f"{row.fpr:.3f}; target AUC ≥ {TARGET_AUC}: {'met' if met else 'NOT met'}.**"
+    )
 
 
 def weights_digest() -> str:

@@ -11,6 +11,18 @@ EPS noise, V-prediction and flow velocity) one step's magnitude is ‖D_c − D_
 Transition-Point CFG (transition_math.guidance_distance). The norm is over the whole sample, as in the
 paper: its scale grows with √(latent size), so a threshold belongs to one model and one resolution.
 
+Two scores from the per-step magnitudes d_1..d_N of one probe (`sample_score`):
+
+- "magnitude" (Wen et al. §3, the specified score): their mean (1/N) Σ d_i.
+- "drop": d_1 / d_N, how far the guidance magnitude falls over the first N steps. Transition-point CFG
+  (§4–5, Fig. 2–3) finds that on a memorized trajectory the conditional guidance falls steeply once the
+  trajectory is inside the attraction basin of a training image, where the conditional and unconditional
+  predictions agree on that image. It matters when the unconditional model knows the memorized image
+  too (duplicated training items are part of its data): then the first step's magnitude measures how far
+  the prompt's mean image lies from the unconditional mean, not memorization, while the drop sees the
+  trajectory settling into the image. A ratio has no scale: it does not grow with the latent size.
+  Needs N ≥ 2; measured on the demo model in docs/risk.md.
+
 The detector statistics (AUC, the threshold for a false-positive rate, the rates there) are the pack's
 one implementation in core/metrics.py (roc_auc, threshold_at_fpr, rate_at_threshold; flagged = score >=
 threshold), shared with the copy detector.
@@ -27,3 +39,18 @@ def step_magnitude(cond_denoised: torch.Tensor, uncond_denoised: torch.Tensor, s
     """‖ε_c − ε_u‖₂ = ‖D_c − D_u‖₂/σ per sample, float64 [B] (Wen et al. §3, one step)."""
     sigma = sigma.detach().to("cpu", torch.float64).reshape(-1)
     return guidance_distance(cond_denoised, uncond_denoised).cpu().sqrt() / sigma
+
+
+SCORES = ("magnitude", "drop")
+
+
+def sample_score(step_scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """The score per sample from the per-step magnitudes [N, B] (module doc): "magnitude" or "drop"."""
+    step_scores = step_scores.to(torch.float64)
+    if kind == "magnitude":
+        return step_scores.mean(dim=0)
+    if kind == "drop":
+        if step_scores.shape[0] < 2:
+            raise ValueError("the 'drop' score compares the first probe step with the last: it needs probe_steps >= 2")
+        return step_scores[0] / step_scores[-1].clamp_min(torch.finfo(torch.float64).tiny)
+    raise ValueError(f"unknown risk score {kind!r}; expected one of {SCORES}")

@@ -12,11 +12,11 @@ from PIL import Image
 from comfyui_shield.core import metrics
 from comfyui_shield.core.certificate import certificate_text, read_certificate
 from comfyui_shield.core.records import RECORDS
-from comfyui_shield.nodes.risk import ShieldMemorizationRisk
+from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, ShieldMemorizationRisk
 from comfyui_shield.reference_models import demo_dataset, pixel_unet
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.samplers.method_patch import add_model_gate, shield_patch_ids, without_shield_patches
-from comfyui_shield.samplers.risk_math import step_magnitude
+from comfyui_shield.samplers.risk_math import sample_score, step_magnitude
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings
 from harness.families import flux_unet
@@ -29,10 +29,11 @@ def demo_model():
     return pixel_unet.load_demo_model()
 
 
-def run_probe(model, class_name="star", seed=3, batch=3, probe_steps=1, threshold=0.0, cfg=CFG):
+def run_probe(model, class_name="star", seed=3, batch=3, probe_steps=1, threshold=0.0, cfg=CFG, statistic="magnitude"):
     positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
     latent = {"samples": torch.zeros(batch, 3, 32, 32)}
-    return probe(model, positive, negative, latent, KSamplerSettings(seed, STEPS, cfg), probe_steps, threshold)
+    run = KSamplerSettings(seed, STEPS, cfg)
+    return probe(model, positive, negative, latent, run, probe_steps, threshold, statistic)
 
 
 def ksample(model, class_name="star", seed=3, batch=3):
@@ -78,6 +79,14 @@ def test_the_step_score_is_the_noise_prediction_difference():
     assert torch.allclose(step_magnitude(d_c, d_u, sigma), expected, rtol=1e-6)
 
 
+def test_the_two_scores_from_the_per_step_magnitudes():
+    steps = torch.tensor([[2.0, 1.0], [1.0, 1.0], [0.5, 2.0]])  # [N = 3 steps, 2 samples]
+    assert sample_score(steps, "magnitude").tolist() == pytest.approx([3.5 / 3, 4.0 / 3])
+    assert sample_score(steps, "drop").tolist() == [4.0, 0.5]  # first step over the last: a fall scores high
+    with pytest.raises(ValueError, match="needs probe_steps >= 2"):
+        sample_score(steps[:1], "drop")
+
+
 # -- the probe -------------------------------------------------------------------------------------------
 def test_the_probe_sees_the_samplers_first_step_and_tpcfg_records_the_same_score(demo_model):
     risk = run_probe(demo_model, probe_steps=2)
@@ -105,6 +114,8 @@ def test_cfg_1_and_a_missing_negative_are_refused_with_the_reason(demo_model):
     with pytest.raises(ValueError, match=r"undefined here: 'cfg' is 1.*Flux"):
         run_probe(demo_model, cfg=1.0)
     latent = {"samples": torch.zeros(1, 3, 32, 32)}
+    with pytest.raises(ValueError, match="'drop' score needs at least 2 probe steps"):
+        run_probe(demo_model, probe_steps=1, statistic="drop")
     with pytest.raises(ValueError, match="'negative' holds no conditioning"):
         probe(demo_model, pixel_unet.class_conditioning("star"), [], latent, KSamplerSettings(0, 4, 3.0), 1, 0.0)
 
@@ -160,6 +171,7 @@ def test_a_guidance_distilled_flux_model_at_cfg_1_is_refused_saying_why():
             1.0,
             1,
             1.0,
+            "magnitude",
         )
 
 
@@ -193,25 +205,29 @@ def test_detector_auc_on_a_reduced_demo_set(prediction):
     assert metrics.rate_at_threshold(positive, metrics.threshold_at_fpr(negative, 0.01)) >= 0.9
 
 
-def demo_scores(model, classes, seeds=(7001, 7002), batch=8) -> list[float]:
-    """The probe's score (N = 1, the node's default) of every sample of these demo classes."""
-    scores = []
+def demo_scores(model, classes, probe_steps=1, statistic="magnitude", seeds=(7001, 7002), batch=8) -> list[float]:
+    """The probe's score of every sample of these demo classes, for the demo's 20-step schedule."""
+    positive_scores = []
     for class_name in classes:
+        positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
         for seed in seeds:
-            scores += run_probe(model, class_name, seed, batch).scores
-    return scores
+            latent = {"samples": torch.zeros(batch, 3, 32, 32)}
+            run = KSamplerSettings(seed, 20, CFG)
+            positive_scores += probe(model, positive, negative, latent, run, probe_steps, 0.0, statistic).scores
+    return positive_scores
 
 
 def test_detector_auc_on_a_reduced_demo_set_with_the_bundled_demo_model(demo_model):
-    """The real bundled demo UNet, probe only (N = 1, 2 seeds × batch 8 per class, seeds the bench does not
-    use). The few-shot heart (4 training images seen 144× each and nothing else: a prompt whose distribution
-    has collapsed onto a handful of images, Wen et al.'s memorized prompt) scores above the control prompts
-    (unique items only): AUC ≥ 0.8. The memorizable prompts (2 duplicated items among unique ones) do not:
-    their AUC against the controls stays below 0.6, as docs/risk.md explains (the unconditional model knows
-    the duplicated items too, so the prompt's guidance measures the class, not the memorization); the bench
-    (bench/risk_bench.py --record) gives the full numbers."""
+    """The real bundled demo UNet, probe only (2 seeds × batch 8 per class, seeds the bench does not use).
+    Duplicated-item prompts (memorizable and few-shot classes) against control prompts (unique items only),
+    per sample: the drop score (d_1 / d_N, N = DROP_PROBE_STEPS = 10) reaches AUC ≥ 0.75 (0.82 on this set); the specified magnitude (N = 1) separates the
+    few-shot heart (4 training images and nothing else: Wen et al.'s memorized prompt) from the controls, AUC
+    ≥ 0.85, but not all duplicated-item prompts (AUC ≈ 0.75 on this set; docs/risk.md says why)."""
+    classes = demo_dataset.MEMORIZABLE_CLASSES + demo_dataset.FEW_SHOT_CLASSES
     controls = demo_scores(demo_model, demo_dataset.CONTROL_CLASSES)
     few_shot = demo_scores(demo_model, demo_dataset.FEW_SHOT_CLASSES)
-    memorizable = demo_scores(demo_model, demo_dataset.MEMORIZABLE_CLASSES)
-    assert metrics.roc_auc(few_shot, controls) >= 0.8
-    assert metrics.roc_auc(memorizable, controls) < 0.6
+    assert metrics.roc_auc(few_shot, controls) >= 0.85
+    steps = DROP_PROBE_STEPS
+    drop_controls = demo_scores(demo_model, demo_dataset.CONTROL_CLASSES, steps, "drop")
+    drop_duplicated = demo_scores(demo_model, classes, steps, "drop")
+    assert metrics.roc_auc(drop_duplicated, drop_controls) >= 0.75
