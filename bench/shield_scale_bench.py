@@ -14,6 +14,9 @@ Per family and size K, each piece in its own process (so "peak RSS" is that piec
 2. truth: Load Shield Set, then the exact range search (`ExactRangeSearch`: a chunked scan of the whole
    file, float64 re-check at the boundary) of all queries at once: the brute-force ground truth.
 3. build: the clustered index from a cold page cache (as at the first use of a set), saved beside the set.
+0. load (right after make): Load Shield Set's first load (its finite check reads the whole file, cold),
+   a later load (the record beside the set says this file content was checked) and the check as it was
+   before that record (torch.isfinite on every row, cold).
 4. search: Load Shield Set + the saved index (as in a later run), then every batch, warm (the same batch
    searched before) and cold (the set file evicted from the page cache before each search), median ms.
 Queries, batch 4, 8 batches of 2 near + 2 far: near = a shield (every 4th one of a near-copy pair)
@@ -82,6 +85,11 @@ def evict(path: pathlib.Path, mapped) -> int:
     length = mapped.data_ptr() + mapped.numel() * mapped.element_size() - start
     if LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_DONTNEED) != 0:
         raise OSError(ctypes.get_errno(), "madvise")
+    return drop_from_page_cache(path)
+
+
+def drop_from_page_cache(path: pathlib.Path) -> int:
+    """posix_fadvise(POSIX_FADV_DONTNEED) on the whole file (no process may map it); its bytes still resident."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -265,6 +273,43 @@ def load(torch, family: str, count: int, data_dir: pathlib.Path):
 
 
 # -- pieces (each in its own process) --------------------------------------------------------------------
+def piece_load(family: str, count: int, data_dir: pathlib.Path) -> dict:
+    """Load Shield Set's own cost: a first load (no record beside the set: the finite check reads every row,
+    from a cold page cache), a later load (the record matches: no row read), and the finite check as it
+    was before the record and the exponent-bit test (torch.isfinite per 64 MB read, cold), for comparison."""
+    torch = setup_torch()
+    from comfyui_shield.core import shield_files
+
+    path = set_path(data_dir, family, count)
+    shield_files.verified_path_for(path).unlink(missing_ok=True)
+    resident = drop_from_page_cache(path)
+    read_before, start = disk_read_bytes(), time.perf_counter()
+    shield_set = shield_files.load_shield_set(path)
+    first, first_read = time.perf_counter() - start, disk_read_bytes() - read_before
+    recorded = shield_files.verified_path_for(path).is_file()
+    shield_files._VERIFIED.clear()  # as in a new server process
+    evict(path, shield_set.latents)
+    read_before, start = disk_read_bytes(), time.perf_counter()
+    shield_files.load_shield_set(path)
+    later, later_read = time.perf_counter() - start, disk_read_bytes() - read_before
+    evict(path, shield_set.latents)
+    rows, start, cpu = shield_set.file_rows, time.perf_counter(), time.process_time()
+    chunk = max(1, shield_files.FINITE_CHECK_BYTES // rows.row_bytes)
+    for first_row in range(0, rows.count, chunk):
+        assert torch.isfinite(rows.read(first_row, first_row + chunk)).all()
+    return {
+        "first_load_seconds": first,
+        "first_load_read_gb": first_read / 2**30,
+        "later_load_seconds": later,
+        "later_load_read_mb": later_read / 2**20,
+        "check_before_seconds": time.perf_counter() - start,
+        "check_before_cpu_seconds": time.process_time() - cpu,
+        "recorded": recorded,
+        "resident_before_first_load": resident,
+        "load_average": os.getloadavg()[0],
+    }
+
+
 def piece_truth(family: str, count: int, data_dir: pathlib.Path) -> dict:
     """The exact range search of all queries in one pass over the file (the scan of `ExactRangeSearch`,
     norms taken per chunk: a filter with slack, then `exact_recheck`, float64 at the boundary)."""
@@ -399,6 +444,8 @@ def bench_one(family: str, count: int, data_dir: pathlib.Path, keep: bool) -> li
             return []
         made = run_piece(["make", *common])
         print(f"<!-- wrote {path.name}: {made['bytes'] / 2**30:.1f} GB in {made['seconds']:.0f} s -->", flush=True)
+    loads = run_piece(["load", *common])
+    print(f"<!-- {family} {count} Load Shield Set: {json.dumps(loads)} -->", flush=True)
     truth_file = path.with_name(path.name + ".truth.json")
     if not truth_file.exists():
         truth_file.write_text(json.dumps(run_piece(["truth", *common])))
@@ -406,7 +453,12 @@ def bench_one(family: str, count: int, data_dir: pathlib.Path, keep: bool) -> li
     built = run_piece(["build", *common])
     searched = run_piece(["search", *common, str(truth_file)])
     if not keep:
-        for leftover in (path, truth_file, path.with_name(path.name + ".shield-index")):
+        for leftover in (
+            path,
+            truth_file,
+            path.with_name(path.name + ".shield-index"),
+            path.with_name(path.name + ".shield-verified"),
+        ):
             leftover.unlink(missing_ok=True)
     shape_text = "x".join(map(str, shape))
     row = [
@@ -423,6 +475,7 @@ def bench_one(family: str, count: int, data_dir: pathlib.Path, keep: bool) -> li
         f"{searched['peak_rss_mb']:.0f} ({searched['baseline_rss_mb']:.0f})",
         f"{searched['cold']['recall']:.4f} / {searched['warm']['recall']:.4f} ({searched['pairs']})",
         f"{truth['scan_seconds']:.0f}",
+        f"{loads['first_load_seconds']:.1f} / {loads['later_load_seconds']:.2f} / {loads['check_before_seconds']:.0f}",
         f"{built['load_average']:.1f} / {searched['load_average']:.1f}",
     ]
     print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
@@ -435,7 +488,9 @@ HEADER = (
     "| family, latent | K | file GB | index build s (CPU s, disk read) | index MB | build peak RSS MB "
     "| ms/step warm (CPU ms) | ms/step cold (CPU ms) | rows read from disk per step, cold "
     "| candidate pairs re-checked per step | search process peak RSS MB (before loading) "
-    "| recall cold / warm (in-radius pairs) | exact scan of all 32 queries, s | load average build / search |"
+    "| recall cold / warm (in-radius pairs) | exact scan of all 32 queries, s "
+    "| Load Shield Set s: first load (finite check, cold) / later loads / the check before this version (cold) "
+    "| load average build / search |"
 )
 
 
@@ -453,6 +508,8 @@ def main() -> None:
         arguments = (family, int(count), pathlib.Path(data_dir))
         if name == "make":
             result = make_set(*arguments)
+        elif name == "load":
+            result = piece_load(*arguments)
         elif name == "truth":
             result = piece_truth(*arguments)
         elif name == "build":

@@ -6,15 +6,18 @@ Plain torch + safetensors; nothing here imports ComfyUI. The nodes pass in the f
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import pathlib
 import struct
 import tempfile
+import time
 import weakref
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -24,15 +27,28 @@ from safetensors.torch import save_file
 from . import paths
 from .shield_set import FORMAT_VERSION, ShieldSet, ShieldSetError, metadata_json
 
+logger = logging.getLogger(__name__)
+
 EXTENSION = ".safetensors"
 # The search-index cache beside a set file: "<set>.safetensors" + this suffix. No set name can reach it
 # (every set file name ends in .safetensors) and the folder listing never shows it.
 INDEX_SUFFIX = ".shield-index"
 LEGACY_INDEX_EXTENSION = ".index.safetensors"  # before 0.2: collided with a set named "x.index"
+# Beside a set whose latents were checked finite: "<set>.safetensors" + this suffix, the file's identity
+# at that check (JSON). Like the index, never a set name and never listed.
+VERIFIED_SUFFIX = ".shield-verified"
+VERIFIED_VERSION = 1
+VERIFIED_MAX_BYTES = 4096
+# A write in the same clock tick as the file's last change can leave mtime and ctime as they were (file
+# system clocks are coarse: a few ms on ext4, 2 s on FAT). So only a file unchanged for this long before
+# its check is remembered as checked (git's "racily clean" rule); a fresher one is checked at every load.
+SETTLED_SECONDS = 3.0
 EMBEDDING_PREFIX = "embedding."
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16}
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+# an IEEE float is NaN or inf exactly when its exponent bits are all ones: (unsigned view, exponent mask)
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
 FINITE_CHECK_ROWS = 8192
 FINITE_CHECK_BYTES = 64 * 2**20
 MAX_NUMBERED_NAMES = 10_000  # Save Shield Set with overwrite off tries name, name_1 ... name_9999
@@ -181,6 +197,10 @@ class FileRows:
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as a tensor [n, *row_shape] in the stored dtype."""
+        return torch.from_numpy(self.read_array(start, stop))
+
+    def read_array(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a C-contiguous numpy array [n, *row_shape] in the stored dtype."""
         start, stop = max(0, start), min(self.count, stop)
         rows = np.empty((max(0, stop - start), *self.row_shape), dtype=self.dtype)
         view, position = memoryview(rows.reshape(-1).view(np.uint8)), self.offset + start * self.row_bytes
@@ -189,7 +209,7 @@ class FileRows:
             if done == 0:
                 raise ShieldSetError(f"the shield set file ended early (truncated while in use?); {DAMAGED_FIX}")
             view, position = view[done:], position + done
-        return torch.from_numpy(rows)
+        return rows
 
     def prefetch(self, rows: torch.Tensor) -> None:
         """Ask the kernel to read these rows now (POSIX_FADV_WILLNEED; asynchronous, a hint only). Adjacent
@@ -304,12 +324,14 @@ def _check_side_tensors(contents: _FileContents, count: int, where: str) -> None
             )
 
 
-def load_shield_set(path: pathlib.Path) -> ShieldSet:
+def load_shield_set(path: pathlib.Path, on_chunk: Optional[Callable[[int, int], None]] = None) -> ShieldSet:
     """Read a file written by `save_shield_set`, checking the whole file first: every problem becomes a
     ShieldSetError that names the file and says what to do.
 
     The latents are memory-mapped (float32 or float16 as stored), so a set larger than RAM loads: the
-    range search reads its compact index per step and full rows only for the candidates."""
+    range search reads its compact index per step and full rows only for the candidates. Their finite
+    check reads every row once per file content (see `check_latents_finite`); `on_chunk(done, total)`
+    runs after each chunk of that read (progress, interrupts)."""
     where = f"Load Shield Set: {path.name}"
     contents = _read_header(path, where)
     _check_format(contents, where)
@@ -334,10 +356,7 @@ def load_shield_set(path: pathlib.Path) -> ShieldSet:
     with open(path, "rb") as handle:  # one open file for both: the rows read are those mapped
         latents = memory_map_tensor(path, "latents", handle)
         file_rows = FileRows(handle)
-    check_rows = max(1, min(FINITE_CHECK_ROWS, FINITE_CHECK_BYTES // max(1, file_rows.row_bytes)))
-    for start in range(0, count, check_rows):  # one sequential pass, bounded memory, not mapped into the process
-        if not torch.isfinite(file_rows.read(start, start + check_rows)).all():
-            raise ShieldSetError(f"{where}: the latents contain NaN or inf; {DAMAGED_FIX}")
+    check_latents_finite(path, file_rows, where, on_chunk)
     with safe_open(str(path), framework="pt") as handle:
         images = handle.get_tensor("images").float() if "images" in contents.shapes else None
         embeddings = {
@@ -356,6 +375,86 @@ def load_shield_set(path: pathlib.Path) -> ShieldSet:
         source_path=str(path),
         file_rows=file_rows,
     )
+
+
+# -- the finite check, once per file content -------------------------------------------------------
+def has_nonfinite(rows: np.ndarray) -> bool:
+    """NaN or inf among float16/float32 values, by a test of the exponent bits on the raw words (about ten
+    times faster than isfinite on float16, so the check runs at disk speed)."""
+    unsigned, mask = _EXPONENT_BITS[rows.dtype]
+    return rows.size > 0 and int(np.bitwise_and(rows.reshape(-1).view(unsigned), mask).max()) == mask
+
+
+def check_latents_finite(path: pathlib.Path, file_rows: FileRows, where: str, on_chunk=None) -> None:
+    """Refuse latents with NaN or inf, reading every row (by pread, 64 MB at a time) unless this very file
+    content was checked before: its identity then (`file_identity`) is remembered in this process and in
+    the small file `verified_path_for(path)` beside the set, so a 13 GB set is read once, not at every load.
+    The identity is taken before reading: a change during the check makes it stale; a file changed less
+    than SETTLED_SECONDS before is not remembered."""
+    checked_at, identity = time.time_ns(), file_identity(file_rows.descriptor)
+    if _VERIFIED.get(str(path)) == identity or _read_verified(path) == identity:
+        return
+    check_rows = max(1, min(FINITE_CHECK_ROWS, FINITE_CHECK_BYTES // max(1, file_rows.row_bytes)))
+    for start in range(0, file_rows.count, check_rows):  # sequential, bounded memory, not mapped into the process
+        if has_nonfinite(file_rows.read_array(start, start + check_rows)):
+            raise ShieldSetError(f"{where}: the latents contain NaN or inf; {DAMAGED_FIX}")
+        if on_chunk is not None:
+            on_chunk(min(file_rows.count, start + check_rows), file_rows.count)
+    if checked_at - max(identity["mtime_ns"], identity["ctime_ns"]) >= SETTLED_SECONDS * 1e9:
+        _VERIFIED[str(path)] = identity
+        _write_verified(path, identity)
+
+
+_VERIFIED: dict = {}  # set path -> identity checked in this process (also when the folder is read-only)
+
+
+def verified_path_for(set_path) -> pathlib.Path:
+    path = pathlib.Path(set_path)
+    return path.with_name(path.name + VERIFIED_SUFFIX)
+
+
+def file_identity(descriptor: int) -> dict:
+    """What changes whenever the file's bytes may have: size, inode, mtime and ctime (the kernel sets ctime
+    at every write, truncate, rename or utime, and no call can set it back), and a digest of the header."""
+    status = os.fstat(descriptor)
+    (header_size,) = struct.unpack("<Q", os.pread(descriptor, 8, 0))
+    header = os.pread(descriptor, min(header_size, status.st_size), 8)
+    return {
+        "version": VERIFIED_VERSION,
+        "size": status.st_size,
+        "inode": status.st_ino,
+        "mtime_ns": status.st_mtime_ns,
+        "ctime_ns": status.st_ctime_ns,
+        "header_sha256": hashlib.sha256(header).hexdigest(),
+    }
+
+
+def _read_verified(path: pathlib.Path) -> Optional[dict]:
+    """The identity recorded beside the set, or None (missing, not a plain file, too large, not JSON)."""
+    verified = verified_path_for(path)
+    try:
+        if not verified.is_file() or verified.is_symlink() or verified.stat().st_size > VERIFIED_MAX_BYTES:
+            return None
+        return json.loads(verified.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_verified(path: pathlib.Path, identity: dict) -> None:
+    """Record the identity beside the set (atomically); a read-only folder only costs the check next time."""
+    verified, temp_name = verified_path_for(path), None
+    try:
+        handle, temp_name = tempfile.mkstemp(prefix=".shield-", suffix=".tmp", dir=verified.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as output:
+            json.dump(identity, output)
+        os.replace(temp_name, verified)
+    except OSError as error:
+        logger.warning(
+            "Shield: could not write %s (%s); the set will be checked again after a restart", verified, error
+        )
+    finally:
+        if temp_name is not None:
+            pathlib.Path(temp_name).unlink(missing_ok=True)
 
 
 # -- the search index beside a set file -------------------------------------------------------------

@@ -32,6 +32,7 @@ from ..core.shield_memory import DEFAULT_CAP, MAX_CAP, MEMORY, STORES, WHEN_FULL
 from ..core.shield_set import ShieldSet, ShieldSetError, from_latents, latent_format_name  # noqa: F401
 from ..samplers import spell_math
 from ..samplers.latent_space import latent_format_of, to_model_space
+from ..samplers.progress import progress_reporter
 from .common import CATEGORY, SHIELD_SET, require_latent_batch
 from .validation import ShieldNode
 
@@ -386,11 +387,12 @@ class LoadShieldSet(ShieldNode):
             stat = resolve_set_file(filename).stat()
         except (ShieldSetError, OSError):
             return f"invalid:{time.monotonic_ns()}"  # let execute raise the clear error
-        return f"{filename}:{stat.st_mtime_ns}:{stat.st_size}:{stat.st_ino}"
+        # ctime too: a file changed in place with its mtime put back (touch -r, rsync -t) is read again
+        return f"{filename}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_size}:{stat.st_ino}"
 
     @classmethod
     def execute(cls, filename) -> io.NodeOutput:
-        shield_set = load_shield_set(resolve_set_file(filename))
+        shield_set = load_shield_set(resolve_set_file(filename), on_chunk=progress_reporter())
         return io.NodeOutput(shield_set, ui=set_preview(cls, shield_set))
 
 

@@ -81,7 +81,7 @@ EMBEDDING_SPELL_RECORD = MethodRecord(
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingRepellencySettings:
-    similarity: float = 0.6  # inside a shield: cosine of the embeddings above this
+    similarity: float = 0.7  # inside a shield: cosine of the embeddings above this
     overcompensation: float = 1.6
     intra_batch: bool = False
     start_percent: float = 0.0

@@ -14,8 +14,6 @@ import logging
 import threading
 from typing import Optional, Sequence
 
-import comfy.model_management
-import comfy.utils
 import numpy as np
 import torch
 from typing_extensions import TypedDict
@@ -26,6 +24,7 @@ from ..core.shield_set import ShieldSet, ShieldSetError
 from . import range_search, shield_index, spell_math
 from .latent_space import shields_in_model_space
 from .method_patch import MethodPatch, MethodRun, memory_id_of
+from .progress import progress_reporter
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +233,7 @@ class SparseRepellencyPatch(MethodPatch[RepellencySettings, RunState]):
         index_file = None if shield_set.source_path is None else shield_files.index_path_for(shield_set.source_path)
         state = shield_index.cached_state(
             key,
-            build=lambda: shield_index.ClusteredProjectionSearch.build_state(rows, dims, on_chunk=_progress_reporter()),
+            build=lambda: shield_index.ClusteredProjectionSearch.build_state(rows, dims, on_chunk=progress_reporter()),
             load=None if index_file is None else lambda: shield_files.load_index(index_file, key),
             save=None if index_file is None else lambda built: _save_index_quietly(index_file, key, built),
         )
@@ -254,19 +253,6 @@ def _only_acting(
 
 
 INDEX_VERSION = 3  # 3: pooled sketch codes (samplers/pooled_sketch.py)
-
-
-def _progress_reporter():
-    progress = None
-
-    def on_chunk(done: int, total: int) -> None:
-        nonlocal progress
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        if progress is None:
-            progress = comfy.utils.ProgressBar(total)
-        progress.update_absolute(done, total)
-
-    return on_chunk
 
 
 def _save_index_quietly(path, key: str, state: dict) -> None:

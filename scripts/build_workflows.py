@@ -189,8 +189,8 @@ METHODS = (
         "embedding_spell",
         "SPELL, copy-detector space",
         ("ShieldEmbeddingRepellency",),
-        {"similarity": 0.6},
-        "shield: the duplicated items, detector similarity 0.6",
+        {"similarity": 0.7},
+        "shield: the duplicated items, detector similarity 0.7",
     ),
     Method(
         "tpcfg",
@@ -203,8 +203,8 @@ METHODS = (
         "procreate",
         "ProCreate",
         ("ShieldProCreateGuidance",),
-        {"strength": 10.0, "similarity_threshold": 0.5},
-        "copy-detector embedder, strength 10, threshold 0.5",
+        {"strength": 30.0, "similarity_threshold": 0.5},
+        "copy-detector embedder, strength 30, threshold 0.5",
     ),
 )
 

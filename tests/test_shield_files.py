@@ -2,11 +2,16 @@
 the one symlink rule, and a DreamSim loader that never reaches the network (issue #11, defects 1, 5-9).
 The same defects are exercised in the real server in test_shield_files_server.py."""
 
+import json
 import os
 import socket
+import time
 import urllib.request
 
+import comfy.model_management
+import comfy.utils
 import folder_paths
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +21,7 @@ from comfyui_shield.core.shield_set import ShieldSetError, from_latents
 from comfyui_shield.nodes.procreate import NEEDS_TORCH_HUB, ShieldDreamSimLoader
 from comfyui_shield.nodes.shield_sets import LoadShieldSet, SaveShieldSet, ShieldSetFromImages, shield_set_files
 from comfyui_shield.reference_models.memorizer import build_memorizer
-from harness.files import damaged_set_files, read_only_folder
+from harness.files import damaged_set_files, nan_written_in_place, read_only_folder
 from harness.procreate_parts import write_random_dreamsim
 
 
@@ -91,6 +96,130 @@ def test_every_kind_of_damage_names_the_file_and_the_fix(shield_folder):
         message = str(error.value)
         assert path.name in message, name
         assert any(fix in message for fix in ("Save Shield Set", "Update the Shield pack", "delete it")), message
+
+
+# -- issue #13 item 5: a large set is read in full once per file content, not at every load ---------
+@pytest.fixture
+def rows_read(monkeypatch):
+    """Rows each finite-check read returned (a spy on the real FileRows.read_array); nothing remembered
+    from other tests, and a file unchanged for 0.2 s counts as settled."""
+    monkeypatch.setattr(shield_files, "_VERIFIED", {})
+    monkeypatch.setattr(shield_files, "SETTLED_SECONDS", 0.2)
+    read, original = [], shield_files.FileRows.read_array
+
+    def spy(self, start, stop):
+        rows = original(self, start, stop)
+        read.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(shield_files.FileRows, "read_array", spy)
+    return read
+
+
+def _settled_set(folder, name, count=20, storage="float16"):
+    path = folder / f"{name}.safetensors"
+    save_shield_set(from_latents(torch.randn(count, 4, 8, 8), "SD15"), path, storage=storage)
+    time.sleep(0.3)
+    return path
+
+
+@pytest.mark.parametrize("storage", ["float16", "float32"])
+def test_a_checked_set_is_not_read_again_until_it_changes(shield_folder, rows_read, storage):
+    path = _settled_set(shield_folder, "big", storage=storage)
+    first = LoadShieldSet.execute("big.safetensors").result[0]
+    assert sum(rows_read) == 20  # the first load checks every row
+    record = shield_files.verified_path_for(path)
+    assert record.name == "big.safetensors.shield-verified" and shield_set_files() == ["big.safetensors"]
+    assert json.loads(record.read_text())["inode"] == path.stat().st_ino
+    shield_files._VERIFIED.clear()  # as after a restart: only the record beside the set is left
+    rows_read.clear()
+    again = LoadShieldSet.execute("big.safetensors").result[0]
+    assert rows_read == [] and torch.equal(again.latents, first.latents)
+    nan_written_in_place(path)  # same inode, size and mtime: the ctime changed
+    with pytest.raises(ShieldSetError, match=r"Load Shield Set: big.safetensors: the latents contain NaN or inf"):
+        LoadShieldSet.execute("big.safetensors")
+    assert rows_read == [20]
+
+
+def test_a_set_changed_right_after_its_check_is_checked_again(shield_folder, monkeypatch):
+    monkeypatch.setattr(shield_files, "_VERIFIED", {})  # the real SETTLED_SECONDS
+    path = shield_folder / "fresh.safetensors"
+    save_shield_set(from_latents(torch.randn(3, 4, 8, 8), "SD15"), path)
+    LoadShieldSet.execute("fresh.safetensors")  # checked, but too fresh to be remembered
+    assert not shield_files.verified_path_for(path).exists() and shield_files._VERIFIED == {}
+    nan_written_in_place(path)  # possibly in the same clock tick: mtime and ctime may not move
+    with pytest.raises(ShieldSetError, match="NaN or inf"):
+        LoadShieldSet.execute("fresh.safetensors")
+
+
+def test_a_record_of_another_file_or_a_damaged_record_does_not_skip_the_check(shield_folder, rows_read):
+    good, bad = _settled_set(shield_folder, "good"), _settled_set(shield_folder, "bad")
+    nan_written_in_place(bad)
+    time.sleep(0.3)
+    LoadShieldSet.execute("good.safetensors")
+    good_record, bad_record = shield_files.verified_path_for(good), shield_files.verified_path_for(bad)
+    records = {
+        "another file's": good_record.read_bytes(),
+        "not JSON": b"{not json",
+        "too large": b" " * 5000 + good_record.read_bytes(),
+    }
+    for kind, data in records.items():
+        bad_record.write_bytes(data)
+        with pytest.raises(ShieldSetError, match="NaN or inf"):
+            LoadShieldSet.execute("bad.safetensors")
+        assert bad_record.read_bytes() == data, kind  # a refused set gets no record
+    bad_record.unlink()
+    bad_record.symlink_to(good_record)
+    with pytest.raises(ShieldSetError, match="NaN or inf"):
+        LoadShieldSet.execute("bad.safetensors")
+    good_record.write_bytes(b"{not json")  # a damaged record of a good set: checked again, record rewritten
+    shield_files._VERIFIED.clear()
+    rows_read.clear()
+    LoadShieldSet.execute("good.safetensors")
+    assert rows_read == [20] and json.loads(good_record.read_text())["inode"] == good.stat().st_ino
+
+
+def test_a_read_only_folder_checks_once_per_process(shield_folder, rows_read, caplog):
+    path = _settled_set(shield_folder / "locked", "shared")
+    with read_only_folder(shield_folder / "locked"):
+        LoadShieldSet.execute("locked/shared.safetensors")
+        rows_read.clear()
+        LoadShieldSet.execute("locked/shared.safetensors")
+    assert rows_read == [] and not shield_files.verified_path_for(path).exists()
+    assert "will be checked again after a restart" in caplog.text
+
+
+def test_the_first_check_shows_progress_and_stops_when_asked(shield_folder, rows_read, monkeypatch):
+    monkeypatch.setattr(shield_files, "FINITE_CHECK_ROWS", 6)
+    _settled_set(shield_folder, "progress")
+    updates, hook = [], comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        LoadShieldSet.execute("progress.safetensors")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(hook)
+    assert updates == [(6, 20), (12, 20), (18, 20), (20, 20)]
+    path = _settled_set(shield_folder, "stopped")
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            LoadShieldSet.execute("stopped.safetensors")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not shield_files.verified_path_for(path).exists()
+
+
+def test_the_exponent_bit_test_finds_every_nan_and_inf():
+    for dtype in (np.float16, np.float32):
+        info = np.finfo(dtype)
+        values = np.array([0.0, -0.0, info.tiny / 4, -info.max, info.max, 1.0], dtype=dtype)  # subnormal, extremes
+        assert not shield_files.has_nonfinite(values)
+        for bad in (np.nan, np.inf, -np.inf):
+            spoiled = values.copy()
+            spoiled[3] = bad
+            assert shield_files.has_nonfinite(spoiled), (dtype, bad)
+    payloads = np.array([0x7C01, 0xFC01, 0x7FFF, 0xFE00], dtype=np.uint16).view(np.float16)  # NaNs of every sign
+    assert all(shield_files.has_nonfinite(payloads[i : i + 1]) for i in range(4))
 
 
 # -- defect 8: OS errors on save say which input to change ------------------------------------------

@@ -1,13 +1,16 @@
 """Issue #11 file defects 1, 5-9, each as a regression test in the real ComfyUI server."""
 
+import json
+import pathlib
 import re
 import shutil
+import time
 import urllib.request
 
 import pytest
 
-from comfyui_shield.core.shield_files import load_shield_set
-from harness.files import damaged_set_files, read_only_folder
+from comfyui_shield.core.shield_files import SETTLED_SECONDS, load_shield_set, verified_path_for
+from harness.files import damaged_set_files, nan_written_in_place, read_only_folder
 from harness.memorizer_graphs import sparse_repellency
 from harness.procreate_parts import rgb_items, write_random_dreamsim
 from harness.server import ServerError
@@ -143,6 +146,24 @@ def test_damaged_set_files_fail_at_load_naming_the_file_and_the_fix(server, sets
         assert re.search(pattern, message), (name, message)
         assert f"Load Shield Set: {path.name}" in message
     assert not (sets_dir / "damaged_copy.safetensors").exists()
+
+
+def test_a_checked_set_is_remembered_beside_it_and_a_change_in_place_is_caught(server, sets_dir):
+    """Issue #13 item 5: Load Shield Set reads a set in full once per file content (a 13 GB set took 5
+    minutes at every load); the record beside the set is never listed, and a NaN written in place with
+    the mtime put back is still refused."""
+    path = pathlib.Path(saved_path(server.run(save_graph("checked/once", overwrite=True), timeout=60)))
+    time.sleep(SETTLED_SECONDS + 0.5)  # only a settled file is remembered
+    server.run(load_graph("checked/once.safetensors", "checked/copy"), timeout=60)
+    record = json.loads(verified_path_for(path).read_text())
+    assert record["inode"] == path.stat().st_ino and record["size"] == path.stat().st_size
+    assert sorted(name for name in load_options(server) if name.startswith("checked/")) == [
+        "checked/copy.safetensors",
+        "checked/once.safetensors",
+    ]
+    nan_written_in_place(path)
+    with pytest.raises(ServerError, match=r"Load Shield Set: once.safetensors: the latents contain NaN or inf"):
+        server.run(load_graph("checked/once.safetensors", "checked/copy"), timeout=60)
 
 
 # -- defect 8 ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pathlib
+import struct
 import subprocess
 
 import pytest
@@ -47,6 +48,20 @@ def damaged_set_files(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, str
         save_file({**tensors, **tensor_changes}, str(path), metadata=file_metadata)
         written[name] = (path, pattern)
     return written
+
+
+def nan_written_in_place(path: pathlib.Path) -> None:
+    """The set file's last latent value overwritten with NaN in place (same inode and size), its mtime put
+    back as `touch -r` or `rsync -t` would: only the ctime shows the change. Latents must be the last tensor."""
+    before = path.stat()
+    with open(path, "r+b") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        dtype = json.loads(handle.read(header_size))["latents"]["dtype"]
+        nan = {"F16": struct.pack("<H", 0x7E00), "F32": struct.pack("<f", float("nan"))}[dtype]
+        handle.seek(-len(nan), os.SEEK_END)
+        handle.write(nan)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_mtime_ns == before.st_mtime_ns and path.stat().st_size == before.st_size
 
 
 @contextlib.contextmanager
