@@ -1,22 +1,28 @@
-"""Memorization Risk on the bundled demo model: does the first-steps score tell copies from the rest, and
-what does gating a shield on it change? (#12 items 1 and 2)
+"""Memorization Risk on the bundled demo model: does the first-steps score tell memorized prompts and
+copies from the rest, at what threshold and cost, and what does gating a shield on it change? (#12 items 1, 2)
 
-Run: $SHIELD_PYTHON bench/risk_bench.py [--quick]   (one thread; prints markdown)
+Run: $SHIELD_PYTHON bench/risk_bench.py --record [--seeds S] [--gating]   (one thread; ~15 min on a busy machine; writes bench/recorded/risk.md, which
+     bench/run_all.py appends to BENCHMARKS.md; without --record it only prints; --quick: a small smoke run)
 
 - Samples: every demo class (the prompt) × seeds × a batch, sampled by ComfyUI's KSampler (euler, normal,
   20 steps, cfg 3); the Memorization Risk probe (samplers/risk_probe.py) runs on the same seed, latent and
-  schedule with probe_steps = MAX_N, so its per-step scores give the score for every N ≤ MAX_N at once.
-- Three definitions of a positive, all reported:
-  * "copy" (per sample, the primary one): the output is a copy of a duplicated training item (an item of a
-    memorizable class repeated in training, or of the few-shot class) by the demo copy detector
-    (reference_models/judge.py: geometry, tolerant of colour, noise and small shifts), against the
-    duplicated items. Every other output (non-copies of any class, all control-class outputs) is a negative.
-  * "pixel copy": the same with pixel L2 instead: nearest training item duplicated and within
-    replication.REPLICA_DISTANCE (RMS error 0.11 in [-1, 1]); colour or a shift defeat it.
-  * "class" (per prompt, as Wen et al. score prompts): the output's class holds duplicated items
-    (memorizable or few-shot); negatives are the control classes' outputs.
-- Calibration seeds choose the threshold: the score that flags at most 1 % of the calibration negatives.
-  Held-out seeds (disjoint) give the AUC, and the TPR and FPR at that threshold.
+  schedule with probe_steps = MAX_N, so its per-step scores give every score below at once.
+- Scores, all from the probe alone: the specified one (Wen et al. §3: mean of ‖D_c − D_u‖/σ over the first
+  N steps) for several N, and the persistence of the guidance magnitude (transition-point CFG §4–5: on a
+  memorized trajectory d_t stays high, elsewhere it falls): mean of steps 2..N over step 1.
+- What a positive is (each reported):
+  * "duplicated-item prompts" (the issue's definition, per prompt as Wen et al. score prompts, each sample
+    scored): the class holds duplicated training items (memorizable star/moon/cross/triangle: 2 items seen
+    192× among unique ones; few-shot heart: 4 items and nothing else); negatives: the control classes'
+    samples (circle/square/ring: unique items only). The node's default threshold is calibrated on it.
+  * the two kinds of duplicated-item prompt apart: "few-shot prompt" (a prompt over a handful of training
+    images, Wen et al.'s memorized prompt) and "memorizable prompts", each against the controls.
+  * "copy" (per sample): the output is a copy of a duplicated training item by the demo copy detector
+    (reference_models/judge.py; images clamped to [-1, 1]); every other output is a negative. "pixel copy":
+    nearest training item duplicated and within replication.REPLICA_DISTANCE (colour or a shift defeat it).
+- Calibration seeds choose the threshold (the lowest flagging at most 1 % of the calibration negatives,
+  core/metrics.threshold_at_fpr; flagged = score >= threshold) and any choice among scores; held-out seeds
+  (disjoint, never used for choosing) give the AUC and the TPR and FPR at that threshold.
 - Gating: on the held-out seeds, Transition-Point CFG (dynamic, unconditional before the transition) on every
   sample vs only on the flagged ones (Shield Gate), with copies (detector and pixel), samples left
   bit-identical to plain sampling, and fidelity: class agreement (the judge's independent classifier) and
@@ -25,11 +31,14 @@ Run: $SHIELD_PYTHON bench/risk_bench.py [--quick]   (one thread; prints markdown
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,13 +54,14 @@ from comfyui_shield.core import metrics  # noqa: E402
 from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication  # noqa: E402
 from comfyui_shield.reference_models.judge import load_judge  # noqa: E402
 from comfyui_shield.samplers.method_patch import add_model_gate  # noqa: E402
-from comfyui_shield.samplers.risk_math import auc, rates_at, threshold_at_fpr  # noqa: E402
+from comfyui_shield.samplers.risk_math import sample_score  # noqa: E402
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe  # noqa: E402
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings  # noqa: E402
 
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 3.0, "euler", "normal"
-MAX_N = 5
+MAX_N = 10  # probe steps measured; every score below uses the first N <= MAX_N
 TARGET_FPR = 0.01
+TARGET_AUC = 0.95  # issue #12 item 1
 CALIBRATION_SEED0, HELD_OUT_SEED0 = 1000, 5000
 
 
@@ -75,20 +85,29 @@ def sample(model, class_name: str, seed: int, batch: int, steps: int = STEPS) ->
     return out["samples"].float()
 
 
-def risk_of(model, class_name: str, seed: int, batch: int, probe_steps: int, threshold: float, steps: int = STEPS):
+def risk_of(
+    model,
+    class_name: str,
+    seed: int,
+    batch: int,
+    probe_steps: int,
+    threshold: float,
+    steps: int = STEPS,
+    statistic: str = "magnitude",
+):
     positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
     latent = {"samples": torch.zeros(batch, 3, demo_dataset.IMAGE_SIZE, demo_dataset.IMAGE_SIZE)}
     run = KSamplerSettings(seed, steps, CFG, SAMPLER, SCHEDULER)
-    return probe(model, positive, negative, latent, run, probe_steps, threshold)
+    return probe(model, positive, negative, latent, run, probe_steps, threshold, statistic)
 
 
 def is_copy(outputs: torch.Tensor, dataset: demo_dataset.DemoDataset) -> torch.Tensor:
     """Copies of a duplicated item by the demo copy detector."""
-    return load_judge().is_copy(outputs, dataset.images[dataset.duplicated]).is_copy.cpu()
+    return load_judge().is_copy(outputs.clamp(-1, 1), dataset.images[dataset.duplicated]).is_copy.cpu()
 
 
 def is_pixel_copy(outputs: torch.Tensor, dataset: demo_dataset.DemoDataset) -> torch.Tensor:
-    distance, index = replication.nearest_items(outputs, dataset.images)
+    distance, index = replication.nearest_items(outputs.clamp(-1, 1), dataset.images)
     return (distance < replication.REPLICA_DISTANCE) & dataset.duplicated[index]
 
 
@@ -115,58 +134,140 @@ def collect(
     return batches
 
 
-def scores_at(batches: list[Batch], n: int) -> list[float]:
-    return torch.cat([b.step_scores[:, :n].mean(dim=1) for b in batches]).tolist()
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """A score computed from the probe's per-step magnitudes [B, MAX_N] alone; probe_steps sets its cost."""
+
+    name: str
+    probe_steps: int
+    of: Callable[[torch.Tensor], torch.Tensor]
 
 
-def labels(batches: list[Batch], definition: str) -> list[bool]:
-    """Per sample: 'copy' / 'pixel copy': the output copies a duplicated item (detector / pixel L2);
-    'class': its class holds duplicated items."""
-    if definition == "copy":
-        return torch.cat([b.copy for b in batches]).tolist()
-    if definition == "pixel copy":
-        return torch.cat([b.pixel_copy for b in batches]).tolist()
-    return [b.memorizable for b in batches for _ in range(len(b.copy))]
+def specified(n: int) -> Score:
+    return Score(f"mean ‖D_c − D_u‖/σ, N = {n}", n, lambda steps: steps[:, :n].mean(dim=1))
 
 
-def detector_rows(calibration: list[Batch], held_out: list[Batch]) -> tuple[list[list], dict]:
-    rows, thresholds = [], {}
-    for definition in ("copy", "pixel copy", "class"):
-        cal_pos, test_pos = labels(calibration, definition), labels(held_out, definition)
-        for n in range(1, MAX_N + 1):
-            cal_scores, test_scores = scores_at(calibration, n), scores_at(held_out, n)
-            negatives = [s for s, p in zip(cal_scores, cal_pos, strict=True) if not p]
-            threshold = threshold_at_fpr(negatives, TARGET_FPR)
-            tpr, fpr = rates_at(test_scores, test_pos, threshold)
-            thresholds[(definition, n)] = threshold
-            rows.append(
-                [
-                    definition,
-                    n,
-                    f"{sum(test_pos)}/{len(test_pos)}",
-                    f"{auc(cal_scores, cal_pos):.3f}",
-                    f"**{auc(test_scores, test_pos):.3f}**",
-                    f"{threshold:.4g}",
-                    f"{tpr:.2f}",
-                    f"{fpr:.3f}",
-                    2 * n,
-                ]
-            )
-    return rows, thresholds
+def drop(n: int) -> Score:
+    return Score(f"drop d_1 / d_{n}, N = {n}", n, lambda steps: sample_score(steps[:, :n].T, "drop"))
 
 
-def gating_rows(model, dataset, held_out: list[Batch], thresholds: dict[str, float], batch: int) -> list[list]:
-    """Transition-Point CFG on every sample vs gated on the risk flags (N = 1) at each named threshold,
-    on the held-out seeds."""
+SPECIFIED = [specified(n) for n in (1, 2, 3, 5, MAX_N)]
+DROPS = [drop(n) for n in range(3, MAX_N + 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Definition:
+    """What a positive is; per sample: True, False, or None (the sample is not part of this comparison)."""
+
+    name: str
+    label: Callable[[Batch], list]
+
+
+def by_kind(positive_kinds: tuple[str, ...]) -> Callable[[Batch], list]:
+    def label(batch: Batch) -> list:
+        kind = demo_dataset.class_kind(batch.class_name)
+        value = True if kind in positive_kinds else False if kind == "control" else None
+        return [value] * len(batch.copy)
+
+    return label
+
+
+PROMPTS = Definition(
+    "duplicated-item prompts (memorizable + few-shot) vs control", by_kind(("memorizable", "few-shot"))
+)
+DEFINITIONS = [
+    PROMPTS,
+    Definition("few-shot prompt (heart) vs control", by_kind(("few-shot",))),
+    Definition("memorizable prompts vs control", by_kind(("memorizable",))),
+    Definition("copy (detector), per sample", lambda b: b.copy.tolist()),
+    Definition("pixel copy, per sample", lambda b: b.pixel_copy.tolist()),
+]
+
+
+def split(batches: list[Batch], definition: Definition, score: Score) -> tuple[list[float], list[float]]:
+    """(positive scores, negative scores) over the samples the definition labels."""
+    positive, negative = [], []
+    for b in batches:
+        for value, label in zip(score.of(b.step_scores).tolist(), definition.label(b), strict=True):
+            if label is not None:
+                (positive if label else negative).append(value)
+    return positive, negative
+
+
+def auc_text(positive: list[float], negative: list[float]) -> str:
+    return f"{metrics.roc_auc(positive, negative):.3f}" if positive and negative else "undefined (no positive)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    definition: str
+    score: Score
+    held_out_positives: int
+    held_out_negatives: int
+    auc_calibration: str
+    auc_held_out: str
+    threshold: float
+    tpr: float
+    fpr: float
+
+    def row(self) -> list:
+        tpr = f"{self.tpr:.2f}" if self.held_out_positives else "–"
+        return [
+            self.definition,
+            self.score.name,
+            f"{self.held_out_positives} / {self.held_out_negatives}",
+            self.auc_calibration,
+            f"**{self.auc_held_out}**",
+            f"{self.threshold:.4g}",
+            tpr,
+            f"{self.fpr:.3f}",
+            2 * self.score.probe_steps,
+        ]
+
+
+def detect(calibration: list[Batch], held_out: list[Batch], definition: Definition, score: Score) -> Detection:
+    cal_pos, cal_neg = split(calibration, definition, score)
+    test_pos, test_neg = split(held_out, definition, score)
+    threshold = metrics.threshold_at_fpr(cal_neg, TARGET_FPR)
+    return Detection(
+        definition.name,
+        score,
+        len(test_pos),
+        len(test_neg),
+        auc_text(cal_pos, cal_neg),
+        auc_text(test_pos, test_neg),
+        threshold,
+        metrics.rate_at_threshold(test_pos, threshold) if test_pos else float("nan"),
+        metrics.rate_at_threshold(test_neg, threshold),
+    )
+
+
+def chosen_drop(calibration: list[Batch]) -> Score:
+    """The drop score's N with the highest AUC on the calibration seeds (prompt definition; held-out unseen)."""
+    return max(DROPS, key=lambda score: metrics.roc_auc(*split(calibration, PROMPTS, score)))
+
+
+def detector_rows(calibration: list[Batch], held_out: list[Batch], best: Score) -> list[Detection]:
+    """Every definition with the specified score at N = 1 (the node's default) and with the chosen drop score,
+    then every candidate score for the prompt definition."""
+    rows = [detect(calibration, held_out, d, score) for score in (SPECIFIED[0], best) for d in DEFINITIONS]
+    rows += [detect(calibration, held_out, PROMPTS, score) for score in SPECIFIED[1:] + DROPS]
+    return rows
+
+
+def gating_rows(model, dataset, held_out: list[Batch], gates: dict[str, tuple], batch: int) -> list[list]:
+    """Transition-Point CFG on every sample vs gated on the risk flags of each named (score, threshold), on the
+    held-out seeds."""
     patch_model = TransitionCfgPatch(TransitionSettings("dynamic", "unconditional", 0.0)).patch(model)
     plain = torch.cat([b.outputs for b in held_out])
     class_of = torch.tensor([demo_dataset.class_index(b.class_name) for b in held_out for _ in range(batch)])
     # per variant: its outputs and how many samples the method may act on (the rest must equal plain)
     variants = {"plain": (plain, 0), "TPCFG on every sample": (run_all(patch_model, held_out, batch), len(plain))}
-    for name, threshold in thresholds.items():
+    for name, (score, threshold) in gates.items():
         outputs, flagged = [], 0
+        statistic = "drop" if score in DROPS else "magnitude"
         for b in held_out:
-            risk = risk_of(model, b.class_name, b.seed, batch, 1, threshold)
+            risk = risk_of(model, b.class_name, b.seed, batch, score.probe_steps, threshold, STEPS, statistic)
             gated_model = patch_model.clone()
             add_model_gate(gated_model, RiskGate(risk))
             outputs.append(sample(gated_model, b.class_name, b.seed, batch))
@@ -206,57 +307,114 @@ def class_precision(outputs: torch.Tensor, class_of: torch.Tensor, dataset) -> f
     return sum(values) / len(values)
 
 
+RECORDED = Path(__file__).resolve().parent / "recorded" / "risk.md"
+
+
+def arguments():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small smoke run: detection only, few samples")
+    parser.add_argument("--record", action="store_true", help=f"also write the section to {RECORDED.name}")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per split (batch 8 each); default 1")
+    parser.add_argument("--gating", action="store_true", help="also the gating table (about as long again)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def main() -> None:
-    args = bench_common.arguments(__doc__)
-    seeds_per_split, batch = (2, 4) if args.quick else (4, 8)
+    args = arguments()
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    seeds_per_split, batch = (1, 4) if args.quick else (args.seeds, 8)
     metadata = pixel_unet.read_metadata()
     dataset = demo_dataset.build_dataset()
     model = pixel_unet.load_demo_model()
     start = time.perf_counter()
     calibration = collect(model, dataset, [CALIBRATION_SEED0 + s for s in range(seeds_per_split)], batch)
     held_out = collect(model, dataset, [HELD_OUT_SEED0 + s for s in range(seeds_per_split)], batch)
-    rows, thresholds = detector_rows(calibration, held_out)
-    gate_threshold = thresholds[("copy", 1)]
-    quarter = threshold_at_fpr(scores_at(calibration, 1), 0.25)  # flags the top quarter of all calibration scores
-    gate_at = {"calibrated (1 % FPR)": gate_threshold, "top quarter": quarter}
-    gating = gating_rows(model, dataset, held_out, gate_at, batch)
+    best = chosen_drop(calibration)
+    detections = detector_rows(calibration, held_out, best)
+    default, drop_row = detections[0], detections[len(DEFINITIONS)]  # prompt definition: magnitude N = 1; drop
+    gating = []
+    if args.gating and not args.quick:
+        gates = {
+            "magnitude N = 1 (the node's default)": (SPECIFIED[0], default.threshold),
+            f"drop N = {best.probe_steps}": (best, drop_row.threshold),
+        }
+        gating = gating_rows(model, dataset, held_out, gates, batch)
     seconds = time.perf_counter() - start
+    text = report(args, metadata, detections, gating, seeds_per_split, batch, seconds, best)
+    print(text, flush=True)
+    if args.record:
+        RECORDED.write_text(text)
+
+
+def report(args, metadata, detections, gating, seeds_per_split, batch, seconds, best: Score) -> str:
     per_split = len(demo_dataset.CLASS_NAMES) * seeds_per_split * batch
     training = json.loads(metadata.get("training", "{}") or "{}")
-    print("## Memorization Risk: detection on the demo model, and gating (#12 items 1, 2)\n")
-    print(
-        f"`$SHIELD_PYTHON bench/risk_bench.py{' --quick' if args.quick else ''}`; weights "
-        f"`{pixel_unet.WEIGHTS_PATH.name}` (training metadata: {json.dumps(training, sort_keys=True)[:160]}); "
-        f"{per_split} calibration and {per_split} held-out samples ({len(demo_dataset.CLASS_NAMES)} classes × "
-        f"{seeds_per_split} seeds × batch {batch}), {SAMPLER}/{SCHEDULER}, {STEPS} steps, cfg {CFG}; "
-        f"{seconds:.0f} s. Score: mean of ‖D_c − D_u‖/σ over the first N steps (docs/risk.md).\n"
-    )
-    print(
+    default, drop_row = detections[0], detections[len(DEFINITIONS)]
+    command = "$SHIELD_PYTHON bench/risk_bench.py " + " ".join(sys.argv[1:])
+    lines = [
+        "## Memorization Risk: detection on the demo model"
+        + (", and gating (#12 items 1, 2)" if gating else " (#12 item 1)")
+        + ("" if args.quick else " (recorded run)"),
+        "",
+        f"`{command}` ({bench_common.git_commit()}, {time.strftime('%Y-%m-%d', time.gmtime())}); weights "
+        f"`{pixel_unet.WEIGHTS_PATH.name}` (sha256 {weights_digest()}; training metadata: "
+        f"{json.dumps(training, sort_keys=True)[:160]}); {per_split} calibration and {per_split} held-out samples "
+        f"({len(demo_dataset.CLASS_NAMES)} classes × {seeds_per_split} seeds × batch {batch}; calibration seeds "
+        f"{CALIBRATION_SEED0}+, held-out seeds {HELD_OUT_SEED0}+), {SAMPLER}/{SCHEDULER}, {STEPS} steps, cfg {CFG}; "
+        f"{seconds:.0f} s. Threshold: the lowest flagging ≤ {TARGET_FPR:.0%} of the calibration negatives "
+        "(flagged = score ≥ threshold); AUC, TPR and FPR on the held-out seeds (docs/risk.md).",
+        "",
+        summary("Node default, score magnitude", default),
+        "",
+        summary("Score drop", drop_row)
+        + f" (N = {best.probe_steps} chosen among {DROPS[0].probe_steps}..{MAX_N} by the calibration AUC)",
+        "",
         bench_common.markdown_table(
             [
                 "positive =",
-                "N",
-                "positives (held-out)",
+                "score",
+                "positives / negatives (held-out)",
                 "AUC calibration",
                 "AUC held-out",
-                f"threshold (≤{TARGET_FPR:.0%} FPR on calibration)",
+                f"threshold (≤{TARGET_FPR:.0%} FPR, calibration)",
                 "TPR held-out",
                 "FPR held-out",
                 "model evaluations per sample",
             ],
-            rows,
-        )
+            [d.row() for d in detections],
+        ),
+        "",
+        f"Cost: the probe makes 2N model evaluations per sample (cond + uncond at N sigmas, in N batched calls); "
+        f"the {STEPS}-step run it screens makes {2 * STEPS}.",
+    ]
+    if gating:
+        headers = ["variant", "copies (detector)", "copies (pixel L2)", "outputs identical to plain", "class agreement"]
+        lines += [
+            "",
+            "Gating on the held-out seeds: Transition-Point CFG on every sample, and gated by each score at its "
+            "calibrated threshold:",
+            "",
+            bench_common.markdown_table([*headers, "k-NN precision"], gating),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def summary(title: str, row: Detection) -> str:
+    met = row.auc_held_out[0].isdigit() and float(row.auc_held_out) >= TARGET_AUC
+    return (
+        f"**{title} (N = {row.score.probe_steps}, threshold {row.threshold:.4g}, {2 * row.score.probe_steps} model "
+        f"evaluations per sample): held-out AUC {row.auc_held_out} for {row.definition}, TPR {row.tpr:.2f} at FPR "
+        f"{row.fpr:.3f}; target AUC ≥ {TARGET_AUC}: {'met' if met else 'NOT met'}.**"
     )
-    print(
-        f"\nCost: the probe makes 2N model evaluations per sample (cond + uncond at N sigmas, in N batched calls); "
-        f"the {STEPS}-step run it screens makes {2 * STEPS}.\n"
-    )
-    print(
-        "Gating on the held-out seeds (N = 1), at the calibrated threshold and, to show what gating does when it "
-        "flags samples, at the threshold that flags the top quarter of the calibration scores:\n"
-    )
-    headers = ["variant", "copies (detector)", "copies (pixel L2)", "outputs identical to plain", "class agreement"]
-    print(bench_common.markdown_table([*headers, "k-NN precision"], gating))
+
+
+def weights_digest() -> str:
+    return hashlib.sha256(pixel_unet.WEIGHTS_PATH.read_bytes()).hexdigest()[:12]
 
 
 if __name__ == "__main__":

@@ -237,6 +237,10 @@ def noise_sigma(images: torch.Tensor) -> torch.Tensor:
 
 
 # -- detection quality (ROC) ---------------------------------------------------------------------------
+# One convention for every detector in the pack (the copy detector, Memorization Risk): an item is
+# flagged when its score is AT OR ABOVE the threshold (score >= t). The TPR / FPR at t are the shares of
+# positives / negatives flagged; threshold_at_fpr returns the lowest t whose FPR is at most the target, so
+# negatives tied at the boundary all stay below it (never half a tie flagged); the AUC counts ties one half.
 def roc_auc(positive: ArrayLike, negative: ArrayLike) -> float:
     """Area under the ROC curve of scores where higher means positive: the probability that a random
     positive outscores a random negative, ties counting one half (Mann-Whitney U / (n_pos · n_neg))."""
@@ -261,8 +265,16 @@ def rate_at_threshold(scores: ArrayLike, threshold: float) -> float:
 
 
 def threshold_at_fpr(negative: ArrayLike, fpr: float) -> float:
-    """The lowest threshold whose false-positive rate (share of negatives >= it) is at most `fpr`."""
+    """The lowest threshold whose false-positive rate (share of negatives >= it) is at most `fpr`: just
+    above the highest negative that must stay unflagged (all negatives tied with it stay unflagged too).
+    -inf when `fpr` allows every negative to be flagged."""
     values = np.sort(np.asarray(negative, dtype=np.float64).reshape(-1))
+    if values.size == 0:
+        raise ValueError("threshold_at_fpr needs at least one negative score")
+    if not 0.0 <= fpr <= 1.0:
+        raise ValueError(f"threshold_at_fpr: fpr must lie in [0, 1], got {fpr}")
     allowed = int(np.floor(fpr * len(values)))  # negatives that may lie at or above the threshold
+    if allowed >= len(values):
+        return float("-inf")
     top = values[len(values) - allowed - 1]  # the highest negative that must stay below
     return float(np.nextafter(top, np.inf))

@@ -146,6 +146,7 @@ def risk_entry(risk: Optional[RiskResult], index: int) -> Optional[dict]:
         return None
     return {
         "score": risk.scores[index],
+        "statistic": risk.statistic,
         "at_risk": risk.flagged[index],
         "threshold": risk.threshold,
         "probe_steps": len(risk.sigmas),

@@ -12,14 +12,18 @@ import comfy.samplers
 from comfy_api.v0_0_2 import io
 
 from ..samplers.method_patch import add_model_gate
+from ..samplers.risk_math import SCORES
 from ..samplers.risk_probe import KSamplerSettings, RiskGate, RiskResult, probe
 from .common import CATEGORY, RISK, require_latent_batch
 from .validation import ShieldNode
 
-# Calibrated on the bundled demo model (bench/risk_bench.py; docs/risk.md): the score above which at most
-# 1 % of the calibration seeds' non-copies lie (0.7411, N = 1, interim 1200-step weights). A threshold
-# belongs to one model and one resolution.
-DEFAULT_THRESHOLD = 0.74
+# Calibrated on the bundled demo model (bench/risk_bench.py --record; docs/risk.md): the lowest score that
+# flags at most 1 % of the calibration seeds' samples of control prompts. A threshold belongs to one model,
+# one resolution and one score: DEFAULT_THRESHOLD to "magnitude" at N = 1 (the node's defaults), DROP_THRESHOLD
+# to "drop" at N = DROP_PROBE_STEPS (of a 20-step schedule; the N chosen on the calibration seeds).
+DEFAULT_THRESHOLD = 0.87
+DROP_PROBE_STEPS = 10
+DROP_THRESHOLD = 1.03
 MAX_PROBE_STEPS = 50
 
 
@@ -92,9 +96,19 @@ class ShieldMemorizationRisk(ShieldNode):
                     min=0.0,
                     max=1.0e6,
                     step=0.01,
-                    tooltip="Samples scoring above it are flagged at risk. The default is calibrated on the bundled "
+                    tooltip="Samples scoring at or above it are flagged at risk. The default is calibrated on the bundled "
                     "demo model (docs/risk.md); calibrate it for your model and resolution (the score grows with "
-                    "the latent size). 0 flags every sample whose prompt changes the prediction at all.",
+                    "the latent size). 0 flags every sample.",
+                ),
+                io.Combo.Input(
+                    "score",
+                    options=list(SCORES),
+                    default="magnitude",
+                    optional=True,  # prompts saved before this input existed keep working (magnitude)
+                    tooltip="magnitude: the mean of ‖D_cond − D_uncond‖/σ over the N probe steps (Wen et al. §3). drop: "
+                    "that magnitude at the first step over the last (its fall, Transition-Point CFG §4), for models "
+                    "whose unconditional side knows the memorized images too; needs probe_steps >= 2 (demo model: "
+                    f"N = {DROP_PROBE_STEPS}, threshold {DROP_THRESHOLD:g}). The threshold belongs to the score.",
                 ),
             ],
             outputs=[
@@ -103,7 +117,7 @@ class ShieldMemorizationRisk(ShieldNode):
                 ),
                 io.Float.Output("scores", is_output_list=True, tooltip="The score of each sample (a list)."),
                 io.Boolean.Output(
-                    "at_risk", is_output_list=True, tooltip="Per sample: score above threshold (a list)."
+                    "at_risk", is_output_list=True, tooltip="Per sample: score at or above threshold (a list)."
                 ),
                 io.String.Output("text", tooltip="The scores and flags as text."),
             ],
@@ -124,10 +138,11 @@ class ShieldMemorizationRisk(ShieldNode):
         denoise,
         probe_steps,
         threshold,
+        score="magnitude",
     ) -> io.NodeOutput:
         require_latent_batch(latent_image["samples"], "Memorization Risk: 'latent_image'")
         run = KSamplerSettings(seed, steps, cfg, sampler_name, scheduler, denoise)
-        risk = probe(model, positive, negative, latent_image, run, probe_steps, threshold)
+        risk = probe(model, positive, negative, latent_image, run, probe_steps, threshold, score)
         text = risk.text()
         return io.NodeOutput(risk, list(risk.scores), list(risk.flagged), text, ui={"text": [text]})
 

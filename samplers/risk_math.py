@@ -11,13 +11,24 @@ EPS noise, V-prediction and flow velocity) one step's magnitude is ‖D_c − D_
 Transition-Point CFG (transition_math.guidance_distance). The norm is over the whole sample, as in the
 paper: its scale grows with √(latent size), so a threshold belongs to one model and one resolution.
 
-Below: the score of one step, and the detector statistics the bench and the tests use (AUC, the
-threshold for a false-positive rate, the true-positive rate there).
+Two scores from the per-step magnitudes d_1..d_N of one probe (`sample_score`):
+
+- "magnitude" (Wen et al. §3, the specified score): their mean (1/N) Σ d_i.
+- "drop": d_1 / d_N, how far the guidance magnitude falls over the first N steps. Transition-point CFG
+  (§4–5, Fig. 2–3) finds that on a memorized trajectory the conditional guidance falls steeply once the
+  trajectory is inside the attraction basin of a training image, where the conditional and unconditional
+  predictions agree on that image. It matters when the unconditional model knows the memorized image
+  too (duplicated training items are part of its data): then the first step's magnitude measures how far
+  the prompt's mean image lies from the unconditional mean, not memorization, while the drop sees the
+  trajectory settling into the image. A ratio has no scale: it does not grow with the latent size.
+  Needs N ≥ 2; measured on the demo model in docs/risk.md.
+
+The detector statistics (AUC, the threshold for a false-positive rate, the rates there) are the pack's
+one implementation in core/metrics.py (roc_auc, threshold_at_fpr, rate_at_threshold; flagged = score >=
+threshold), shared with the copy detector.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 
@@ -30,32 +41,16 @@ def step_magnitude(cond_denoised: torch.Tensor, uncond_denoised: torch.Tensor, s
     return guidance_distance(cond_denoised, uncond_denoised).cpu().sqrt() / sigma
 
 
-def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
-    """Area under the ROC curve: the chance that a random positive scores above a random negative
-    (ties count half). NaN when either class is empty."""
-    scores_t = torch.as_tensor(list(scores), dtype=torch.float64)
-    labels = torch.as_tensor(list(positive), dtype=torch.bool)
-    pos, neg = scores_t[labels], scores_t[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    above = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
-    return float(above.mean())
+SCORES = ("magnitude", "drop")
 
 
-def threshold_at_fpr(negative_scores: Sequence[float], fpr: float) -> float:
-    """The smallest threshold t at which at most a share `fpr` of the negatives score strictly above t."""
-    values = sorted(float(v) for v in negative_scores)
-    if not values:
-        raise ValueError("threshold_at_fpr needs at least one negative score")
-    allowed = int(fpr * len(values))  # negatives that may lie above the threshold
-    return values[len(values) - 1 - allowed]
-
-
-def rates_at(scores: Sequence[float], positive: Sequence[bool], threshold: float) -> tuple[float, float]:
-    """(true-positive rate, false-positive rate) of the rule score > threshold."""
-    flagged = [float(s) > threshold for s in scores]
-    pos = [f for f, p in zip(flagged, positive, strict=True) if p]
-    neg = [f for f, p in zip(flagged, positive, strict=True) if not p]
-    tpr = sum(pos) / len(pos) if pos else float("nan")
-    fpr = sum(neg) / len(neg) if neg else float("nan")
-    return tpr, fpr
+def sample_score(step_scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """The score per sample from the per-step magnitudes [N, B] (module doc): "magnitude" or "drop"."""
+    step_scores = step_scores.to(torch.float64)
+    if kind == "magnitude":
+        return step_scores.mean(dim=0)
+    if kind == "drop":
+        if step_scores.shape[0] < 2:
+            raise ValueError("the 'drop' score compares the first probe step with the last: it needs probe_steps >= 2")
+        return step_scores[0] / step_scores[-1].clamp_min(torch.finfo(torch.float64).tiny)
+    raise ValueError(f"unknown risk score {kind!r}; expected one of {SCORES}")

@@ -30,7 +30,7 @@ import comfy.samplers
 import torch
 
 from .method_patch import without_shield_patches
-from .risk_math import step_magnitude
+from .risk_math import sample_score, step_magnitude
 
 FIRST_INPUT_RTOL = 1e-4  # the gate's check that the sampler's first input is the probe's
 
@@ -39,7 +39,8 @@ FIRST_INPUT_RTOL = 1e-4  # the gate's check that the sampler's first input is th
 class RiskResult:
     """The probe's answer for one batch (the SHIELD_RISK socket's value).
 
-    scores: per sample, the mean of ‖D_c − D_u‖/σ over the probed steps; flagged: score > threshold.
+    scores: per sample, the `statistic` of the per-step ‖D_c − D_u‖/σ (risk_math.sample_score: their
+    mean, "magnitude", or first over last, "drop"); flagged: score >= threshold (core/metrics.py's detector convention).
     step_scores: [steps][samples]; sigmas: the probed sigmas; model_evaluations: per sample (cond +
     uncond at each probed step). first_input_norms / first_sigma: ‖x‖ per sample at the first evaluation,
     so the gate can check that a sampler starts from the same noise.
@@ -54,6 +55,7 @@ class RiskResult:
     first_input_norms: tuple[float, ...]
     first_sigma: float
     seed: int
+    statistic: str = "magnitude"
 
     @property
     def batch_size(self) -> int:
@@ -62,8 +64,9 @@ class RiskResult:
     def text(self) -> str:
         flagged = sum(self.flagged)
         lines = [
-            f"Memorization risk, {len(self.sigmas)} probe step(s), {self.model_evaluations} model evaluations per "
-            f"sample: {flagged}/{self.batch_size} sample(s) above {self.threshold:g}",
+            f"Memorization risk, {len(self.sigmas)} probe step(s), score {self.statistic}, {self.model_evaluations} "
+            "model evaluations per "
+            f"sample: {flagged}/{self.batch_size} sample(s) at or above {self.threshold:g}",
         ]
         for sample, (score, flag) in enumerate(zip(self.scores, self.flagged, strict=True)):
             lines.append(f"  sample {sample}: {score:.4g}{'  AT RISK' if flag else ''}")
@@ -163,7 +166,14 @@ class KSamplerSettings:
 
 
 def probe(
-    model_patcher, positive, negative, latent: dict, run: KSamplerSettings, probe_steps: int, threshold: float
+    model_patcher,
+    positive,
+    negative,
+    latent: dict,
+    run: KSamplerSettings,
+    probe_steps: int,
+    threshold: float,
+    statistic: str = "magnitude",
 ) -> RiskResult:
     """Score every sample of the batch the KSampler with these settings would sample (module doc)."""
     seed, cfg = run.seed, run.cfg
@@ -179,6 +189,11 @@ def probe(
             "'denoise' or 'steps'"
         )
     probe_sigmas = sigmas[: min(probe_steps, len(sigmas) - 1) + 1]
+    if statistic == "drop" and len(probe_sigmas) < 3:
+        raise ValueError(
+            f"Memorization Risk: the 'drop' score needs at least 2 probe steps, and probe_steps {probe_steps} with "
+            f"{run.steps} steps gives {len(probe_sigmas) - 1}; raise 'probe_steps' (and 'steps'), or use 'magnitude'"
+        )
     recorder = _Recorder()
     model = without_shield_patches(model_patcher.clone())  # a probe is not a run: no records, no memory writes
     model.model_options["sampler_pre_cfg_function"] = [recorder] + list(
@@ -199,10 +214,10 @@ def probe(
         seed=seed,
     )
     per_step = torch.tensor(recorder.step_scores, dtype=torch.float64)  # [steps, B]
-    scores = per_step.mean(dim=0).tolist()
+    scores = sample_score(per_step, statistic).tolist()
     return RiskResult(
         scores=tuple(scores),
-        flagged=tuple(score > threshold for score in scores),
+        flagged=tuple(score >= threshold for score in scores),
         threshold=float(threshold),
         step_scores=tuple(tuple(row) for row in recorder.step_scores),
         sigmas=tuple(recorder.sigmas),
@@ -210,6 +225,7 @@ def probe(
         first_input_norms=tuple(recorder.first_input_norms or ()),
         first_sigma=float(probe_sigmas[0]),
         seed=int(seed),
+        statistic=statistic,
     )
 
 

@@ -2,7 +2,6 @@
 mirrors and against Transition-Point CFG's record, the gate's checks, and the certificate's text."""
 
 import dataclasses
-import math
 
 import comfy.model_patcher
 import nodes as comfy_nodes
@@ -10,13 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from comfyui_shield.core import metrics
 from comfyui_shield.core.certificate import certificate_text, read_certificate
 from comfyui_shield.core.records import RECORDS
-from comfyui_shield.nodes.risk import ShieldMemorizationRisk
+from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, ShieldMemorizationRisk
 from comfyui_shield.reference_models import demo_dataset, pixel_unet
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.samplers.method_patch import add_model_gate, shield_patch_ids, without_shield_patches
-from comfyui_shield.samplers.risk_math import auc, rates_at, step_magnitude, threshold_at_fpr
+from comfyui_shield.samplers.risk_math import sample_score, step_magnitude
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings
 from harness.families import flux_unet
@@ -29,10 +29,11 @@ def demo_model():
     return pixel_unet.load_demo_model()
 
 
-def run_probe(model, class_name="star", seed=3, batch=3, probe_steps=1, threshold=0.0, cfg=CFG):
+def run_probe(model, class_name="star", seed=3, batch=3, probe_steps=1, threshold=0.0, cfg=CFG, statistic="magnitude"):
     positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
     latent = {"samples": torch.zeros(batch, 3, 32, 32)}
-    return probe(model, positive, negative, latent, KSamplerSettings(seed, STEPS, cfg), probe_steps, threshold)
+    run = KSamplerSettings(seed, STEPS, cfg)
+    return probe(model, positive, negative, latent, run, probe_steps, threshold, statistic)
 
 
 def ksample(model, class_name="star", seed=3, batch=3):
@@ -44,18 +45,28 @@ def ksample(model, class_name="star", seed=3, batch=3):
 
 # -- the statistics ------------------------------------------------------------------------------------
 def test_auc_counts_ordered_pairs_and_ties_half():
-    assert auc([3, 2, 1, 0], [True, True, False, False]) == 1.0
-    assert auc([0, 1, 2, 3], [True, True, False, False]) == 0.0
-    assert auc([1, 1, 2, 0], [True, False, True, False]) == 0.875  # pairs (1,1) ½, (1,0), (2,1), (2,0): 3.5 / 4
-    assert math.isnan(auc([1, 2], [True, True]))
+    assert metrics.roc_auc([3, 2], [1, 0]) == 1.0
+    assert metrics.roc_auc([0, 1], [2, 3]) == 0.0
+    assert metrics.roc_auc([1, 2], [1, 0]) == 0.875  # pairs (1,1) ½, (1,0), (2,1), (2,0): 3.5 / 4
+    assert metrics.roc_auc([1, 1, 1], [1, 1]) == 0.5  # all tied: chance
+    with pytest.raises(ValueError, match="at least one positive and one negative"):
+        metrics.roc_auc([1, 2], [])
 
 
-def test_the_threshold_for_a_false_positive_rate_flags_at_most_that_share():
+def test_the_threshold_for_a_false_positive_rate_flags_at_most_that_share_and_never_half_a_tie():
     negatives = list(range(100))
-    threshold = threshold_at_fpr(negatives, 0.01)
-    assert threshold == 98  # only 99 lies above
-    assert rates_at(negatives + [200, 50], [False] * 100 + [True, True], threshold) == (0.5, 0.01)
-    assert threshold_at_fpr([5.0], 0.01) == 5.0  # nothing above the largest negative
+    threshold = metrics.threshold_at_fpr(negatives, 0.01)
+    assert 98 < threshold < 99  # only 99 is at or above it
+    assert metrics.rate_at_threshold(negatives, threshold) == 0.01
+    assert metrics.rate_at_threshold([200, 50], threshold) == 0.5
+    assert metrics.threshold_at_fpr([5.0], 0.01) > 5.0  # nothing at or above the largest negative
+    # ties at the boundary: 2 of 5 may be flagged, but three negatives tie at 2.0 -> only 3.0 is flagged
+    tied = [1.0, 2.0, 2.0, 2.0, 3.0]
+    assert metrics.rate_at_threshold(tied, metrics.threshold_at_fpr(tied, 0.4)) == 0.2
+    assert metrics.rate_at_threshold(tied, metrics.threshold_at_fpr(tied, 0.8)) == 0.8
+    assert metrics.threshold_at_fpr(tied, 1.0) == float("-inf")
+    # the node's rule is the same (score >= threshold): a score equal to the threshold is flagged
+    assert metrics.rate_at_threshold([threshold], threshold) == 1.0
 
 
 def test_the_step_score_is_the_noise_prediction_difference():
@@ -66,6 +77,14 @@ def test_the_step_score_is_the_noise_prediction_difference():
     eps_c, eps_u = (x - d_c) / sigma.view(-1, 1, 1, 1), (x - d_u) / sigma.view(-1, 1, 1, 1)
     expected = (eps_c - eps_u).flatten(1).norm(dim=1).double()
     assert torch.allclose(step_magnitude(d_c, d_u, sigma), expected, rtol=1e-6)
+
+
+def test_the_two_scores_from_the_per_step_magnitudes():
+    steps = torch.tensor([[2.0, 1.0], [1.0, 1.0], [0.5, 2.0]])  # [N = 3 steps, 2 samples]
+    assert sample_score(steps, "magnitude").tolist() == pytest.approx([3.5 / 3, 4.0 / 3])
+    assert sample_score(steps, "drop").tolist() == [4.0, 0.5]  # first step over the last: a fall scores high
+    with pytest.raises(ValueError, match="needs probe_steps >= 2"):
+        sample_score(steps[:1], "drop")
 
 
 # -- the probe -------------------------------------------------------------------------------------------
@@ -95,6 +114,8 @@ def test_cfg_1_and_a_missing_negative_are_refused_with_the_reason(demo_model):
     with pytest.raises(ValueError, match=r"undefined here: 'cfg' is 1.*Flux"):
         run_probe(demo_model, cfg=1.0)
     latent = {"samples": torch.zeros(1, 3, 32, 32)}
+    with pytest.raises(ValueError, match="'drop' score needs at least 2 probe steps"):
+        run_probe(demo_model, probe_steps=1, statistic="drop")
     with pytest.raises(ValueError, match="'negative' holds no conditioning"):
         probe(demo_model, pixel_unet.class_conditioning("star"), [], latent, KSamplerSettings(0, 4, 3.0), 1, 0.0)
 
@@ -150,6 +171,7 @@ def test_a_guidance_distilled_flux_model_at_cfg_1_is_refused_saying_why():
             1.0,
             1,
             1.0,
+            "magnitude",
         )
 
 
@@ -177,6 +199,35 @@ def test_detector_auc_on_a_reduced_demo_set(prediction):
             risk = probe(model, positive, negative, latent, KSamplerSettings(seed, 10, CFG), 1, 0.0)
             scores += risk.scores
             labels += [is_memorized] * len(risk.scores)
-    assert auc(scores, labels) >= 0.95
-    threshold = threshold_at_fpr([s for s, m in zip(scores, labels, strict=True) if not m], 0.01)
-    assert rates_at(scores, labels, threshold)[0] >= 0.9
+    positive = [s for s, m in zip(scores, labels, strict=True) if m]
+    negative = [s for s, m in zip(scores, labels, strict=True) if not m]
+    assert metrics.roc_auc(positive, negative) >= 0.95
+    assert metrics.rate_at_threshold(positive, metrics.threshold_at_fpr(negative, 0.01)) >= 0.9
+
+
+def demo_scores(model, classes, probe_steps=1, statistic="magnitude", seeds=(7001, 7002), batch=8) -> list[float]:
+    """The probe's score of every sample of these demo classes, for the demo's 20-step schedule."""
+    positive_scores = []
+    for class_name in classes:
+        positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
+        for seed in seeds:
+            latent = {"samples": torch.zeros(batch, 3, 32, 32)}
+            run = KSamplerSettings(seed, 20, CFG)
+            positive_scores += probe(model, positive, negative, latent, run, probe_steps, 0.0, statistic).scores
+    return positive_scores
+
+
+def test_detector_auc_on_a_reduced_demo_set_with_the_bundled_demo_model(demo_model):
+    """The real bundled demo UNet, probe only (2 seeds × batch 8 per class, seeds the bench does not use).
+    Duplicated-item prompts (memorizable and few-shot classes) against control prompts (unique items only),
+    per sample: the drop score (d_1 / d_N, N = DROP_PROBE_STEPS = 10) reaches AUC ≥ 0.75 (0.82 on this set); the specified magnitude (N = 1) separates the
+    few-shot heart (4 training images and nothing else: Wen et al.'s memorized prompt) from the controls, AUC
+    ≥ 0.85, but not all duplicated-item prompts (AUC ≈ 0.75 on this set; docs/risk.md says why)."""
+    classes = demo_dataset.MEMORIZABLE_CLASSES + demo_dataset.FEW_SHOT_CLASSES
+    controls = demo_scores(demo_model, demo_dataset.CONTROL_CLASSES)
+    few_shot = demo_scores(demo_model, demo_dataset.FEW_SHOT_CLASSES)
+    assert metrics.roc_auc(few_shot, controls) >= 0.85
+    steps = DROP_PROBE_STEPS
+    drop_controls = demo_scores(demo_model, demo_dataset.CONTROL_CLASSES, steps, "drop")
+    drop_duplicated = demo_scores(demo_model, classes, steps, "drop")
+    assert metrics.roc_auc(drop_duplicated, drop_controls) >= 0.75
