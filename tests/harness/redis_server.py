@@ -10,7 +10,7 @@ import signal
 import subprocess
 import time
 
-from .server import free_port
+from .server import free_port, stop_with_parent
 
 
 class RedisServer:
@@ -42,7 +42,9 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str(self.folder / "redis.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command, start_new_session=True, stdout=subprocess.DEVNULL, preexec_fn=stop_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -22,6 +22,17 @@ import uuid
 
 from .host import comfyui_dir, link_pack
 
+
+def stop_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, even by SIGKILL or a timeout (its
+    own session keeps it out of the test's process group, so nothing else would stop it; orphaned
+    servers were found holding ports and CPU after killed runs)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 IMPORT_FAILURE = re.compile(r"Cannot import (.+?) module for custom nodes")
 
 
@@ -70,7 +81,13 @@ class ComfyServer:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **self.extra_env)
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            command, cwd=comfyui_dir(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command,
+            cwd=comfyui_dir(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=stop_with_parent,
         )
         log.close()
         self._wait_ready(timeout)
