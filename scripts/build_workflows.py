@@ -196,8 +196,8 @@ METHODS = (
         "tpcfg",
         "Transition-Point CFG",
         ("ShieldTransitionPointCFG",),
-        {"mode": "dynamic", "before_guidance": "unconditional"},
-        "dynamic; unconditional before the transition",
+        {"mode": "static", "transition_percent": 0.1, "before_guidance": "opposite", "opposite_scale": 2.0},
+        "static 10 %; opposite guidance (scale 2) before",
     ),
     Method(
         "procreate",
