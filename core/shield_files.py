@@ -385,7 +385,9 @@ def has_nonfinite(rows: np.ndarray) -> bool:
     return rows.size > 0 and int(np.bitwise_and(rows.reshape(-1).view(unsigned), mask).max()) == mask
 
 
-def check_latents_finite(path: pathlib.Path, file_rows: FileRows, where: str, on_chunk=None) -> None:
+def check_latents_finite(
+    path: pathlib.Path, file_rows: FileRows, where: str, on_chunk: Optional[Callable[[int, int], None]] = None
+) -> None:
     """Refuse latents with NaN or inf, reading every row (by pread, 64 MB at a time) unless this very file
     content was checked before: its identity then (`file_identity`) is remembered in this process and in
     the small file `verified_path_for(path)` beside the set, so a 13 GB set is read once, not at every load.

@@ -64,9 +64,9 @@ class RiskResult:
     def text(self) -> str:
         flagged = sum(self.flagged)
         lines = [
-            f"Memorization risk, {len(self.sigmas)} probe step(s), score {self.statistic}, {self.model_evaluations} "
-            "model evaluations per "
-            f"sample: {flagged}/{self.batch_size} sample(s) at or above {self.threshold:g}",
+            f"Memorization risk, {len(self.sigmas)} probe step(s), score {self.statistic}, "
+            f"{self.model_evaluations} model evaluations per sample: "
+            f"{flagged}/{self.batch_size} sample(s) at or above {self.threshold:g}",
         ]
         for sample, (score, flag) in enumerate(zip(self.scores, self.flagged, strict=True)):
             lines.append(f"  sample {sample}: {score:.4g}{'  AT RISK' if flag else ''}")
