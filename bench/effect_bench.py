@@ -590,6 +590,7 @@ TARGETS = {
     "ProCreate": Target(1 / 3, True, 0.90, 0.20),
     "SPELL+TPCFG": Target(0.01, False, 0.90, 0.20),
     "SPELL (embedding)": SPELL_TARGET,
+    "SPELL (embedding)+TPCFG": Target(0.01, False, 0.90, 0.20),
 }
 
 
@@ -646,9 +647,9 @@ def documented_methods(setup: TargetSetup, settings: Optional[dict] = None, suff
     references = from_latents(setup.shields, latent_format, images=images)
     s = {**DOCUMENTED, **(settings or {})}
 
-    def spell(model):
+    def spell(model, radius=s["spell_radius"]):
         return SparseRepellency.execute(
-            model, s["spell_radius"], "absolute", OVERCOMPENSATION, s["spell_intra_batch"], 0.0, s["spell_end"],
+            model, radius, "absolute", OVERCOMPENSATION, s["spell_intra_batch"], 0.0, s["spell_end"],
             "auto", shield_set=shields,
         ).result[0]  # fmt: skip
 
@@ -704,6 +705,13 @@ def documented_methods(setup: TargetSetup, settings: Optional[dict] = None, suff
             ),
             embedding_spell,
         ),
+        Variant(
+            "SPELL (embedding)+TPCFG",
+            "SPELL (embedding)+TPCFG",
+            f"TPCFG and embedding-space SPELL at the settings above, and SPELL in pixel L2 at r = "
+            f"{s['pixel_spell_radius']:g} (no pixel copy)",
+            lambda m: spell(embedding_spell(tpcfg(m)), s["pixel_spell_radius"]),
+        ),
     ]
 
 
@@ -728,6 +736,9 @@ DOCUMENTED = {
     "embedding_iterations": 3,  # 1 iteration fools the detector: pixel copies it no longer calls copies
     "embedding_start": 0.0,
     "embedding_end": 1.0,  # ending the window at 90 % lets every copy come back
+    # the recipe row: TPCFG spreads the samples early, embedding-space SPELL removes what is still a copy to the
+    # detector, and SPELL in pixel L2 at τ guarantees no pixel copy (the detector's gradient can leave one)
+    "pixel_spell_radius": replication.REPLICA_DISTANCE,
 }
 
 
@@ -862,7 +873,7 @@ def targets_report(setup: TargetSetup, variants: Sequence[Variant], rows: dict[s
         "",
         "Targets: plain ≥ 30 % copies in every class sampled; "
         + "; ".join(f"{family}: {target.describe()}" for family, target in TARGETS.items())
-        + " (embedding-space SPELL is held to SPELL's row).",
+        + " (embedding-space SPELL is held to SPELL's row, and with TPCFG to SPELL + TPCFG's).",
         "",
         f"Wall time of the Targets run: {seconds:.0f} s.",
         "",
