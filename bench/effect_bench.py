@@ -919,6 +919,15 @@ TUNING_GRID: list[tuple[str, dict]] = [
     ("SPELL (embedding)", {"embedding_overcompensation": 1.2}),
     ("SPELL (embedding)", {"embedding_start": 0.3}),
     ("SPELL (embedding)", {"embedding_end": 0.9}),
+    ("ProCreate", {"procreate_gamma": 60.0}),
+    ("SPELL (embedding)+TPCFG", {}),
+    *[("SPELL (embedding)+TPCFG", {"embedding_iterations": n}) for n in (1, 2)],
+    ("SPELL (embedding)+TPCFG", {"embedding_overcompensation": 1.2}),
+    ("SPELL (embedding)+TPCFG", {"embedding_similarity": 0.72}),
+    ("SPELL (embedding)+TPCFG", {"embedding_start": 0.1}),
+    ("SPELL (embedding)+TPCFG", {"embedding_end": 0.95}),
+    ("SPELL (embedding)+TPCFG", {"tpcfg_percent": 0.15}),
+    ("SPELL (embedding)+TPCFG", {"tpcfg_opposite_scale": 2.5}),
 ]
 
 

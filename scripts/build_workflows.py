@@ -216,7 +216,7 @@ RECIPE = Method(
     "TPCFG + SPELL (detector space)",
     METHODS[3].node_types,
     METHODS[3].widgets,
-    "TPCFG as above, then SPELL in the copy detector's space (0.7) and in pixel L2 (r = 6)",
+    "TPCFG as above, then SPELL: detector space 0.7, pixel L2 r = 6",
     then=(
         METHODS[2],
         Method("pixel_spell", "SPELL, pixel L2", METHODS[1].node_types, {**METHODS[1].widgets, "radius": 6.0}),
