@@ -347,8 +347,10 @@ def load_shield_set(path: pathlib.Path, on_chunk: Optional[Callable[[int, int], 
     """Read a file written by `save_shield_set`, checking the whole file first: every problem becomes a
     ShieldSetError that names the file and says what to do.
 
-    The latents are memory-mapped (float32 or float16 as stored), so a set larger than RAM loads: the
-    range search reads its compact index per step and full rows only for the candidates. Their finite
+    The latents are memory-mapped (float32 or float16 as stored), so a set larger than the free RAM loads:
+    the range search reads its compact index per step and full rows only for the candidates. Not one larger
+    than RAM + swap: safe_open and the memmap below map the file copy-on-write, which Linux's default
+    overcommit refuses above that (docs/spell.md, Load Shield Set). Their finite
     check reads every row once per file content (see `check_latents_finite`); `on_chunk(done, total)`
     runs after each chunk of that read (progress, interrupts)."""
     where = f"Load Shield Set: {path.name}"
