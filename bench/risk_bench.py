@@ -403,8 +403,8 @@ def arguments():
     parser.add_argument(
         "--probe-seeds",
         type=int,
-        default=40,
-        help="probed seeds per split (the first --seeds of them also sampled) for the prompt labels; default 40",
+        default=24,
+        help="probed seeds per split (the first --seeds of them also sampled) for the prompt labels; default 24",
     )
     parser.add_argument("--gating", action="store_true", help="also the gating table (about as long again)")
     parser.add_argument("--threads", type=int, default=1)
