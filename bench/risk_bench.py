@@ -11,8 +11,8 @@ Run: $SHIELD_PYTHON bench/risk_bench.py --record [--seeds S] [--probe-seeds P] [
   probe alone is cheap (2·MAX_N evaluations per sample): prompt labels need only the probe, so --probe-seeds
   seeds per split are probed; copy labels need the output, so the first --seeds of them are also sampled.
 - Scores, all from the probe alone: the specified one (Wen et al. §3: mean of ‖D_c − D_u‖/σ over the first
-  N steps) for several N, and the persistence of the guidance magnitude (transition-point CFG §4–5: on a
-  memorized trajectory d_t stays high, elsewhere it falls): mean of steps 2..N over step 1.
+  N steps) for several N, and the drop d_1 / d_N (transition-point CFG §4–5: the guidance of a memorized
+  trajectory falls once it is in a training image's basin; risk_math.sample_score) for N = 3..MAX_N.
 - What a positive is (each reported):
   * "duplicated-item prompts" (the issue's definition, per prompt as Wen et al. score prompts, each sample
     scored): the class holds duplicated training items (memorizable star/moon/cross/triangle: 2 items seen

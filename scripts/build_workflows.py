@@ -330,7 +330,7 @@ def protect_references_workflow(object_info: dict, class_name: str | None = None
 
 # The score the risk bench finds useful for gating on the demo model, at its calibrated threshold
 # (bench/recorded/risk.md; nodes/risk.py DROP_PROBE_STEPS and DROP_THRESHOLD, which a test compares).
-RISK_GATE = {"probe_steps": 10, "threshold": 1.03, "score": "drop"}
+RISK_GATE = {"probe_steps": 10, "threshold": 1.04, "score": "drop"}
 
 
 def check_then_shield_workflow(object_info: dict, class_name: str | None = None) -> UIWorkflow:
