@@ -172,6 +172,7 @@ class Method:
     node_types: tuple[str, ...] = ()  # MODEL -> MODEL patch candidates, first available wins; () = plain
     widgets: dict = field(default_factory=dict)
     setting: str = ""  # one line for the picture: what the row does
+    then: tuple["Method", ...] = ()  # further patches applied after this one, in order (a recipe of nodes)
 
 
 # The documented settings (docs/effects.md "Targets"; bench/effect_bench.py DOCUMENTED), chosen on tuning
@@ -207,6 +208,21 @@ METHODS = (
         "copy-detector embedder, strength 30, threshold 0.5",
     ),
 )
+# The recipe docs/effects.md documents for "not a copy, on the prompt, clean": TPCFG spreads the samples in the
+# first steps, embedding-space SPELL removes what the detector still calls a copy, pixel-L2 SPELL at the
+# copy distance keeps every output off the shields' pixels.
+RECIPE = Method(
+    "tpcfg_embedding_spell",
+    "TPCFG + SPELL (detector space)",
+    METHODS[3].node_types,
+    METHODS[3].widgets,
+    "TPCFG as above, then SPELL: detector space 0.7, pixel L2 r = 6",
+    then=(
+        METHODS[2],
+        Method("pixel_spell", "SPELL, pixel L2", METHODS[1].node_types, {**METHODS[1].widgets, "radius": 6.0}),
+    ),
+)
+METHODS = METHODS + (RECIPE,)
 
 # Stock or pack nodes that can supply a socket type a patch node needs, with their widget overrides.
 PROVIDERS = {
@@ -275,6 +291,12 @@ def demo_workflow(
         if extra_shield == "memory":
             (widgets["shield_set_2"],) = workflow.add("ShieldMemory", memory_id=f"demo_{class_name}")
         model = next(s for s in autowire(workflow, node_type, available, widgets) if s.type == "MODEL")
+        for step in method.then:
+            available["MODEL"] = model
+            step_type = method_node_type(step, object_info)
+            if step_type is None:
+                raise LookupError(f"{step.label}: none of the node types {step.node_types} is loaded")
+            model = next(s for s in autowire(workflow, step_type, available, dict(step.widgets)) if s.type == "MODEL")
     (latent,) = workflow.add("EmptyChromaRadianceLatentImage", width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=batch)
     (samples,) = workflow.add(
         "KSampler",

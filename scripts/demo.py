@@ -3,9 +3,10 @@
     bash scripts/demo.sh [--out DIR] [--class-name star] [--samples 8] [--steps 20]
 
 Writes to one folder: `demo.png` (rows: methods; columns: the same seeds; each output beside its
-most similar training item by the copy detector, red frame = a copy), `summary.md` and `summary.json`
-(copies by the detector and by pixel L2, class agreement, quality and Vendi diversity per method), and the server log. Methods whose nodes this ComfyUI lacks are
-skipped with a message (they are entries of build_workflows.METHODS).
+most similar training item by the copy detector; red frame = a copy of a duplicated item, amber = as
+similar as a copy to one of the class's unique items), `summary.md` and `summary.json` (copies by the
+detector and by pixel L2, class agreement, quality and Vendi diversity per method), and the server log.
+Methods whose nodes this ComfyUI lacks are skipped with a message (entries of build_workflows.METHODS).
 """
 
 from __future__ import annotations
@@ -94,9 +95,15 @@ def measure(images, dataset, class_name: str) -> dict:
 
     judge = load_judge()
     summary = replication.summarize_copies(images, dataset.images, dataset.duplicated, judge)
+    # the Targets' definition (bench/effect_bench.py): a copy of one of the duplicated items, the ones the
+    # shields protect; a match to one of the class's many unique items is counted beside it
+    of_duplicated = judge.is_copy(images, dataset.images[dataset.duplicated]).is_copy
     return {
         **summary.as_dict(),
+        "duplicated_copy": of_duplicated.tolist(),
+        "copies_of_duplicated_items": int(of_duplicated.sum()),
         "similarity": [round(v, 3) for v in summary.similarity],
+        "similarity_at_threshold": [v >= summary.threshold for v in summary.similarity],
         "nearest_index": list(summary.copy_index),
         "pixel_distances": [round(d, 2) for d in summary.pixels.distances],
         "class_agreement": round(judge.class_agreement(images, class_name), 3),
@@ -122,8 +129,9 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
     draw.text((8, 8), caption, fill=(20, 20, 20), font=title)
     draw.text(
         (8, 34),
-        "each pair: output | its most similar training item by the copy detector, with the similarity.  Red "
-        "frame: a copy (similarity >= the detector's threshold).  Column i starts from the same noise in every row.",
+        "each pair: output | its most similar training item by the copy detector, with the similarity.  Red frame: "
+        "a copy of a duplicated item (the shields).  Amber: as similar as a copy to one of the class's unique items.  "
+        "Column i starts from the same noise in every row.",
         fill=(70, 70, 70),
         font=small,
     )
@@ -136,16 +144,17 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
         y = top + row * (CELL + gap)
         if row % 2:
             draw.rectangle((0, y - gap // 2, width, y + CELL + gap // 2), fill=(238, 240, 244))
-        share = 100 * metrics["copy_share"]
+        copies = metrics["copies_of_duplicated_items"]
+        share = 100 * copies / metrics["samples"]
+        marks = zip(metrics["similarity_at_threshold"], metrics["duplicated_copy"], strict=True)
+        like_unique = sum(similar and not copy for similar, copy in marks)
         draw.text((8, y + 2), label, fill=(10, 10, 10), font=font)
         draw.multiline_text((8, y + 21), textwrap.fill(setting, 34), fill=(90, 90, 90), font=small, spacing=1)
-        copy_colour = (190, 20, 20) if metrics["copies"] else (20, 130, 40)
-        draw.text(
-            (8, y + 52),
-            f"copies {metrics['copies']}/{metrics['samples']} ({share:.0f} %)",
-            fill=copy_colour,
-            font=font,
-        )
+        copy_colour = (190, 20, 20) if copies else (20, 130, 40)
+        copies_text = f"copies {copies}/{metrics['samples']} ({share:.0f} %)"
+        draw.text((8, y + 52), copies_text, fill=copy_colour, font=font)
+        right = 8 + draw.textlength(copies_text, font=font) + 6
+        draw.text((right, y + 55), f"+{like_unique} like unique", fill=(170, 110, 0), font=small)
         draw.text(
             (8, y + 70),
             f"class {metrics['class_agreement']:.2f} · FD {metrics['frechet']:.1f} · noise {metrics['noise']:.3f}\n"
@@ -161,8 +170,10 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
             draw.text(
                 (x + CELL + 8, y + CELL - 14), f"{metrics['similarity'][column]:.2f}", fill=(255, 255, 255), font=small
             )
-            if metrics["similarity"][column] >= metrics["detector_threshold"]:
+            if metrics["duplicated_copy"][column]:
                 draw.rectangle((x - 4, y - 4, x + pair_width + 3, y + CELL + 3), outline=(220, 30, 30), width=4)
+            elif metrics["similarity_at_threshold"][column]:
+                draw.rectangle((x - 4, y - 4, x + pair_width + 3, y + CELL + 3), outline=(235, 160, 0), width=4)
     sheet.save(path)
 
 
@@ -171,24 +182,26 @@ def write_summary(out: pathlib.Path, results: dict, skipped: dict, args) -> str:
         f"# Shield demo: class `{args.class_name}`, {args.samples} samples, seed {args.seed}, "
         f"euler {args.steps} steps, cfg {args.cfg}",
         "",
-        "| method | setting | copies (detector) | copies (pixel L2 < 6) | class agreement | Fréchet | noise "
-        "| Vendi | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | setting | copies of duplicated items (detector) | like a training item (detector, any item) "
+        "| copies (pixel L2 < 6) | class agreement | Fréchet | noise | Vendi | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, result in results.items():
         metrics = result["metrics"]
         lines.append(
-            f"| {label} | {result['setting']} | {metrics['copies']}/{metrics['samples']} "
-            f"({100 * metrics['copy_share']:.0f} %) | {metrics['pixel_l2_replicas']}/{metrics['samples']} "
+            f"| {label} | {result['setting']} | {metrics['copies_of_duplicated_items']}/{metrics['samples']} "
+            f"| {metrics['copies']}/{metrics['samples']} | {metrics['pixel_l2_replicas']}/{metrics['samples']} "
             f"| {metrics['class_agreement']:.2f} | {metrics['frechet']:.2f} | {metrics['noise']:.3f} "
             f"| {metrics['vendi']:.2f} | {result['seconds']:.1f} |"
         )
     for label, reason in skipped.items():
-        lines.append(f"| {label} | skipped: {reason} | | | | | | | |")
+        lines.append(f"| {label} | skipped: {reason} | | | | | | | | |")
     lines += [
         "",
-        "A copy: the copy detector (reference_models/judge.py, docs/judge.md) finds a training item at or above "
-        "its similarity threshold; pixel L2 < REPLICA_DISTANCE (reference_models/replication.py) is the second "
+        "A copy: the copy detector (reference_models/judge.py, docs/judge.md) finds one of the duplicated training "
+        "items (the shields, what the model memorized) at or above its similarity threshold; 'like a training "
+        "item' counts a match to any training item, also one of the class's many unique items, which a well-drawn "
+        "new shape of a dense class often is; pixel L2 < REPLICA_DISTANCE (reference_models/replication.py) is the second "
         "column, which noise and colour fool. Class agreement: share the independent classifier assigns to the "
         "class. Fréchet: distance of the classifier features to the class's training items (lower is closer). "
         "Noise: estimated pixel-noise sigma. Vendi: effective number of distinct images in the batch (cosine "

@@ -28,6 +28,7 @@ EXPECTED = [
     "shield_demo_embedding_spell",
     "shield_demo_tpcfg",
     "shield_demo_procreate",
+    "shield_demo_tpcfg_embedding_spell",
     "shield_demo_memory",
     "shield_demo_protect_references",
     "shield_demo_check_then_shield",
@@ -70,6 +71,26 @@ def test_each_method_workflow_uses_its_node():
     }
     for name, node_type in uses.items():
         assert node_type in {node["type"] for node in load(WORKFLOW_DIR / f"{name}.json")["nodes"]}, name
+
+
+def test_recipe_workflow_chains_tpcfg_then_both_spells():
+    """TPCFG -> SPELL in the detector's space -> SPELL in pixel L2 -> KSampler, one shield set for both."""
+    workflow = load(WORKFLOW_DIR / "shield_demo_tpcfg_embedding_spell.json")
+    links = {link[0]: link for link in workflow["links"]}
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+
+    def source(node: dict, input_name: str) -> dict:
+        entry = next(e for e in node["inputs"] if e["name"] == input_name)
+        return nodes[links[entry["link"]][1]]
+
+    model = source(first(workflow, "KSampler"), "model")
+    chain = []
+    while model["type"] != "ShieldDemoModelLoader":
+        chain.append(model["type"])
+        model = source(model, "model")
+    assert chain == ["ShieldSparseRepellency", "ShieldEmbeddingRepellency", "ShieldTransitionPointCFG"]
+    spells = [first(workflow, "ShieldSparseRepellency"), first(workflow, "ShieldEmbeddingRepellency")]
+    assert source(spells[0], "shield_set")["id"] == source(spells[1], "shield_set")["id"]
 
 
 def test_image_variations_shield_the_input_image_itself():
