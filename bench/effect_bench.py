@@ -731,6 +731,7 @@ def documented_methods(setup: TargetSetup, settings: Optional[dict] = None, suff
             lambda m: spell(
                 embedding_spell(tpcfg(m, s["recipe_tpcfg_percent"], s["recipe_tpcfg_before"])), s["pixel_spell_radius"]
             ),
+            embeds_with_judge=True,
         ),
     ]
 
