@@ -25,8 +25,9 @@ recall is tested at the boundary); far = a new member of an existing cluster, or
 Radius r = 0.5·√D (Sparse Repellency's default, relative 0.5). Distances in the model's space (the latent
 format's scale/shift), as the sampler sees them.
 Cold: `posix_fadvise(POSIX_FADV_DONTNEED)` on the set file after `madvise(MADV_DONTNEED)` of this
-process's mapping (dropping the whole page cache needs /proc/sys/vm/drop_caches, not writable here);
-the file's resident bytes are checked with mincore afterwards. Rows read = /proc/self/io read_bytes
+process's mapping, not `echo 3 > /proc/sys/vm/drop_caches` (that would also drop the Python modules and
+every other job's files on a shared machine, and needs root); the file's resident bytes are checked with
+mincore (fincore) afterwards: 0 in the recorded runs. Rows read = /proc/self/io read_bytes
 (what came from the disk, read-ahead included) / bytes per shield.
 """
 

@@ -105,7 +105,9 @@ def save_shield_set(
         tensors[EMBEDDING_PREFIX + key] = value.contiguous().float()
     candidates = [path] if overwrite else numbered_names(path)
     try:
-        return write_safetensors_atomically(tensors, candidates, metadata_json(shield_set), replace=overwrite)
+        return write_safetensors_atomically(
+            tensors, candidates, metadata_json(shield_set), replace=overwrite, on_placed=_remember_saved
+        )
     except AllNamesTaken as error:
         raise ShieldSetError(
             f"{where}: filename: {path.name} and its numbered names up to _{MAX_NUMBERED_NAMES - 1} all exist; "
@@ -116,32 +118,49 @@ def save_shield_set(
 
 
 def write_safetensors_atomically(
-    tensors: dict, candidates: Iterable[pathlib.Path], metadata: dict, replace: bool = True
+    tensors: dict,
+    candidates: Iterable[pathlib.Path],
+    metadata: dict,
+    replace: bool = True,
+    on_placed: Optional[Callable[[int, pathlib.Path], None]] = None,
 ) -> pathlib.Path:
     """Write to a temp file beside the target, then move it into place; return the path used.
 
     replace: the first candidate is replaced if it exists. Otherwise the temp file is hard-linked to the
     first candidate that does not exist (a link never replaces, so a file made meanwhile is kept) and a
-    AllNamesTaken means every candidate exists."""
+    AllNamesTaken means every candidate exists. on_placed(descriptor, path): called once the file is in
+    place, with a descriptor of the file written here (not of whatever the name may point to by then)."""
     candidates = iter(candidates)
     first = next(candidates)
     first.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=".shield-", suffix=".tmp", dir=first.parent)
     os.close(handle)
+    written = None
     try:
         save_file(tensors, temp_name, metadata=metadata)
-        if replace:
-            os.replace(temp_name, first)
-            return first
-        for candidate in itertools.chain([first], candidates):
-            try:
-                _link_without_replacing(temp_name, candidate)
-                return candidate
-            except FileExistsError:
-                continue
-        raise AllNamesTaken(first)
+        written = os.open(temp_name, os.O_RDONLY)  # the file save_file made (it may replace the temp file)
+        placed = _place(temp_name, first, candidates, replace)
+        pathlib.Path(temp_name).unlink(missing_ok=True)  # a hard link leaves it; its removal changes the ctime
+        if on_placed is not None:
+            on_placed(written, placed)
+        return placed
     finally:
+        if written is not None:
+            os.close(written)
         pathlib.Path(temp_name).unlink(missing_ok=True)
+
+
+def _place(temp_name: str, first: pathlib.Path, others: Iterator[pathlib.Path], replace: bool) -> pathlib.Path:
+    if replace:
+        os.replace(temp_name, first)
+        return first
+    for candidate in itertools.chain([first], others):
+        try:
+            _link_without_replacing(temp_name, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise AllNamesTaken(first)
 
 
 def _link_without_replacing(source: str, target: pathlib.Path) -> None:
@@ -408,6 +427,36 @@ def check_latents_finite(
 
 
 _VERIFIED: dict = {}  # set path -> identity checked in this process (also when the folder is read-only)
+
+
+def _remember_saved(descriptor: int, path: pathlib.Path) -> None:
+    """Save Shield Set checked the latents finite before writing them: record the file it wrote (by its
+    descriptor), so the first load reads no row. Not when the name already points to another file, nor on
+    a file system whose time stamps tick in whole milliseconds or coarser (FAT, exFAT, HFS+): a write by
+    another program in the same tick as the save could not be told apart there."""
+    try:
+        identity = file_identity(descriptor)
+        if identity["inode"] != path.stat().st_ino:
+            return
+    except OSError:  # the name was removed meanwhile: nothing to record
+        return
+    if identity["mtime_ns"] % 1_000_000 == 0 and identity["ctime_ns"] % 1_000_000 == 0:
+        return
+    _VERIFIED[str(path)] = identity
+    _write_verified(path, identity)
+
+
+def trusted_file_key(set_path: str, descriptor: int) -> Optional[str]:
+    """A short digest of the file's identity (`file_identity`) to key caches derived from its bytes (the
+    search index), so a set edited in place under the same names and hashes never reuses them. None while
+    that identity cannot be trusted to change at the next write: the file changed less than SETTLED_SECONDS
+    ago (a write in the same clock tick could keep it) and is not the file Save Shield Set wrote (recorded
+    by `_remember_saved`) — build without caching then."""
+    now, identity = time.time_ns(), file_identity(descriptor)
+    settled = now - max(identity["mtime_ns"], identity["ctime_ns"]) >= SETTLED_SECONDS * 1e9
+    if not settled and identity != _VERIFIED.get(set_path) and identity != _read_verified(pathlib.Path(set_path)):
+        return None
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def verified_path_for(set_path) -> pathlib.Path:

@@ -229,11 +229,21 @@ class SparseRepellencyPatch(MethodPatch[RepellencySettings, RunState]):
         if method != "clustered":
             return shield_index.build_range_search(rows, method)
         dims = range_search.default_projection_dims(len(shield_set), method)
-        key = f"v{INDEX_VERSION}:{shield_set.content_hash}:{self.latent_format}:m{dims}"
+
+        def build() -> dict:
+            return shield_index.ClusteredProjectionSearch.build_state(rows, dims, on_chunk=progress_reporter())
+
+        # a loaded set's index is keyed by the file's identity too (an edit in place keeps names and hashes)
+        file_key = ""
+        if shield_set.file_rows is not None:
+            file_key = shield_files.trusted_file_key(shield_set.source_path, shield_set.file_rows.descriptor)
+        if file_key is None:  # the file changed in the last seconds: not cached, in RAM or beside it
+            return shield_index.ClusteredProjectionSearch(rows, build())
+        key = f"v{INDEX_VERSION}:{shield_set.content_hash}:{file_key}:{self.latent_format}:m{dims}"
         index_file = None if shield_set.source_path is None else shield_files.index_path_for(shield_set.source_path)
         state = shield_index.cached_state(
             key,
-            build=lambda: shield_index.ClusteredProjectionSearch.build_state(rows, dims, on_chunk=progress_reporter()),
+            build=build,
             load=None if index_file is None else lambda: shield_files.load_index(index_file, key),
             save=None if index_file is None else lambda built: _save_index_quietly(index_file, key, built),
         )

@@ -117,10 +117,17 @@ def rows_read(monkeypatch):
 
 
 def _settled_set(folder, name, count=20, storage="float16"):
+    """A set as another program would leave it: no record beside it (Save Shield Set writes one)."""
     path = folder / f"{name}.safetensors"
     save_shield_set(from_latents(torch.randn(count, 4, 8, 8), "SD15"), path, storage=storage)
+    _forget_the_save(path)
     time.sleep(0.3)
     return path
+
+
+def _forget_the_save(path):
+    shield_files.verified_path_for(path).unlink()
+    shield_files._VERIFIED.pop(str(path))
 
 
 @pytest.mark.parametrize("storage", ["float16", "float32"])
@@ -145,11 +152,60 @@ def test_a_set_changed_right_after_its_check_is_checked_again(shield_folder, mon
     monkeypatch.setattr(shield_files, "_VERIFIED", {})  # the real SETTLED_SECONDS
     path = shield_folder / "fresh.safetensors"
     save_shield_set(from_latents(torch.randn(3, 4, 8, 8), "SD15"), path)
+    _forget_the_save(path)
     LoadShieldSet.execute("fresh.safetensors")  # checked, but too fresh to be remembered
     assert not shield_files.verified_path_for(path).exists() and shield_files._VERIFIED == {}
     nan_written_in_place(path)  # possibly in the same clock tick: mtime and ctime may not move
     with pytest.raises(ShieldSetError, match="NaN or inf"):
         LoadShieldSet.execute("fresh.safetensors")
+
+
+@pytest.mark.parametrize("storage", ["float16", "float32"])
+def test_save_records_the_file_it_wrote_so_its_first_load_reads_no_row(shield_folder, rows_read, storage):
+    latents = torch.randn(20, 4, 8, 8)
+    path = shield_folder / "saved.safetensors"
+    save_shield_set(from_latents(latents, "SD15"), path, storage=storage)
+    with open(path, "rb") as handle:
+        assert json.loads(shield_files.verified_path_for(path).read_text()) == shield_files.file_identity(
+            handle.fileno()
+        )
+    shield_files._VERIFIED.clear()  # as after a restart: only the record beside the set is left
+    loaded = LoadShieldSet.execute("saved.safetensors").result[0]
+    assert rows_read == [] and torch.equal(loaded.latents.float(), latents.to(loaded.latents.dtype).float())
+    nan_written_in_place(path)  # same inode, size and mtime: the ctime changed
+    with pytest.raises(ShieldSetError, match="NaN or inf"):
+        LoadShieldSet.execute("saved.safetensors")
+    assert rows_read == [20]
+    save_shield_set(from_latents(latents, "SD15"), path, storage=storage)  # replaced: a new file, a new record
+    numbered = save_shield_set(from_latents(latents, "SD15"), path, storage=storage, overwrite=False)
+    assert numbered.name == "saved_1.safetensors"
+    assert json.loads(shield_files.verified_path_for(numbered).read_text())["inode"] == numbered.stat().st_ino
+    shield_files._VERIFIED.clear()
+    rows_read.clear()
+    LoadShieldSet.execute("saved.safetensors")
+    LoadShieldSet.execute("saved_1.safetensors")
+    assert rows_read == []
+
+
+def test_save_records_nothing_where_time_stamps_are_coarse(shield_folder, rows_read, monkeypatch):
+    """On FAT, exFAT or HFS+ (times in whole ms or coarser) a write in the same tick as the save would keep
+    the file's identity: the first load checks the file."""
+    real_identity = shield_files.file_identity
+
+    def coarse(descriptor):
+        identity = real_identity(descriptor)
+        return {
+            **identity,
+            "mtime_ns": identity["mtime_ns"] // 10**7 * 10**7,
+            "ctime_ns": identity["ctime_ns"] // 10**7 * 10**7,
+        }
+
+    monkeypatch.setattr(shield_files, "file_identity", coarse)
+    path = shield_folder / "coarse.safetensors"
+    save_shield_set(from_latents(torch.randn(20, 4, 8, 8), "SD15"), path)
+    assert not shield_files.verified_path_for(path).exists() and shield_files._VERIFIED == {}
+    LoadShieldSet.execute("coarse.safetensors")
+    assert rows_read == [20]
 
 
 def test_a_record_of_another_file_or_a_damaged_record_does_not_skip_the_check(shield_folder, rows_read):
@@ -301,6 +357,7 @@ def test_load_follows_symlinks_only_inside_the_set_folder(shield_folder, shields
     (shield_folder / "alias_folder").symlink_to(shield_folder / "real")
     (shield_folder / "escape.safetensors").symlink_to(outside / "theirs.safetensors")
     (shield_folder / "escape_folder").symlink_to(outside)
+    outside_files = sorted(p.name for p in outside.iterdir())  # the set and its record (Save wrote both)
     for name in ("alias.safetensors", "alias_folder/mine.safetensors"):
         loaded = LoadShieldSet.execute(name).result[0]
         assert loaded.hashes == shields.hashes and loaded.source_path == str(shield_folder / "real/mine.safetensors")
@@ -309,7 +366,7 @@ def test_load_follows_symlinks_only_inside_the_set_folder(shield_folder, shields
             LoadShieldSet.execute(name)
     with pytest.raises(ShieldSetError, match="points outside"):
         SaveShieldSet.execute(shields, "escape_folder/new", True)
-    assert sorted(p.name for p in outside.iterdir()) == ["theirs.safetensors"]
+    assert sorted(p.name for p in outside.iterdir()) == outside_files  # nothing written outside
 
 
 # -- defect 5: DreamSim never reaches the network ---------------------------------------------------

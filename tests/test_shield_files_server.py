@@ -150,16 +150,23 @@ def test_damaged_set_files_fail_at_load_naming_the_file_and_the_fix(server, sets
 
 def test_a_checked_set_is_remembered_beside_it_and_a_change_in_place_is_caught(server, sets_dir):
     """Issue #13 item 5: Load Shield Set reads a set in full once per file content (a 13 GB set took 5
-    minutes at every load); the record beside the set is never listed, and a NaN written in place with
-    the mtime put back is still refused."""
+    minutes at every load); Save Shield Set records the file it wrote, Load a file from elsewhere once it
+    checked it; the record beside the set is never listed, and a NaN written in place with the mtime put
+    back is still refused."""
     path = pathlib.Path(saved_path(server.run(save_graph("checked/once", overwrite=True), timeout=60)))
-    time.sleep(SETTLED_SECONDS + 0.5)  # only a settled file is remembered
-    server.run(load_graph("checked/once.safetensors", "checked/copy"), timeout=60)
-    record = json.loads(verified_path_for(path).read_text())
+    record = json.loads(verified_path_for(path).read_text())  # Save checked the latents: it records its file
     assert record["inode"] == path.stat().st_ino and record["size"] == path.stat().st_size
+    server.run(load_graph("checked/once.safetensors", "checked/copy"), timeout=60)
+    assert json.loads(verified_path_for(path).read_text()) == record
+    outside = path.with_name("outside.safetensors")
+    shutil.copyfile(path, outside)  # a set from elsewhere: a new inode, no record
+    time.sleep(SETTLED_SECONDS + 0.5)  # only a settled file is remembered
+    server.run(load_graph("checked/outside.safetensors", "checked/copy"), timeout=60)
+    assert json.loads(verified_path_for(outside).read_text())["inode"] == outside.stat().st_ino
     assert sorted(name for name in load_options(server) if name.startswith("checked/")) == [
         "checked/copy.safetensors",
         "checked/once.safetensors",
+        "checked/outside.safetensors",
     ]
     nan_written_in_place(path)
     with pytest.raises(ServerError, match=r"Load Shield Set: once.safetensors: the latents contain NaN or inf"):

@@ -2,6 +2,7 @@
 the set), and the exactness of list pruning on adversarial cases."""
 
 import os
+import time
 
 import nodes as comfy_nodes
 import pytest
@@ -13,6 +14,7 @@ from comfyui_shield.core.shield_set import from_latents
 from comfyui_shield.nodes.spell import repellency_model
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.samplers import pooled_sketch, range_search, shield_index
+from harness.files import row_written_in_place
 
 RADIUS = 4.0
 
@@ -104,48 +106,105 @@ def test_load_memory_maps_the_latents_and_fp16_storage_is_the_shield(tmp_path):
     assert torch.equal(rows[picked], latents.half().float().flatten(1)[picked])  # unsorted, repeated indices
 
 
-def test_guarantee_with_a_memory_mapped_fp16_set_and_a_saved_index(tmp_path, memorizer_items, monkeypatch):
-    items = memorizer_items
-    monkeypatch.setattr(range_search, "AUTO_PROJECTION_MIN_SHIELDS", 4)  # auto -> clustered index on 6 shields
-    monkeypatch.setattr(shield_index, "INDEX_STATES", BoundedCache(4))
-    path = tmp_path / "protected.safetensors"
-    shield_files.save_shield_set(from_latents(items, "LatentFormat"), path, storage="float16")
-    stored = shield_files.load_shield_set(path)
+def _spell_run(items, shield_set):
+    """The memorizer sampled with Sparse Repellency from `shield_set` (auto search, 4 samples, 8 steps)."""
+    model = repellency_model(build_memorizer(items), shield_set, None, RADIUS, "absolute", 1.6, False, 0.0, 1.0, "auto")
     conditioning = subset_conditioning(len(items))
+    latent = {"samples": torch.zeros(4, *items.shape[1:])}
+    (out,) = comfy_nodes.common_ksampler(model, 3, 8, 1.0, "euler", "normal", conditioning, conditioning, latent)
+    return out["samples"]
 
-    def run(shield_set):
-        model = repellency_model(
-            build_memorizer(items), shield_set, None, RADIUS, "absolute", 1.6, False, 0.0, 1.0, "auto"
-        )
-        latent = {"samples": torch.zeros(4, *items.shape[1:])}
-        (out,) = comfy_nodes.common_ksampler(model, 3, 8, 1.0, "euler", "normal", conditioning, conditioning, latent)
-        return out["samples"]
 
-    out = run(stored)
-    fp16_shields = stored.latents.float().flatten(1).double()
-    assert float(torch.cdist(out.flatten(1).double(), fp16_shields).min()) >= RADIUS - 1e-4
-    index_file = shield_files.index_path_for(str(path))
-    assert index_file.is_file()
-    # a fresh process (empty RAM cache) reads the saved index instead of rebuilding it
+def _min_distance(samples, shield_set):
+    shields = shield_set.latents.float().flatten(1).double()
+    return float(torch.cdist(samples.flatten(1).double(), shields).min())
+
+
+@pytest.fixture
+def index_builds(monkeypatch):
+    """Index builds counted (the real build runs); auto picks the clustered index from 4 shields; an empty
+    RAM cache; a set file counts as settled at once (the settle rule has its own test)."""
+    monkeypatch.setattr(range_search, "AUTO_PROJECTION_MIN_SHIELDS", 4)
     monkeypatch.setattr(shield_index, "INDEX_STATES", BoundedCache(4))
-    builds = []
-    real_build = shield_index.ClusteredProjectionSearch.build_state
+    monkeypatch.setattr(shield_files, "SETTLED_SECONDS", 0.0)
+    builds, real_build = [], shield_index.ClusteredProjectionSearch.build_state
     monkeypatch.setattr(
         shield_index.ClusteredProjectionSearch,
         "build_state",
         staticmethod(lambda *a, **k: builds.append(1) or real_build(*a, **k)),
     )
-    assert torch.equal(run(shield_files.load_shield_set(path)), out) and builds == []
+    return builds
+
+
+def test_guarantee_with_a_memory_mapped_fp16_set_and_a_saved_index(
+    tmp_path, memorizer_items, index_builds, monkeypatch
+):
+    items = memorizer_items
+    path = tmp_path / "protected.safetensors"
+    shield_files.save_shield_set(from_latents(items, "LatentFormat"), path, storage="float16")
+    stored = shield_files.load_shield_set(path)
+    out = _spell_run(items, stored)
+    assert _min_distance(out, stored) >= RADIUS - 1e-4 and index_builds == [1]
+    index_file = shield_files.index_path_for(str(path))
+    assert index_file.is_file()
+    # a fresh process (empty RAM cache) reads the saved index instead of rebuilding it
+    monkeypatch.setattr(shield_index, "INDEX_STATES", BoundedCache(4))
+    assert torch.equal(_spell_run(items, shield_files.load_shield_set(path)), out) and index_builds == [1]
     # the set changes under the same name: the stale index is not used, it is rebuilt and replaced
     shield_files.save_shield_set(from_latents(items.flip(0) * 1.01, "LatentFormat"), path, storage="float16")
     changed = shield_files.load_shield_set(path)
-    moved = run(changed)
-    assert builds == [1]
-    assert (
-        float(torch.cdist(moved.flatten(1).double(), changed.latents.float().flatten(1).double()).min())
-        >= RADIUS - 1e-4
-    )
+    moved = _spell_run(items, changed)
+    assert index_builds == [1, 1] and _min_distance(moved, changed) >= RADIUS - 1e-4
     assert shield_files.load_index(index_file, "stale key") is None
+
+
+def test_a_set_edited_in_place_gets_a_new_index(tmp_path, memorizer_items, index_builds, monkeypatch):
+    """Same names and hashes, so the same content hash: the file's identity (ctime) keys the index too. A
+    stale index would bound the edited shield's distance by its old place and prune it."""
+    items = memorizer_items
+    path = tmp_path / "edited.safetensors"
+    shield_files.save_shield_set(from_latents(items[:5], "LatentFormat"), path, storage="float16")
+    before = shield_files.load_shield_set(path)
+    out = _spell_run(items, before)  # item 5 is not shielded: a sample ends on it
+    assert float(torch.cdist(out.flatten(1), items[5:].flatten(1)).min()) < 0.1
+    row_written_in_place(path, 4, items[5])  # shield 4 is now item 5
+    edited = shield_files.load_shield_set(path)
+    assert edited.content_hash == before.content_hash and torch.equal(edited.latents[4], items[5].half())
+    moved = _spell_run(items, edited)
+    assert index_builds == [1, 1]
+    assert _min_distance(moved, edited) >= RADIUS - 1e-4
+    # a later process (empty RAM cache) uses the index saved for the edited file
+    monkeypatch.setattr(shield_index, "INDEX_STATES", BoundedCache(4))
+    assert torch.equal(_spell_run(items, shield_files.load_shield_set(path)), moved) and index_builds == [1, 1]
+
+
+def test_a_set_file_changed_seconds_ago_is_indexed_without_caching(
+    tmp_path, memorizer_items, index_builds, monkeypatch
+):
+    """A write in the same clock tick as the file's last change may keep its identity: a fresh file's index
+    is neither kept in RAM nor saved beside it until the file has been unchanged for SETTLED_SECONDS, unless
+    it is the file Save Shield Set wrote."""
+    items = memorizer_items
+    path = tmp_path / "fresh.safetensors"
+    monkeypatch.setattr(shield_files, "SETTLED_SECONDS", 60.0)  # written a moment ago: not settled
+    shield_files.save_shield_set(from_latents(items, "LatentFormat"), path, storage="float16")
+    shield_files.verified_path_for(path).unlink()  # as a set written by another program (Save records its file)
+    monkeypatch.setattr(shield_files, "_VERIFIED", {})
+    stored = shield_files.load_shield_set(path)
+    first = _spell_run(items, stored)
+    assert torch.equal(_spell_run(items, stored), first) and index_builds == [1, 1]
+    assert not shield_files.index_path_for(str(path)).exists()
+    monkeypatch.setattr(shield_files, "SETTLED_SECONDS", 0.5)
+    time.sleep(max(0.0, path.stat().st_ctime_ns / 1e9 + 0.55 - time.time()))  # unchanged for 0.5 s now
+    assert torch.equal(_spell_run(items, stored), first) and index_builds == [1, 1, 1]
+    assert torch.equal(_spell_run(items, stored), first) and index_builds == [1, 1, 1]
+    assert shield_files.index_path_for(str(path)).is_file()
+    # a file Save Shield Set has just written (and recorded) is cached at once
+    monkeypatch.setattr(shield_files, "SETTLED_SECONDS", 60.0)
+    shield_files.save_shield_set(from_latents(items.flip(0), "LatentFormat"), path, storage="float16")
+    saved = shield_files.load_shield_set(path)
+    again = _spell_run(items, saved)
+    assert torch.equal(_spell_run(items, saved), again) and index_builds == [1, 1, 1, 1]
 
 
 def test_scan_in_small_chunks_gathered_or_sliced_equals_brute_force(monkeypatch):

@@ -53,13 +53,31 @@ def damaged_set_files(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, str
 def nan_written_in_place(path: pathlib.Path) -> None:
     """The set file's last latent value overwritten with NaN in place (same inode and size), its mtime put
     back as `touch -r` or `rsync -t` would: only the ctime shows the change. Latents must be the last tensor."""
+    with _edited_in_place(path) as (handle, layout):
+        nan = {"F16": struct.pack("<H", 0x7E00), "F32": struct.pack("<f", float("nan"))}[layout["dtype"]]
+        handle.seek(-len(nan), os.SEEK_END)
+        handle.write(nan)
+
+
+def row_written_in_place(path: pathlib.Path, row: int, values: torch.Tensor) -> None:
+    """One latent row of the set file replaced in place by `values` (in the stored dtype), the names, hashes
+    and mtime left as they were: only the bytes and the ctime change."""
+    with _edited_in_place(path) as (handle, layout):
+        dtype = {"F16": torch.float16, "F32": torch.float32}[layout["dtype"]]
+        data = values.to(dtype).contiguous().flatten().view(torch.uint8).numpy().tobytes()
+        assert len(data) * layout["shape"][0] == layout["data_offsets"][1] - layout["data_offsets"][0]
+        handle.seek(layout["payload"] + layout["data_offsets"][0] + row * len(data))
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def _edited_in_place(path: pathlib.Path):
+    """(open file, the latents' header entry + "payload" offset); afterwards the mtime is put back."""
     before = path.stat()
     with open(path, "r+b") as handle:
         (header_size,) = struct.unpack("<Q", handle.read(8))
-        dtype = json.loads(handle.read(header_size))["latents"]["dtype"]
-        nan = {"F16": struct.pack("<H", 0x7E00), "F32": struct.pack("<f", float("nan"))}[dtype]
-        handle.seek(-len(nan), os.SEEK_END)
-        handle.write(nan)
+        layout = {**json.loads(handle.read(header_size))["latents"], "payload": 8 + header_size}
+        yield handle, layout
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert path.stat().st_mtime_ns == before.st_mtime_ns and path.stat().st_size == before.st_size
 
