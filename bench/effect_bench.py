@@ -7,9 +7,11 @@ Run: $SHIELD_PYTHON bench/effect_bench.py [--quick] [--only memorizer|demo]   (o
      $SHIELD_PYTHON bench/effect_bench.py --tune [--families SPELL ...]       (the tuning grid, tuning seeds)
 
 - Targets (issue #10): each method at its documented setting (DOCUMENTED), on held-out seeds, judged by the
-  copy detector (copies of the duplicated items; pixel L2 as the second column), the independent classifier
-  (class agreement) and the quality figure (Fréchet distance of classifier features, noise), with Vendi on
-  detector descriptors; a row says which of the issue's targets it misses. See docs/effects.md "Targets".
+  copy detector (copies of the duplicated items; the second, judging-only copy detector and pixel L2 as
+  further columns), the independent classifier (class agreement) and the quality figure (Fréchet distance of
+  classifier features, noise), with Vendi on detector descriptors; a row says which of the issue's targets
+  it misses, counting a copy when EITHER detector flags it for the methods that repel in the first
+  detector's space. See docs/effects.md "Targets" and docs/judge.md "The second copy detector".
 
 - Memorizer: 16 items 3×8×8, uniform in [-1, 1] (3 channels so the stock pixel_space VAE decodes them for
   ProCreate's embedder), exact optimal denoiser (reference_models/memorizer.py). Prompts select 1–2 items
@@ -125,6 +127,9 @@ class Variant:
     strength: str
     patch: Callable[[object], object]
     strength_value: Optional[float] = None
+    # repels in the first copy detector's space (its embedder): it can fool that detector, so its copies are
+    # judged by either detector (the second one is no method's embedder)
+    embeds_with_judge: bool = False
 
 
 def pixel_vae():
@@ -415,9 +420,11 @@ def judge_metrics(setup: Setup, result: Result, images: torch.Tensor) -> dict:
     qualities = [
         setup.judge.quality(batch, setup.prompts[p].label) for p, batch in zip(prompts, per_prompt, strict=True)
     ]
+    second = setup.judge.is_copy_second(pixels, demo_dataset.from_comfy_image(setup.item_images))
     duplicated = setup.duplicated[verdict.nearest] if setup.duplicated is not None else verdict.is_copy
     return {
         "copies": verdict.share,
+        "copies_second": second.share,
         "copies_of_duplicated": int((verdict.is_copy & duplicated).sum()),
         "class_agreement": statistics.mean(
             setup.judge.class_agreement(per_prompt[p], setup.prompts[p].label) for p in prompts
@@ -443,8 +450,15 @@ def table(setup: Setup, results: Sequence[Result]) -> str:
     if setup.duplicated is not None:
         headers.insert(3, "L2 copies of duplicated items")
     if setup.judge is not None:
-        headers[2] = "pixel L2 ≤ τ (2nd column)"
-        headers[2:2] = ["copies (detector)", "copies of duplicated (detector)", "class agreement", "Fréchet", "noise"]
+        headers[2] = "pixel L2 ≤ τ"
+        headers[2:2] = [
+            "copies (detector)",
+            "copies of duplicated (detector)",
+            "copies (2nd detector)",
+            "class agreement",
+            "Fréchet",
+            "noise",
+        ]
     rows = []
     for result in results:
         m = result.metrics
@@ -465,6 +479,7 @@ def table(setup: Setup, results: Sequence[Result]) -> str:
             row[2:2] = [
                 f"{m['copies']:.1%}",
                 str(m["copies_of_duplicated"]),
+                f"{m['copies_second']:.1%}",
                 f"{m['class_agreement']:.2f}",
                 f"{m['frechet']:.2f}",
                 f"{m['noise']:.3f}",
@@ -687,6 +702,7 @@ def documented_methods(setup: TargetSetup, settings: Optional[dict] = None, suff
             f"look-ahead {s['procreate_look_ahead']}"
             + ("" if s["procreate_threshold"] <= -1 else f", only above similarity {s['procreate_threshold']:g}"),
             procreate,
+            embeds_with_judge=True,
         ),
         Variant("SPELL+TPCFG", "SPELL+TPCFG", "the two settings above, chained", lambda m: spell(tpcfg(m))),
         Variant(
@@ -704,6 +720,7 @@ def documented_methods(setup: TargetSetup, settings: Optional[dict] = None, suff
                 else f", window {s['embedding_start']:.0%}–{s['embedding_end']:.0%}"
             ),
             embedding_spell,
+            embeds_with_judge=True,
         ),
         Variant(
             "SPELL (embedding)+TPCFG",
@@ -714,6 +731,7 @@ def documented_methods(setup: TargetSetup, settings: Optional[dict] = None, suff
             lambda m: spell(
                 embedding_spell(tpcfg(m, s["recipe_tpcfg_percent"], s["recipe_tpcfg_before"])), s["pixel_spell_radius"]
             ),
+            embeds_with_judge=True,
         ),
     ]
 
@@ -779,6 +797,8 @@ def target_metrics(setup: TargetSetup, images: torch.Tensor, labels: torch.Tenso
     judge = setup.judge
     images = images.clamp(-1, 1)
     verdict = judge.is_copy(images, setup.shields)
+    second = judge.is_copy_second(images, setup.shields)
+    either = verdict.is_copy | second.is_copy
     distances, _ = replication.nearest_items(images, setup.shields)
     per_class = [(name, images[labels == index]) for index, name in enumerate(setup.classes)]
     qualities = [judge.quality(batch, name) for name, batch in per_class]
@@ -787,6 +807,10 @@ def target_metrics(setup: TargetSetup, images: torch.Tensor, labels: torch.Tenso
         "samples": int(images.shape[0]),
         "copies": verdict.share,
         "copy_count": verdict.count,
+        "copies_second": second.share,
+        "copy_count_second": second.count,
+        "copies_either": float(either.double().mean()),
+        "copy_count_either": int(either.sum()),
         "pixel_copies": float((distances <= replication.REPLICA_DISTANCE).double().mean()),
         "agreement": statistics.mean(judge.class_agreement(batch, name) for name, batch in per_class),
         "frechet": statistics.mean(q.frechet for q in qualities),
@@ -800,14 +824,17 @@ def target_metrics(setup: TargetSetup, images: torch.Tensor, labels: torch.Tenso
     }
 
 
-def check_target(target: Optional[Target], row: dict, plain: dict) -> list[str]:
-    """The goals this row misses (empty: it meets them all)."""
+def check_target(target: Optional[Target], row: dict, plain: dict, either: bool = False) -> list[str]:
+    """The goals this row misses (empty: it meets them all). `either`: a sample is a copy when either copy
+    detector flags it (for methods that repel in the first detector's space); a share of plain's is then
+    taken of plain's copies by either detector too."""
     if target is None:
         low = [share for share in plain["copies_per_class"] if share < 0.30]
         return [] if not low else [f"plain copies < 30 % in {len(low)} of {len(plain['copies_per_class'])} classes"]
     missed = []
-    limit = target.copies * plain["copies"] if target.copies_of_plain else target.copies
-    if row["copies"] > limit + 1e-12:
+    key = "copies_either" if either else "copies"
+    limit = target.copies * plain[key] if target.copies_of_plain else target.copies
+    if row[key] > limit + 1e-12:
         missed.append("copies")
     if row["agreement"] < target.agreement * plain["agreement"] - 1e-12:
         missed.append("class agreement")
@@ -823,20 +850,26 @@ def targets_table(setup: TargetSetup, variants: Sequence[Variant], rows: dict[st
     headers = [
         "method (its documented setting)",
         "copies of duplicated items (detector)",
-        "pixel L2 ≤ τ (2nd column)",
+        "copies (2nd detector)",
+        "pixel L2 ≤ τ",
         "class agreement vs plain",
         "quality vs plain (Fréchet ratio; noise σ)",
         "diversity (Vendi) vs plain",
         "meets the issue's target?",
     ]
     lines = []
+    judged_by_either = any(v.embeds_with_judge for v in variants)  # then plain's "either" is their baseline
     for variant in variants:
         m = rows[variant.name]
-        missed = check_target(TARGETS.get(variant.family), m, plain)
+        missed = check_target(TARGETS.get(variant.family), m, plain, variant.embeds_with_judge)
+        second = f"{m['copies_second']:.1%} ({m['copy_count_second']}/{m['samples']})"
+        if variant.embeds_with_judge or (variant.family == "plain" and judged_by_either):
+            second += f"; either: {m['copies_either']:.1%} ({m['copy_count_either']}/{m['samples']})"
         lines.append(
             [
                 f"{variant.name} ({variant.strength})",
                 f"{m['copies']:.1%} ({m['copy_count']}/{m['samples']})",
+                second,
                 f"{m['pixel_copies']:.1%}",
                 f"{m['agreement'] / plain['agreement']:.2f} ({m['agreement']:.2f})",
                 f"{m['frechet'] / plain['frechet']:.2f} ({m['frechet']:.2f}; {m['noise']:.3f})",
@@ -869,6 +902,13 @@ def targets_report(setup: TargetSetup, variants: Sequence[Variant], rows: dict[s
         f"({setup.shields.shape[0]}) reaches the detector's threshold ({setup.judge.threshold:.3f}); the "
         f"pixel-L2 column counts the samples within τ = {replication.REPLICA_DISTANCE} of one (noise or colour "
         "defeats it).",
+        "- copies (2nd detector): the same count by the second copy detector (another architecture and seed, "
+        f"threshold {setup.judge.second_detector.threshold:.3f}), which no method uses as its embedder "
+        '(docs/judge.md "The second copy detector"). For the methods that repel in the first detector\'s '
+        f"space ({', '.join(v.name for v in variants if v.embeds_with_judge) or 'none in this table'}), a "
+        'sample counts as a copy in the verdict when EITHER detector flags it ("either"; a target relative to '
+        "plain then uses plain's copies by either detector): such a method can edit a copy until the detector it "
+        "optimises against no longer flags it.",
         "- class agreement: share of samples the independent classifier assigns to the prompted class, mean over "
         "classes; vs plain = the ratio (absolute value in brackets).",
         "- quality: Fréchet distance of the classifier's features of each class's samples to its training items, "

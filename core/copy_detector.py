@@ -32,33 +32,71 @@ FILE_FORMAT = "shield-copy-detector"
 FORMAT_VERSION = "1"
 
 
+ARCHITECTURES = ("strided", "pooled")
+ACTIVATIONS = {"silu": torch.nn.SiLU, "relu": torch.nn.ReLU}
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     image_size: int = 32  # native input side
-    width: int = 16  # channels of the first convolution (doubled at each of the three downsamplings)
+    width: int = 16  # channels of the first stage (doubled at each of the three downsamplings)
     dim: int = 128  # descriptor length
+    # "strided": the bundled detector's six 3×3 convolutions, three of stride 2. "pooled": a 5×5 stem and two
+    # 3×3 convolutions per stage, downsampled by 2×2 max-pooling (the second, judging-only detector: another
+    # architecture, so an edit that fools one is less likely to fool the other).
+    architecture: str = "strided"
+    activation: str = "silu"  # "silu" (smooth gradients for guidance) or "relu"
 
     def as_json(self) -> str:
-        return json.dumps({"image_size": self.image_size, "width": self.width, "dim": self.dim})
+        return json.dumps(
+            {
+                "image_size": self.image_size,
+                "width": self.width,
+                "dim": self.dim,
+                "architecture": self.architecture,
+                "activation": self.activation,
+            }
+        )
+
+
+def strided_stages(c: int) -> list[tuple[int, int, int, int]]:
+    """(in, out, kernel, stride) of the bundled detector: S → S/8 by three stride-2 convolutions."""
+    return [(3, c, 3, 1), (c, 2 * c, 3, 2), (2 * c, 2 * c, 3, 1), (2 * c, 4 * c, 3, 2), (4 * c, 4 * c, 3, 1),
+            (4 * c, 8 * c, 3, 2)]  # fmt: skip
+
+
+def feature_layers(config: DetectorConfig) -> tuple[list[torch.nn.Module], int]:
+    """The convolutional body of `config` and the channels of its S/8 output map."""
+    if config.architecture not in ARCHITECTURES or config.activation not in ACTIVATIONS:
+        raise ValueError(
+            f"copy detector: architecture must be one of {ARCHITECTURES} and activation one of "
+            f"{tuple(ACTIVATIONS)}, got {config.architecture!r}, {config.activation!r}"
+        )
+    activation, c, layers = ACTIVATIONS[config.activation], config.width, []
+    if config.architecture == "strided":
+        for c_in, c_out, kernel, stride in strided_stages(c):
+            layers += [torch.nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2), activation()]
+        return layers, 8 * c
+    stages = [(3, c, 5), (c, 2 * c, 3), (2 * c, 4 * c, 3)]  # pooled: three stages, each ending in a 2×2 max-pool
+    for c_in, c_out, stem in stages:
+        layers += [torch.nn.Conv2d(c_in, c_out, stem, padding=stem // 2), activation()]
+        layers += [torch.nn.Conv2d(c_out, c_out, 3, padding=1), activation(), torch.nn.MaxPool2d(2)]
+    return layers, 4 * c
 
 
 class CopyDescriptor(torch.nn.Module):
-    """Six 3×3 convolutions (three of stride 2: S → S/8), SiLU (smooth gradients for guidance), then a
-    linear head on the flattened map and L2 normalisation."""
+    """A convolutional body to an S/8 map (`feature_layers`), then a linear head on the flattened map and
+    L2 normalisation."""
 
     def __init__(self, config: DetectorConfig = DetectorConfig()):
         super().__init__()
         if config.image_size % 8:
             raise ValueError(f"copy detector: image_size must be a multiple of 8, got {config.image_size}")
         self.config = config
-        c = config.width
-        layers, channels = [], [(3, c, 1), (c, 2 * c, 2), (2 * c, 2 * c, 1), (2 * c, 4 * c, 2), (4 * c, 4 * c, 1)]
-        channels.append((4 * c, 8 * c, 2))
-        for c_in, c_out, stride in channels:
-            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), torch.nn.SiLU()]
+        layers, channels = feature_layers(config)
         self.features = torch.nn.Sequential(*layers)
         side = config.image_size // 8
-        self.head = torch.nn.Linear(8 * c * side * side, config.dim)
+        self.head = torch.nn.Linear(channels * side * side, config.dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] in [-1, 1] -> [N, dim] unit-length descriptors."""

@@ -26,7 +26,9 @@ class ShieldEmbeddingRepellency(ShieldNode):
             description="SPELL's sparse repellency with the shields measured in an embedding space (a copy "
             "detector, DreamSim, CLIP) instead of latent L2: a sample whose predicted image embeds within the "
             "radius of a shield is moved, through the gradient of decoder and embedder, to SPELL's target outside "
-            "the ball. Samples outside every ball are left exactly as they are. Works with every sampler.",
+            "the ball. Samples outside every ball are left exactly as they are. Works with every sampler. The move "
+            "can change the embedding more than the picture: judge its outputs with another embedder than this one "
+            "(docs/effects.md), and put Transition-Point CFG before it to redraw rather than disguise.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch."),
                 io.Vae.Input("vae", tooltip="This model's VAE: decodes the predicted x̂0 for the embedder."),

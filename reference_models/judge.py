@@ -6,15 +6,20 @@ Three figures, each from a model that is neither the generator nor the other fig
   of shift do not hide a copy; another item of the same class (another place, size or angle) is no copy.
 - fidelity: class agreement, the share of samples an independent classifier (`ShapeClassifier`, another
   network trained with cross-entropy on the class labels) assigns to the prompted class.
+- copies, second opinion: a second copy detector of another architecture and seed, used only for judging
+  (`is_copy_second`): methods that repel in the first detector's space (embedding-space SPELL, ProCreate
+  with the detector embedder) can edit a copy until the first detector stops flagging it; the second one is
+  no method's embedder, so such an edit has to transfer to fool it (docs/judge.md "The second copy detector").
 - quality: the Fréchet distance (Heusel et al. 2017, Eq. 6) of the classifier's pooled features of a
   batch to those of the class's training items, and a pixel-noise estimate (core/metrics.noise_sigma).
 
     judge = load_judge()
     judge.is_copy(samples, references).share      # samples, references: [N, 3, 32, 32] in [-1, 1]
+    judge.is_copy_second(samples, references).share
     judge.class_agreement(samples, class_id)
     judge.quality(samples, class_id).frechet
 
-Both models are trained by scripts/train_judge.py and bundled in reference_models/weights/. Plain torch;
+All three models are trained by scripts/train_judge.py and bundled in reference_models/weights/. Plain torch;
 nothing here imports ComfyUI.
 """
 
@@ -36,6 +41,8 @@ from .demo_dataset import CLASS_NAMES, IMAGE_SIZE, class_index
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
 DETECTOR_PATH = WEIGHTS_DIR / "demo_copy_detector.safetensors"
 CLASSIFIER_PATH = WEIGHTS_DIR / "demo_classifier.safetensors"
+# judging only: never offered by the Copy Detector Loader, never an embedder (nodes/copy_detector.py)
+SECOND_DETECTOR_PATH = WEIGHTS_DIR / "demo_copy_detector_2nd.safetensors"
 CLASSIFIER_FORMAT = "shield-demo-classifier"
 
 
@@ -92,9 +99,23 @@ class Quality:
         return {"frechet": round(self.frechet, 3), "noise": round(self.noise, 4)}
 
 
+def copy_verdict(detector: CopyDetector, images: torch.Tensor, references: torch.Tensor) -> CopyVerdict:
+    """Which images copy one of the references by `detector` (both [N, 3, H, W] in [-1, 1])."""
+    similarity, nearest = detector.similarity(images, references)
+    return CopyVerdict(similarity, nearest, detector.threshold)
+
+
 class Judge:
-    def __init__(self, detector: CopyDetector, classifier: ShapeClassifier, class_mean, class_cov):
+    def __init__(
+        self,
+        detector: CopyDetector,
+        classifier: ShapeClassifier,
+        class_mean,
+        class_cov,
+        second_detector: CopyDetector | None = None,
+    ):
         self.detector = detector
+        self.second_detector = second_detector
         self.classifier = classifier.eval().requires_grad_(False)
         self.class_mean = class_mean  # [classes, F] float64: the class's training items' features
         self.class_cov = class_cov  # [classes, F, F]
@@ -105,8 +126,13 @@ class Judge:
 
     def is_copy(self, images: torch.Tensor, references: torch.Tensor) -> CopyVerdict:
         """Which images copy one of the references (both [N, 3, H, W] in [-1, 1])."""
-        similarity, nearest = self.detector.similarity(images, references)
-        return CopyVerdict(similarity, nearest, self.detector.threshold)
+        return copy_verdict(self.detector, images, references)
+
+    def is_copy_second(self, images: torch.Tensor, references: torch.Tensor) -> CopyVerdict:
+        """The same question to the second, judging-only detector (its own threshold)."""
+        if self.second_detector is None:
+            raise ValueError(f"demo judge: no second copy detector loaded (expected {SECOND_DETECTOR_PATH})")
+        return copy_verdict(self.second_detector, images, references)
 
     def classifier_input(self, images: torch.Tensor) -> torch.Tensor:
         return self.detector.prepare(images, "classifier") if images.shape[-1] != IMAGE_SIZE else images.float()
@@ -165,7 +191,13 @@ def load_classifier(path: pathlib.Path) -> tuple[ShapeClassifier, torch.Tensor, 
 
 
 @functools.lru_cache(maxsize=2)
-def load_judge(detector_path: str = str(DETECTOR_PATH), classifier_path: str = str(CLASSIFIER_PATH)) -> Judge:
-    """The bundled judge (or one from other files); loaded once per path pair."""
+def load_judge(
+    detector_path: str = str(DETECTOR_PATH),
+    classifier_path: str = str(CLASSIFIER_PATH),
+    second_detector_path: str = str(SECOND_DETECTOR_PATH),
+) -> Judge:
+    """The bundled judge (or one from other files); loaded once per set of paths."""
     classifier, mean, cov, _ = load_classifier(pathlib.Path(classifier_path))
-    return Judge(load_detector(detector_path, "demo copy detector"), classifier, mean, cov)
+    detector = load_detector(detector_path, "demo copy detector")
+    second = load_detector(second_detector_path, "demo second copy detector (judging only)")
+    return Judge(detector, classifier, mean, cov, second)

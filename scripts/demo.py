@@ -97,11 +97,16 @@ def measure(images, dataset, class_name: str) -> dict:
     summary = replication.summarize_copies(images, dataset.images, dataset.duplicated, judge)
     # the Targets' definition (bench/effect_bench.py): a copy of one of the duplicated items, the ones the
     # shields protect; a match to one of the class's many unique items is counted beside it
-    of_duplicated = judge.is_copy(images, dataset.images[dataset.duplicated]).is_copy
+    shields = dataset.images[dataset.duplicated]
+    of_duplicated = judge.is_copy(images, shields).is_copy
+    second = judge.is_copy_second(images, shields)  # a detector no method repels in (docs/judge.md)
     return {
         **summary.as_dict(),
         "duplicated_copy": of_duplicated.tolist(),
         "copies_of_duplicated_items": int(of_duplicated.sum()),
+        "second_detector_copy": second.is_copy.tolist(),
+        "second_detector_similarity": [round(v, 3) for v in second.similarity.tolist()],
+        "copies_by_second_detector": second.count,
         "similarity": [round(v, 3) for v in summary.similarity],
         "similarity_at_threshold": [v >= summary.threshold for v in summary.similarity],
         "nearest_index": list(summary.copy_index),
@@ -131,7 +136,8 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
         (8, 34),
         "each pair: output | its most similar training item by the copy detector, with the similarity.  Red frame: "
         "a copy of a duplicated item (the shields).  Amber: as similar as a copy to one of the class's unique items.  "
-        "Column i starts from the same noise in every row.",
+        "'2nd': the second detector's similarity to the shields (red: a copy by it).  Column i starts from the same "
+        "noise in every row.",
         fill=(70, 70, 70),
         font=small,
     )
@@ -158,7 +164,8 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
         draw.text(
             (8, y + 70),
             f"class {metrics['class_agreement']:.2f} · FD {metrics['frechet']:.1f} · noise {metrics['noise']:.3f}\n"
-            f"Vendi {metrics['vendi']:.2f} · pixel-L2 replicas {metrics['pixel_l2_replicas']}",
+            f"Vendi {metrics['vendi']:.2f} · 2nd detector {metrics['copies_by_second_detector']} · "
+            f"pixel-L2 {metrics['pixel_l2_replicas']}",
             fill=(40, 40, 40),
             font=small,
         )
@@ -170,6 +177,9 @@ def draw_picture(rows: list[tuple[str, str, object, dict]], dataset, path: pathl
             draw.text(
                 (x + CELL + 8, y + CELL - 14), f"{metrics['similarity'][column]:.2f}", fill=(255, 255, 255), font=small
             )
+            second = metrics["second_detector_similarity"][column]
+            second_colour = (255, 90, 90) if metrics["second_detector_copy"][column] else (200, 200, 200)
+            draw.text((x + 3, y + CELL - 14), f"2nd {second:.2f}", fill=second_colour, font=small)
             if metrics["duplicated_copy"][column]:
                 draw.rectangle((x - 4, y - 4, x + pair_width + 3, y + CELL + 3), outline=(220, 30, 30), width=4)
             elif metrics["similarity_at_threshold"][column]:
@@ -182,24 +192,26 @@ def write_summary(out: pathlib.Path, results: dict, skipped: dict, args) -> str:
         f"# Shield demo: class `{args.class_name}`, {args.samples} samples, seed {args.seed}, "
         f"euler {args.steps} steps, cfg {args.cfg}",
         "",
-        "| method | setting | copies of duplicated items (detector) | like a training item (detector, any item) "
-        "| copies (pixel L2 < 6) | class agreement | Fréchet | noise | Vendi | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | setting | copies of duplicated items (detector) | the same by the 2nd detector "
+        "| like a training item (detector, any item) | copies (pixel L2 < 6) | class agreement | Fréchet | noise "
+        "| Vendi | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, result in results.items():
         metrics = result["metrics"]
         lines.append(
             f"| {label} | {result['setting']} | {metrics['copies_of_duplicated_items']}/{metrics['samples']} "
-            f"| {metrics['copies']}/{metrics['samples']} | {metrics['pixel_l2_replicas']}/{metrics['samples']} "
+            f"| {metrics['copies_by_second_detector']}/{metrics['samples']} | {metrics['copies']}/{metrics['samples']} | {metrics['pixel_l2_replicas']}/{metrics['samples']} "
             f"| {metrics['class_agreement']:.2f} | {metrics['frechet']:.2f} | {metrics['noise']:.3f} "
             f"| {metrics['vendi']:.2f} | {result['seconds']:.1f} |"
         )
     for label, reason in skipped.items():
-        lines.append(f"| {label} | skipped: {reason} | | | | | | | | |")
+        lines.append(f"| {label} | skipped: {reason} | | | | | | | | | |")
     lines += [
         "",
         "A copy: the copy detector (reference_models/judge.py, docs/judge.md) finds one of the duplicated training "
-        "items (the shields, what the model memorized) at or above its similarity threshold; 'like a training "
+        "items (the shields, what the model memorized) at or above its similarity threshold; the 2nd detector, "
+        "another network that no method repels in, asks the same (docs/judge.md); 'like a training "
         "item' counts a match to any training item, also one of the class's many unique items, which a well-drawn "
         "new shape of a dense class often is; pixel L2 < REPLICA_DISTANCE (reference_models/replication.py) is the second "
         "column, which noise and colour fool. Class agreement: share the independent classifier assigns to the "

@@ -2,6 +2,12 @@
 
     OMP_NUM_THREADS=1 $SHIELD_PYTHON scripts/train_judge.py [--seed 0] [--report judge_report.json]
 
+The second, judging-only copy detector (docs/judge.md "The second copy detector"): another architecture and
+seed, the same augmentations and evaluation, no classifier:
+
+    OMP_NUM_THREADS=1 $SHIELD_PYTHON scripts/train_judge.py --detector-only --seed 1 --architecture pooled \
+        --width 16 --dim 96 --activation relu --detector-name demo_copy_detector_2nd.safetensors
+
 Reproducible from the seed (same torch build and thread count give the same weights). Both models learn
 from renders of the demo domain: the dataset's distinct items (unique and duplicated, each once) and
 fresh random items of every class drawn from the seed. Nothing trains on the held-out items of
@@ -37,7 +43,14 @@ import_comfyui_in_process()
 import torch  # noqa: E402
 
 from comfyui_shield.core import metrics  # noqa: E402
-from comfyui_shield.core.copy_detector import CopyDescriptor, DetectorConfig, load_detector, save_detector  # noqa: E402
+from comfyui_shield.core.copy_detector import (  # noqa: E402
+    ACTIVATIONS,
+    ARCHITECTURES,
+    CopyDescriptor,
+    DetectorConfig,
+    load_detector,
+    save_detector,
+)
 from comfyui_shield.reference_models import demo_dataset, judge  # noqa: E402
 from comfyui_shield.reference_models.copy_augment import AugmentLevels, augment, clearly_distinct  # noqa: E402
 
@@ -63,6 +76,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", type=pathlib.Path, default=judge.WEIGHTS_DIR)
     parser.add_argument("--report", type=pathlib.Path, default=None, help="write the evaluation as JSON")
+    parser.add_argument("--detector-only", action="store_true", help="train and write the copy detector only")
+    parser.add_argument("--detector-name", default=judge.DETECTOR_PATH.name, help="the detector's file in --out-dir")
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default=DetectorConfig.architecture)
+    parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default=DetectorConfig.activation)
+    parser.add_argument("--width", type=int, default=DetectorConfig.width, help="channels of the first stage")
+    parser.add_argument("--dim", type=int, default=DetectorConfig.dim, help="descriptor length")
     parser.add_argument(
         "--reuse-detector",
         type=pathlib.Path,
@@ -109,9 +128,10 @@ def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> t
     return torch.nn.functional.cross_entropy(logits, targets)
 
 
-def train_detector(images, labels, args) -> CopyDescriptor:
+def train_detector(images, labels, args, config: DetectorConfig | None = None) -> CopyDescriptor:
+    """InfoNCE on two augmented views per item (SSCD §3.1); `config`: the architecture (default: the bundled one's)."""
     torch.manual_seed(args.seed)
-    model = CopyDescriptor(DetectorConfig())
+    model = CopyDescriptor(config or DetectorConfig())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(args.seed)
     started = time.time()
@@ -239,21 +259,28 @@ def main() -> None:
     dataset = demo_dataset.build_dataset()
     images, labels = training_pool(dataset, args.seed, args.fresh_per_class)
     print(f"training pool: {len(labels)} items", flush=True)
+    settings = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
     if args.reuse_detector:
         detector = load_detector(args.reuse_detector).model
     else:
-        detector = train_detector(images, labels, args)
+        started = time.time()
+        config = DetectorConfig(
+            width=args.width, dim=args.dim, architecture=args.architecture, activation=args.activation
+        )
+        detector = train_detector(images, labels, args, config)
+        settings["detector_training_minutes"] = round((time.time() - started) / 60, 1)
+    settings["config"] = json.loads(detector.config.as_json())  # the architecture the weights are (also on reuse)
     threshold = choose_threshold(copy_scores(detector, VALIDATION_SEED, args.eval_per_class))
     test = detector_report(copy_scores(detector, TEST_SEED, args.eval_per_class), threshold)
-    classifier = train_classifier(images, labels, args)
-    accuracy = classifier_report(classifier, args.eval_per_class)
-    settings = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
-    report = {"threshold": threshold, "detector_test": test, "classifier_test": accuracy, "settings": settings}
-    save_detector(detector, threshold, args.out_dir / judge.DETECTOR_PATH.name, {**settings, "test": test})
-    mean, cov = class_statistics(classifier, dataset)
-    judge.save_classifier(
-        classifier, mean, cov, args.out_dir / judge.CLASSIFIER_PATH.name, {**settings, "test": accuracy}
-    )
+    save_detector(detector, threshold, args.out_dir / args.detector_name, {**settings, "test": test})
+    report = {"threshold": threshold, "detector_test": test, "settings": settings}
+    if not args.detector_only:
+        classifier = train_classifier(images, labels, args)
+        report["classifier_test"] = accuracy = classifier_report(classifier, args.eval_per_class)
+        mean, cov = class_statistics(classifier, dataset)
+        judge.save_classifier(
+            classifier, mean, cov, args.out_dir / judge.CLASSIFIER_PATH.name, {**settings, "test": accuracy}
+        )
     print(json.dumps(report, indent=2))
     if args.report:
         args.report.write_text(json.dumps(report, indent=2) + "\n")

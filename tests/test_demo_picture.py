@@ -36,3 +36,6 @@ def test_copies_of_duplicated_items_are_told_apart_from_matches_to_unique_items(
     # ... but only the duplicated ones are copies in the Targets' sense (the picture's red frame)
     assert figures["duplicated_copy"] == [True, False, True]
     assert figures["copies_of_duplicated_items"] == 2
+    # the second, judging-only detector agrees on the training items themselves
+    assert figures["second_detector_copy"] == [True, False, True]
+    assert figures["copies_by_second_detector"] == 2

@@ -103,10 +103,11 @@ def spell_rows(effect_bench):
 
 
 def test_the_spell_rows_at_the_documented_settings(effect_bench, spell_rows):
-    """8 samples per method (the few-shot class × 1 held-out seed × batch 8). Plain copies a duplicated item
+    """8 samples per method (a memorizable class × 1 held-out seed × batch 8). Plain copies a duplicated item
     (by the copy detector); SPELL in pixel L2 keeps every output at least r from every shield (its guarantee)
-    and yet what the detector still calls a copy is left; SPELL in the detector's space copies nothing and
-    keeps the class (issue #10: latent L2 balls are escaped by colour and noise)."""
+    and yet what the detector still calls a copy is left; SPELL in the detector's space leaves nothing that
+    detector calls a copy and keeps the class (issue #10: latent L2 balls are escaped by colour and noise), but
+    its copies are judged by either detector, since it repels in the first one's space."""
     setup, variants, sampled, rows = spell_rows
     plain, spell, embedded = rows["plain"], rows["SPELL"], rows["SPELL (embedding)"]
     assert plain["samples"] == spell["samples"] == embedded["samples"] == 8
@@ -116,11 +117,16 @@ def test_the_spell_rows_at_the_documented_settings(effect_bench, spell_rows):
     assert float(distances.min()) >= effect_bench.DOCUMENTED["spell_radius"] - 1e-3
     assert spell["pixel_copies"] == 0.0
     assert embedded["copies"] == 0.0, embedded
-    # not by fooling the detector it repels in: no output may stay a pixel copy (on 80 held-out samples 15 did,
-    # docs/effects.md "Targets"; none on this sample)
+    # no output may stay a pixel copy (on 80 held-out samples 15 did, docs/effects.md "Targets"; none here)
     assert embedded["pixel_copies"] == 0.0, embedded
     assert embedded["agreement"] >= 0.9 * plain["agreement"], (embedded, plain)
-    assert "copies" not in effect_bench.check_target(effect_bench.TARGETS["SPELL (embedding)"], embedded, plain)
+    # It repels to just below the first detector's threshold, where the second, judging-only detector may still
+    # see copies (when written: 4 of these 8; by eye all 8 are the duplicated moon, blurred): the verdict counts
+    # a copy by either detector.
+    target = effect_bench.TARGETS["SPELL (embedding)"]
+    missed = effect_bench.check_target(target, embedded, plain, either=True)
+    assert ("copies" in missed) == (embedded["copies_either"] > target.copies), (missed, embedded)
+    assert embedded["copy_count_either"] == embedded["copy_count_second"]  # the first detector flags none
 
 
 def test_the_targets_table_prints_one_row_per_method_with_its_verdict(effect_bench, spell_rows):
@@ -128,7 +134,30 @@ def test_the_targets_table_prints_one_row_per_method_with_its_verdict(effect_ben
     text = effect_bench.targets_report(setup, variants, rows, seconds=1.0)
     table = [line for line in text.splitlines() if line.startswith("| ") and "documented setting" not in line]
     assert [line.split(" | ")[0].lstrip("| ").split(" (")[0] for line in table] == ["plain", "SPELL", "SPELL"]
-    assert table[0].split(" | ")[3].startswith("1.00 (")  # plain's class agreement vs itself
+    assert table[0].split(" | ")[4].startswith("1.00 (")  # plain's class agreement vs itself
     verdicts = [line.rstrip(" |").rsplit(" | ", 1)[1] for line in table[1:]]
     assert all(v == "yes" or v.startswith("no: ") for v in verdicts)
-    assert "pixel L2 ≤ τ (2nd column)" in text and f"{setup.judge.threshold:.3f}" in text
+    assert "| copies (2nd detector) | pixel L2 ≤ τ |" in text and f"{setup.judge.threshold:.3f}" in text
+    assert f"threshold {setup.judge.second_detector.threshold:.3f}" in text and "EITHER detector" in text
+    second = {name: rows[name] for name in ("plain", "SPELL", "SPELL (embedding)")}
+    cells = [line.split(" | ")[2] for line in table]
+    for cell, variant in zip(cells, variants, strict=True):
+        m = second[variant.name]
+        assert cell.startswith(f"{m['copies_second']:.1%} ({m['copy_count_second']}/{m['samples']})")
+        assert variant.embeds_with_judge == (variant.name == "SPELL (embedding)")
+        assert ("; either: " in cell) == (variant.name in ("plain", "SPELL (embedding)"))  # plain: the baseline
+        assert max(m["copy_count"], m["copy_count_second"]) <= m["copy_count_either"]
+        assert m["copy_count_either"] <= m["copy_count"] + m["copy_count_second"]
+
+
+def test_the_verdict_counts_copies_by_either_detector_for_methods_that_embed_with_the_first(effect_bench):
+    """A method that repels in the first detector's space can fool it: the verdict then counts a sample as a
+    copy when either detector flags it, and a target relative to plain uses plain's count by either."""
+    plain = {"copies": 0.90, "copies_either": 0.96, "copies_per_class": [0.9], "agreement": 1.0, "frechet": 1.0,
+             "vendi": 2.0}  # fmt: skip
+    fooled = {**plain, "copies": 0.0, "copies_either": 0.30, "vendi": 3.0}
+    spell, procreate = effect_bench.TARGETS["SPELL (embedding)"], effect_bench.TARGETS["ProCreate"]
+    assert effect_bench.check_target(spell, fooled, plain) == []
+    assert effect_bench.check_target(spell, fooled, plain, either=True) == ["copies"]
+    assert effect_bench.check_target(procreate, fooled, plain, either=True) == []  # 0.30 ≤ ⅓ × 0.96
+    assert effect_bench.check_target(procreate, {**fooled, "copies_either": 0.33}, plain, either=True) == ["copies"]

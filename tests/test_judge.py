@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from comfyui_shield.core import metrics
-from comfyui_shield.core.copy_detector import CopyDetectorError, load_detector
+from comfyui_shield.core.copy_detector import CopyDetectorError, DetectorConfig, load_detector
 from comfyui_shield.reference_models import demo_dataset, judge, replication
 from comfyui_shield.reference_models.copy_augment import AugmentLevels, augment, clearly_distinct
 from comfyui_shield.samplers.embedders import CopyDetectorEmbedder
@@ -259,6 +259,9 @@ def test_training_is_reproducible_from_the_seed(dataset):
     args.seed = 4
     third = train_judge.train_detector(images, labels, args)
     assert not torch.equal(first.head.weight, third.head.weight)
+    pooled = DetectorConfig(width=4, dim=8, architecture="pooled", activation="relu")  # the second detector's kind
+    fourth, fifth = (train_judge.train_detector(images, labels, args, pooled) for _ in range(2))
+    assert fourth.config == pooled and torch.equal(fourth.head.weight, fifth.head.weight)
 
 
 def test_summarize_copies_counts_by_the_detector_with_pixel_l2_beside(the_judge, dataset):
@@ -271,3 +274,90 @@ def test_summarize_copies_counts_by_the_detector_with_pixel_l2_beside(the_judge,
     assert (summary.copies, summary.copies_of_duplicated, summary.pixels.replicas) == (3, 2, 1)
     assert summary.as_dict()["copy_share"] == 1.0 and summary.as_dict()["pixel_l2_replicas"] == 1
     assert list(summary.copy_index) == [*duplicated.tolist(), int(unique[0])]
+
+
+# -- the second copy detector: judging only, another architecture and seed ------------------------------------
+@pytest.fixture(scope="module")
+def second_detector():
+    return load_detector(judge.SECOND_DETECTOR_PATH, "second detector")
+
+
+def test_the_second_detector_is_another_small_network_with_its_training_recorded(the_judge, second_detector):
+    first = the_judge.detector
+    assert the_judge.second_detector.path == str(judge.SECOND_DETECTOR_PATH)
+    assert second_detector.model.config.architecture != first.model.config.architecture
+    layout = {name: tuple(t.shape) for name, t in second_detector.model.state_dict().items()}
+    assert layout != {name: tuple(t.shape) for name, t in first.model.state_dict().items()}
+    assert layout["features.0.weight"] == (16, 3, 5, 5) and layout["head.weight"][0] == 96  # 5×5 stem, 96-d
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in second_detector.model.modules())
+    assert judge.SECOND_DETECTOR_PATH.stat().st_size < 1_000_000
+    info = second_detector.info
+    assert info["seed"] != first.info["seed"] and info["detector_only"] and info["config"]["architecture"] == "pooled"
+    assert info["test"]["tpr_at_1pct_fpr"] >= 0.99 and info["test"]["roc_auc"] >= 0.99
+    assert 0.0 < second_detector.threshold < 1.0
+
+
+def test_the_second_detector_flags_held_out_augmented_copies_and_not_distinct_items(the_judge):
+    """Fresh items (neither detector trained on them; another seed than the first detector's test above)."""
+    params = demo_dataset.held_out_params(12, seed=34)
+    originals = demo_dataset.render_items(params)
+    copies = augment(originals, torch.Generator().manual_seed(34), AugmentLevels())
+    nearest = the_judge.is_copy_second(copies, originals).nearest.tolist()
+    # each copy's best match is its original, or another draw that is the same picture up to colour
+    assert all(i == j or not clearly_distinct(params[i], params[j]) for i, j in enumerate(nearest))
+    detector = the_judge.second_detector
+    with torch.no_grad():
+        matrix = detector.descriptors(copies) @ detector.descriptors(originals).T
+    distinct = matrix[torch.tensor([[clearly_distinct(a, b) for b in params] for a in params])]
+    assert float((matrix.diagonal() >= detector.threshold).double().mean()) >= 0.97
+    assert float((distinct >= detector.threshold).double().mean()) <= 0.01
+    assert metrics.roc_auc(matrix.diagonal(), distinct) >= 0.99
+
+
+@pytest.mark.parametrize("name", ["star", "moon"])
+def test_the_second_detector_agrees_on_the_issue_examples(the_judge, dataset, name):
+    """Recoloured, noised and greyed duplicated items are copies; the class's other items are not."""
+    originals, params = duplicated_items(dataset, name)
+    recoloured = demo_dataset.render_items([demo_dataset.recolored(p, 1.0 - p.tone) for p in params])
+    grey = originals.mean(dim=1, keepdim=True).expand_as(originals)
+    for changed in (recoloured, noised(originals, NOISE), grey):
+        assert the_judge.is_copy_second(changed, originals).is_copy.all()
+    duplicated_index = dataset.class_items(name, duplicated=True).tolist()
+    unique = [
+        int(i)
+        for i in dataset.class_items(name, duplicated=False)
+        if all(clearly_distinct(dataset.params[int(i)], dataset.params[d]) for d in duplicated_index)
+    ]
+    assert the_judge.is_copy_second(dataset.images[unique], originals).share <= 0.02
+
+
+def test_the_second_detector_loads_only_through_the_safe_path_and_names_bad_files(tmp_path: pathlib.Path):
+    import json
+
+    import safetensors
+    import safetensors.torch
+
+    damaged = tmp_path / "second.safetensors"
+    damaged.write_bytes(judge.SECOND_DETECTOR_PATH.read_bytes()[:700])
+    with pytest.raises(CopyDetectorError, match="second.safetensors is damaged"):
+        judge.load_judge(second_detector_path=str(damaged))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+        judge.load_judge(second_detector_path=str(tmp_path / "missing.safetensors"))
+    with safetensors.safe_open(str(judge.SECOND_DETECTOR_PATH), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    tensors = safetensors.torch.load_file(str(judge.SECOND_DETECTOR_PATH))
+    for field, wrong, message in (("architecture", "strided", "does not match its weights"),
+                                  ("activation", "tanh", "activation one of")):  # fmt: skip
+        config = {**json.loads(metadata["config"]), field: wrong}
+        relabelled = tmp_path / f"relabelled_{field}.safetensors"
+        safetensors.torch.save_file(tensors, str(relabelled), metadata={**metadata, "config": json.dumps(config)})
+        with pytest.raises(CopyDetectorError, match=rf"relabelled_{field}.safetensors does not hold .*{message}"):
+            load_detector(relabelled)
+
+
+def test_the_second_detector_is_no_embedder_choice():
+    """Judging only: the Copy Detector Loader (ProCreate's and embedding SPELL's embedder) never offers it."""
+    from comfyui_shield.nodes.copy_detector import BUNDLED, detector_choices, detector_path
+
+    assert judge.SECOND_DETECTOR_PATH.name not in detector_choices()
+    assert detector_path(BUNDLED) == judge.DETECTOR_PATH != judge.SECOND_DETECTOR_PATH
