@@ -18,12 +18,13 @@ from .common import CATEGORY, RISK, require_latent_batch
 from .validation import ShieldNode
 
 # Calibrated on the bundled demo model (bench/risk_bench.py --record; docs/risk.md): the lowest score that
-# flags at most 1 % of the calibration seeds' samples of control prompts. A threshold belongs to one model,
+# flags at most 1 % of the calibration seeds' samples of control prompts (0.8595 and 1.033 on 576 of them),
+# rounded up to the widget's 0.01 step so the rate stays at most 1 %. A threshold belongs to one model,
 # one resolution and one score: DEFAULT_THRESHOLD to "magnitude" at N = 1 (the node's defaults), DROP_THRESHOLD
 # to "drop" at N = DROP_PROBE_STEPS (of a 20-step schedule; the N chosen on the calibration seeds).
-DEFAULT_THRESHOLD = 0.87
+DEFAULT_THRESHOLD = 0.86
 DROP_PROBE_STEPS = 10
-DROP_THRESHOLD = 1.03
+DROP_THRESHOLD = 1.04
 MAX_PROBE_STEPS = 50
 
 

@@ -23,6 +23,10 @@ Two scores from the per-step magnitudes d_1..d_N of one probe (`sample_score`):
   trajectory settling into the image. A ratio has no scale: it does not grow with the latent size.
   Needs N ≥ 2; measured on the demo model in docs/risk.md.
 
+A prompt's score from n generations (`prompt_score`): Wen et al. (§4, detection experiments) score a
+prompt from n = 1, 4 or 32 generations, the per-generation score averaged over them. In ComfyUI one
+prompt's batch of n is n generations: the mean of the per-sample scores of the batch.
+
 The detector statistics (AUC, the threshold for a false-positive rate, the rates there) are the pack's
 one implementation in core/metrics.py (roc_auc, threshold_at_fpr, rate_at_threshold; flagged = score >=
 threshold), shared with the copy detector.
@@ -54,3 +58,14 @@ def sample_score(step_scores: torch.Tensor, kind: str) -> torch.Tensor:
             raise ValueError("the 'drop' score compares the first probe step with the last: it needs probe_steps >= 2")
         return step_scores[0] / step_scores[-1].clamp_min(torch.finfo(torch.float64).tiny)
     raise ValueError(f"unknown risk score {kind!r}; expected one of {SCORES}")
+
+
+def prompt_score(sample_scores: torch.Tensor, generations: int) -> float:
+    """A prompt's score from its first `generations` samples' scores [B] (module doc): their mean.
+
+    The first n samples of a ComfyUI batch are exactly the batch of n with the same seed (prepare_noise draws
+    the batch's noise in one sequence), so one probed batch gives the score for every n up to its size.
+    """
+    if not 1 <= generations <= sample_scores.shape[0]:
+        raise ValueError(f"a prompt score over {generations} generations needs 1..{sample_scores.shape[0]} samples")
+    return float(sample_scores[:generations].to(torch.float64).mean())

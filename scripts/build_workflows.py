@@ -350,10 +350,15 @@ def protect_references_workflow(object_info: dict, class_name: str | None = None
     return workflow
 
 
+# The score the risk bench finds useful for gating on the demo model, at its calibrated threshold
+# (bench/recorded/risk.md; nodes/risk.py DROP_PROBE_STEPS and DROP_THRESHOLD, which a test compares).
+RISK_GATE = {"probe_steps": 10, "threshold": 1.04, "score": "drop"}
+
+
 def check_then_shield_workflow(object_info: dict, class_name: str | None = None) -> UIWorkflow:
-    """Memorization Risk probes the batch first; Shield Gate makes Transition-Point CFG act only on the
-    samples flagged at risk (the others are plain sampling, bit for bit); every saved PNG carries its
-    certificate. Risk node and sampler share seed, latent and schedule."""
+    """Memorization Risk probes the batch first; Shield Gate makes Transition-Point CFG (its documented
+    setting) act only on the samples flagged at risk (the others are plain sampling, bit for bit); every
+    saved PNG carries its certificate. Risk node and sampler share seed, latent and schedule."""
     class_name = class_name or default_demo_class()
     seed, steps, cfg = 1, 20, 3.0
     workflow = UIWorkflow(object_info)
@@ -374,11 +379,16 @@ def check_then_shield_workflow(object_info: dict, class_name: str | None = None)
         "denoise": 1.0,
     }
     risk, *_ = workflow.add(
-        "ShieldMemorizationRisk", model=model, positive=positive, negative=negative, latent_image=latent, **schedule
+        "ShieldMemorizationRisk",
+        model=model,
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        **schedule,
+        **RISK_GATE,
     )
-    (shielded,) = workflow.add(
-        "ShieldTransitionPointCFG", model=model, mode="dynamic", before_guidance="opposite", opposite_scale=3.0
-    )
+    tpcfg = next(method for method in METHODS if method.key == "tpcfg")
+    (shielded,) = workflow.add("ShieldTransitionPointCFG", model=model, **tpcfg.widgets)
     (gated,) = workflow.add("ShieldGate", model=shielded, risk=risk)
     (samples,) = workflow.add(
         "KSampler", model=gated, positive=positive, negative=negative, latent_image=latent, **schedule
@@ -618,15 +628,24 @@ CHECKPOINT_WORKFLOWS = {
 
 
 # -- thumbnails ------------------------------------------------------------------------------------
+FLAGGED_OUTLINE = (255, 196, 80)  # thumbnail frame of a sample its certificate says was flagged at risk
+
+
 def thumbnail_jpg(paths: list[pathlib.Path], columns: int = 4, cell: int = 96) -> bytes:
-    from PIL import Image
+    """The images in a grid; an image whose Shield certificate says it was flagged at risk gets a frame."""
+    from PIL import Image, ImageDraw
 
     rows = (len(paths) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell, rows * cell), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
     for index, path in enumerate(paths):
         with Image.open(path) as image:
             tile = image.convert("RGB").resize((cell, cell), Image.NEAREST)
-        sheet.paste(tile, ((index % columns) * cell, (index // columns) * cell))
+            certificate = json.loads(getattr(image, "text", {}).get("shield_certificate", "{}"))
+        x, y = (index % columns) * cell, (index // columns) * cell
+        sheet.paste(tile, (x, y))
+        if (certificate.get("risk") or {}).get("at_risk"):
+            draw.rectangle((x + 1, y + 1, x + cell - 2, y + cell - 2), outline=FLAGGED_OUTLINE, width=3)
     return _jpeg(sheet)
 
 

@@ -70,7 +70,8 @@ def test_frontend_shows_each_images_certificate_on_the_save_node(server, tmp_pat
     assert result["selectorFound"], result
     text = result["selectorText"]
     assert "image 1/8" in text and "image 8/8" in text and "Transition-Point CFG: " in text, text
-    assert "risk " in text and "Memorization risk, 1 probe step(s)" in text, text
+    assert "Memorization risk, 10 probe step(s), score drop" in text, text  # the workflow gates on the drop
+    assert "(AT RISK, threshold 1.04)" in text and "(not flagged, threshold 1.04)" in text, text  # both kinds
     assert result["previews"].get("ShieldSaveImageWithCertificate", 0) == 8, result["previews"]
     assert result["consoleErrors"] == [], result["consoleErrors"]
     if os.environ.get("SHIELD_CERTIFICATE_SCREENSHOT"):

@@ -73,6 +73,16 @@ def test_each_method_workflow_uses_its_node():
         assert node_type in {node["type"] for node in load(WORKFLOW_DIR / f"{name}.json")["nodes"]}, name
 
 
+def test_check_then_shield_gates_on_the_score_calibrated_for_the_demo_model():
+    """The risk node of "check, then shield" uses the drop score at the probe steps and threshold the risk
+    bench calibrated on the demo model (nodes/risk.py), not the magnitude default, which flags almost nothing
+    there (docs/risk.md)."""
+    from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, DROP_THRESHOLD
+
+    risk = first(load(WORKFLOW_DIR / "shield_demo_check_then_shield.json"), "ShieldMemorizationRisk")
+    assert risk["widgets_values"][-3:] == [DROP_PROBE_STEPS, DROP_THRESHOLD, "drop"]
+
+
 def test_recipe_workflow_chains_tpcfg_then_both_spells():
     """TPCFG -> SPELL in the detector's space -> SPELL in pixel L2 -> KSampler, one shield set for both."""
     workflow = load(WORKFLOW_DIR / "shield_demo_tpcfg_embedding_spell.json")

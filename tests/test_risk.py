@@ -16,7 +16,7 @@ from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, ShieldMemorizationRisk
 from comfyui_shield.reference_models import demo_dataset, pixel_unet
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.samplers.method_patch import add_model_gate, shield_patch_ids, without_shield_patches
-from comfyui_shield.samplers.risk_math import sample_score, step_magnitude
+from comfyui_shield.samplers.risk_math import prompt_score, sample_score, step_magnitude
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings
 from harness.families import flux_unet
@@ -205,29 +205,87 @@ def test_detector_auc_on_a_reduced_demo_set(prediction):
     assert metrics.rate_at_threshold(positive, metrics.threshold_at_fpr(negative, 0.01)) >= 0.9
 
 
-def demo_scores(model, classes, probe_steps=1, statistic="magnitude", seeds=(7001, 7002), batch=8) -> list[float]:
-    """The probe's score of every sample of these demo classes, for the demo's 20-step schedule."""
-    positive_scores = []
-    for class_name in classes:
+TEST_SEEDS = (7001, 7002)  # seeds the bench does not use
+
+
+@pytest.fixture(scope="module")
+def demo_probes(demo_model) -> dict[str, list]:
+    """Every demo class × TEST_SEEDS × batch 8, probed with the demo's 20-step schedule and N =
+    DROP_PROBE_STEPS steps: step_scores[0] is the magnitude at N = 1, scores the drop (one probe gives both)."""
+    results = {}
+    for class_name in demo_dataset.CLASS_NAMES:
         positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
-        for seed in seeds:
-            latent = {"samples": torch.zeros(batch, 3, 32, 32)}
-            run = KSamplerSettings(seed, 20, CFG)
-            positive_scores += probe(model, positive, negative, latent, run, probe_steps, 0.0, statistic).scores
-    return positive_scores
+        results[class_name] = [
+            probe(
+                demo_model,
+                positive,
+                negative,
+                {"samples": torch.zeros(8, 3, 32, 32)},
+                KSamplerSettings(seed, 20, CFG),
+                DROP_PROBE_STEPS,
+                0.0,
+                "drop",
+            )
+            for seed in TEST_SEEDS
+        ]
+    return results
 
 
-def test_detector_auc_on_a_reduced_demo_set_with_the_bundled_demo_model(demo_model):
+def per_sample(probes, classes, score) -> list[float]:
+    return [value for name in classes for risk in probes[name] for value in score(risk)]
+
+
+def magnitude(risk) -> tuple[float, ...]:
+    return risk.step_scores[0]
+
+
+def drop(risk) -> tuple[float, ...]:
+    return risk.scores
+
+
+DUPLICATED_CLASSES = demo_dataset.MEMORIZABLE_CLASSES + demo_dataset.FEW_SHOT_CLASSES
+
+
+def test_detector_auc_on_a_reduced_demo_set_with_the_bundled_demo_model(demo_probes):
     """The real bundled demo UNet, probe only (2 seeds × batch 8 per class, seeds the bench does not use).
     Duplicated-item prompts (memorizable and few-shot classes) against control prompts (unique items only),
-    per sample: the drop score (d_1 / d_N, N = DROP_PROBE_STEPS = 10) reaches AUC ≥ 0.75 (0.82 on this set); the specified magnitude (N = 1) separates the
-    few-shot heart (4 training images and nothing else: Wen et al.'s memorized prompt) from the controls, AUC
-    ≥ 0.85, but not all duplicated-item prompts (AUC ≈ 0.75 on this set; docs/risk.md says why)."""
-    classes = demo_dataset.MEMORIZABLE_CLASSES + demo_dataset.FEW_SHOT_CLASSES
-    controls = demo_scores(demo_model, demo_dataset.CONTROL_CLASSES)
-    few_shot = demo_scores(demo_model, demo_dataset.FEW_SHOT_CLASSES)
-    assert metrics.roc_auc(few_shot, controls) >= 0.85
-    steps = DROP_PROBE_STEPS
-    drop_controls = demo_scores(demo_model, demo_dataset.CONTROL_CLASSES, steps, "drop")
-    drop_duplicated = demo_scores(demo_model, classes, steps, "drop")
-    assert metrics.roc_auc(drop_duplicated, drop_controls) >= 0.75
+    per sample: the drop score (d_1 / d_N, N = DROP_PROBE_STEPS) reaches AUC ≥ 0.75 (0.82 on this set); the
+    specified magnitude (N = 1) separates the few-shot heart (4 training images and nothing else: Wen et al.'s
+    memorized prompt) from the controls, AUC ≥ 0.85, but not all duplicated-item prompts (AUC ≈ 0.75 on this
+    set; docs/risk.md says why)."""
+    controls = per_sample(demo_probes, demo_dataset.CONTROL_CLASSES, magnitude)
+    assert metrics.roc_auc(per_sample(demo_probes, demo_dataset.FEW_SHOT_CLASSES, magnitude), controls) >= 0.85
+    drop_controls = per_sample(demo_probes, demo_dataset.CONTROL_CLASSES, drop)
+    assert metrics.roc_auc(per_sample(demo_probes, DUPLICATED_CLASSES, drop), drop_controls) >= 0.75
+
+
+def test_a_prompt_score_is_the_mean_over_its_first_n_generations():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert prompt_score(scores, 1) == 1.0 and prompt_score(scores, 2) == 1.5 and prompt_score(scores, 4) == 3.0
+    for generations in (0, 5):
+        with pytest.raises(ValueError, match="needs 1..4 samples"):
+            prompt_score(scores, generations)
+
+
+def test_per_prompt_auc_on_a_reduced_demo_set_with_the_bundled_demo_model(demo_model, demo_probes):
+    """Wen et al.'s protocol (a prompt scored from n generations, AUC over prompts) on the reduced set: each
+    class × seed is a prompt instance (5 duplicated-item classes × 2 seeds vs 3 controls × 2; instances of one
+    class share their prompt). From n = 8 generations the drop tells them apart, AUC ≥ 0.95, and averaging
+    helps: the n = 8 AUC is at least the per-sample one. The first n samples of a probed batch are the batch of
+    n with that seed, so one batch of 8 gives every n (checked against a batch of 4)."""
+
+    def instances(classes, score, n) -> list[float]:
+        return [prompt_score(torch.tensor(score(risk)), n) for name in classes for risk in demo_probes[name]]
+
+    control, duplicated = demo_dataset.CONTROL_CLASSES, DUPLICATED_CLASSES
+    per_prompt = metrics.roc_auc(instances(duplicated, drop, 8), instances(control, drop, 8))
+    assert per_prompt >= 0.95
+    assert per_prompt >= metrics.roc_auc(
+        per_sample(demo_probes, duplicated, drop), per_sample(demo_probes, control, drop)
+    )
+    positive, negative = pixel_unet.class_conditioning("star"), pixel_unet.null_conditioning()
+    run = KSamplerSettings(TEST_SEEDS[0], 20, CFG)
+    four = probe(
+        demo_model, positive, negative, {"samples": torch.zeros(4, 3, 32, 32)}, run, DROP_PROBE_STEPS, 0.0, "drop"
+    )
+    assert prompt_score(torch.tensor(four.scores), 4) == pytest.approx(instances(("star",), drop, 4)[0], rel=1e-5)
