@@ -6,8 +6,9 @@ ComfyUI's Save Image writes, so any PNG reader gets it back (`read_certificate(p
 
 - pack, version: "Shield" and version.py's __version__.
 - image: this output's index in its batch, and the batch size.
-- risk: the Memorization Risk score of this sample, whether it was flagged, the threshold, the probe's
-  steps and model evaluations, the seed (null when no risk was connected).
+- risk: the Memorization Risk score of this sample, whether it was flagged, the threshold, the flag rule
+  ("per sample", or "per prompt (batch mean)" with the batch's mean score that was compared with the
+  threshold), the probe's steps and model evaluations, the seed (null when no risk was connected).
 - nearest_protected: the nearest protected item by latent L2 (in the model's space when the model is
   known; distance and item name) and by the embedder's cosine similarity when an embedder was
   connected (null when no shield set was connected).
@@ -92,7 +93,13 @@ def certificate_text(certificate: dict[str, Any], file_name: str = "") -> str:
     risk = certificate.get("risk")
     if risk:
         flag = "AT RISK" if risk["at_risk"] else "not flagged"
-        lines.append(f"  risk {risk['score']:.4g} ({flag}, threshold {risk['threshold']:g})")
+        rule = f"threshold {risk['threshold']:g}"
+        if risk.get("batch_mean") is not None:  # flag rule "per prompt (batch mean)"
+            rule = f"batch mean {risk['batch_mean']:.4g}, per-prompt {rule}"
+            flag += " per prompt:"
+        else:
+            flag += ","
+        lines.append(f"  risk {risk['score']:.4g} ({flag} {rule})")
     nearest = certificate.get("nearest_protected") or {}
     if nearest.get("latent_l2"):
         lines.append(

@@ -149,6 +149,8 @@ def risk_entry(risk: Optional[RiskResult], index: int) -> Optional[dict]:
         "statistic": risk.statistic,
         "at_risk": risk.flagged[index],
         "threshold": risk.threshold,
+        "flag_rule": risk.flag_rule,
+        "batch_mean": risk.batch_mean if risk.per_prompt else None,
         "probe_steps": len(risk.sigmas),
         "model_evaluations": risk.model_evaluations,
         "seed": risk.seed,

@@ -12,7 +12,7 @@ import comfy.samplers
 from comfy_api.v0_0_2 import io
 
 from ..samplers.method_patch import add_model_gate
-from ..samplers.risk_math import SCORES
+from ..samplers.risk_math import FLAG_RULES, SCORES
 from ..samplers.risk_probe import KSamplerSettings, RiskGate, RiskResult, probe
 from .common import CATEGORY, RISK, require_latent_batch
 from .validation import ShieldNode
@@ -25,6 +25,11 @@ from .validation import ShieldNode
 DEFAULT_THRESHOLD = 0.86
 DROP_PROBE_STEPS = 10
 DROP_THRESHOLD = 1.04
+# The per-prompt threshold of the drop at N = DROP_PROBE_STEPS for flag "per prompt (batch mean)" on batches of
+# PROMPT_BATCH generations of one prompt: the lowest batch mean that flags at most 1 % of the calibration seeds'
+# control batches (0.7659 on 72 of them; held-out AUC 0.999), rounded up to the widget's 0.01 step.
+PROMPT_BATCH = 8
+DROP_PROMPT_THRESHOLD = 0.77
 MAX_PROBE_STEPS = 50
 
 
@@ -39,8 +44,9 @@ class ShieldMemorizationRisk(ShieldNode):
                 "Scores each sample of the KSampler run it mirrors for memorization before sampling (Wen et al., "
                 "'Detecting, Explaining, and Mitigating Memorization in Diffusion Models', §3): the mean of "
                 "‖D_cond − D_uncond‖/σ over the first probe_steps steps, from a short probe (2 model evaluations "
-                "per sample and step). Give it the sampler's model, prompts, latent, seed and schedule; connect "
-                "'risk' to Shield Gate to shield only the samples at risk."
+                "per sample and step); flags each sample by its score, or the whole batch by its mean score ('flag'). Give "
+                "it the sampler's model, prompts, latent, seed and schedule; connect 'risk' to Shield Gate to shield "
+                "only the samples at risk."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model the sampler uses (Shield patches on it are ignored)."),
@@ -97,7 +103,8 @@ class ShieldMemorizationRisk(ShieldNode):
                     min=0.0,
                     max=1.0e6,
                     step=0.01,
-                    tooltip="Samples scoring at or above it are flagged at risk. The default is calibrated on the bundled "
+                    tooltip="Samples scoring at or above it are flagged at risk (with flag 'per prompt (batch mean)': the "
+                    "whole batch when its mean score is, a per-prompt threshold). The default is calibrated on the bundled "
                     "demo model (docs/risk.md); calibrate it for your model and resolution (the score grows with "
                     "the latent size). 0 flags every sample.",
                 ),
@@ -111,6 +118,19 @@ class ShieldMemorizationRisk(ShieldNode):
                     "whose unconditional side knows the memorized images too; needs probe_steps >= 2 (demo model: "
                     f"N = {DROP_PROBE_STEPS}, threshold {DROP_THRESHOLD:g}). The threshold belongs to the score.",
                 ),
+                io.Combo.Input(
+                    "flag",
+                    options=list(FLAG_RULES),
+                    default=FLAG_RULES[0],
+                    optional=True,  # prompts saved before this input existed keep working (per sample)
+                    tooltip="per sample: each sample is flagged when its own score is at or above threshold. per prompt "
+                    "(batch mean): the batch must be n generations of one prompt (one positive, Wen et al. §4); every "
+                    "sample gets the same flag, set when the mean of the batch's scores is at or above threshold, "
+                    "which is then a per-prompt threshold for that batch size (demo model: drop, "
+                    f"N = {DROP_PROBE_STEPS}, batch {PROMPT_BATCH}: {DROP_PROMPT_THRESHOLD:g}). On the demo model the "
+                    "per-prompt drop separates prompts far better (held-out AUC 0.999 at batch 8 against 0.895 per "
+                    "sample; docs/risk.md). 'scores' stays per sample.",
+                ),
             ],
             outputs=[
                 RISK.Output(
@@ -118,7 +138,9 @@ class ShieldMemorizationRisk(ShieldNode):
                 ),
                 io.Float.Output("scores", is_output_list=True, tooltip="The score of each sample (a list)."),
                 io.Boolean.Output(
-                    "at_risk", is_output_list=True, tooltip="Per sample: score at or above threshold (a list)."
+                    "at_risk",
+                    is_output_list=True,
+                    tooltip="Per sample: flagged by the 'flag' rule (a list; per prompt every sample alike).",
                 ),
                 io.String.Output("text", tooltip="The scores and flags as text."),
             ],
@@ -140,10 +162,11 @@ class ShieldMemorizationRisk(ShieldNode):
         probe_steps,
         threshold,
         score="magnitude",
+        flag=FLAG_RULES[0],
     ) -> io.NodeOutput:
         require_latent_batch(latent_image["samples"], "Memorization Risk: 'latent_image'")
         run = KSamplerSettings(seed, steps, cfg, sampler_name, scheduler, denoise)
-        risk = probe(model, positive, negative, latent_image, run, probe_steps, threshold, score)
+        risk = probe(model, positive, negative, latent_image, run, probe_steps, threshold, score, flag)
         text = risk.text()
         return io.NodeOutput(risk, list(risk.scores), list(risk.flagged), text, ui={"text": [text]})
 

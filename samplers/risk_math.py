@@ -27,6 +27,11 @@ A prompt's score from n generations (`prompt_score`): Wen et al. (§4, detection
 prompt from n = 1, 4 or 32 generations, the per-generation score averaged over them. In ComfyUI one
 prompt's batch of n is n generations: the mean of the per-sample scores of the batch.
 
+Which samples a threshold flags (`flags`, the node's `flag` input): "per sample", each sample by its own
+score; or "per prompt (batch mean)", the whole batch by its prompt score from all of its samples (Wen et
+al.'s detector: the batch is n generations of one prompt), so every sample gets the same flag and the
+threshold is a per-prompt threshold, calibrated for one batch size.
+
 The detector statistics (AUC, the threshold for a false-positive rate, the rates there) are the pack's
 one implementation in core/metrics.py (roc_auc, threshold_at_fpr, rate_at_threshold; flagged = score >=
 threshold), shared with the copy detector.
@@ -69,3 +74,16 @@ def prompt_score(sample_scores: torch.Tensor, generations: int) -> float:
     if not 1 <= generations <= sample_scores.shape[0]:
         raise ValueError(f"a prompt score over {generations} generations needs 1..{sample_scores.shape[0]} samples")
     return float(sample_scores[:generations].to(torch.float64).mean())
+
+
+FLAG_RULES = ("per sample", "per prompt (batch mean)")
+
+
+def flags(sample_scores: tuple[float, ...], threshold: float, rule: str) -> tuple[bool, ...]:
+    """Per sample: flagged or not under the flag rule (module doc); score >= threshold as in core/metrics.py."""
+    if rule == FLAG_RULES[0]:
+        return tuple(score >= threshold for score in sample_scores)
+    if rule == FLAG_RULES[1]:
+        at_risk = prompt_score(torch.tensor(sample_scores, dtype=torch.float64), len(sample_scores)) >= threshold
+        return (at_risk,) * len(sample_scores)
+    raise ValueError(f"unknown flag rule {rule!r}; expected one of {FLAG_RULES}")

@@ -30,7 +30,7 @@ import comfy.samplers
 import torch
 
 from .method_patch import without_shield_patches
-from .risk_math import sample_score, step_magnitude
+from .risk_math import FLAG_RULES, flags, prompt_score, sample_score, step_magnitude
 
 FIRST_INPUT_RTOL = 1e-4  # the gate's check that the sampler's first input is the probe's
 
@@ -40,7 +40,9 @@ class RiskResult:
     """The probe's answer for one batch (the SHIELD_RISK socket's value).
 
     scores: per sample, the `statistic` of the per-step ‖D_c − D_u‖/σ (risk_math.sample_score: their
-    mean, "magnitude", or first over last, "drop"); flagged: score >= threshold (core/metrics.py's detector convention).
+    mean, "magnitude", or first over last, "drop"); flagged: by `flag_rule` (risk_math.flags), "per sample"
+    score >= threshold (core/metrics.py's detector convention), or "per prompt (batch mean)" every sample
+    flagged when the batch's mean score (`batch_mean`, risk_math.prompt_score) >= threshold.
     step_scores: [steps][samples]; sigmas: the probed sigmas; model_evaluations: per sample (cond +
     uncond at each probed step). first_input_norms / first_sigma: ‖x‖ per sample at the first evaluation,
     so the gate can check that a sampler starts from the same noise.
@@ -56,18 +58,37 @@ class RiskResult:
     first_sigma: float
     seed: int
     statistic: str = "magnitude"
+    flag_rule: str = FLAG_RULES[0]
 
     @property
     def batch_size(self) -> int:
         return len(self.scores)
 
+    @property
+    def per_prompt(self) -> bool:
+        return self.flag_rule == FLAG_RULES[1]
+
+    @property
+    def batch_mean(self) -> float:
+        """The batch's prompt score: the mean of its samples' scores (risk_math.prompt_score)."""
+        return prompt_score(torch.tensor(self.scores, dtype=torch.float64), self.batch_size)
+
     def text(self) -> str:
         flagged = sum(self.flagged)
-        lines = [
+        head = (
             f"Memorization risk, {len(self.sigmas)} probe step(s), score {self.statistic}, "
             f"{self.model_evaluations} model evaluations per sample: "
-            f"{flagged}/{self.batch_size} sample(s) at or above {self.threshold:g}",
-        ]
+        )
+        if self.per_prompt:
+            where = "at or above" if flagged else "below"
+            head += (
+                f"flagged per prompt (batch mean): the mean of the {self.batch_size} sample(s), "
+                f"{self.batch_mean:.4g}, is {where} the per-prompt threshold {self.threshold:g}, "
+                f"{flagged}/{self.batch_size} sample(s) flagged"
+            )
+        else:
+            head += f"{flagged}/{self.batch_size} sample(s) at or above {self.threshold:g}"
+        lines = [head]
         for sample, (score, flag) in enumerate(zip(self.scores, self.flagged, strict=True)):
             lines.append(f"  sample {sample}: {score:.4g}{'  AT RISK' if flag else ''}")
         return "\n".join(lines)
@@ -174,9 +195,12 @@ def probe(
     probe_steps: int,
     threshold: float,
     statistic: str = "magnitude",
+    flag_rule: str = FLAG_RULES[0],
 ) -> RiskResult:
     """Score every sample of the batch the KSampler with these settings would sample (module doc)."""
     seed, cfg = run.seed, run.cfg
+    if flag_rule not in FLAG_RULES:
+        raise ValueError(f"Memorization Risk: unknown flag rule {flag_rule!r}; expected one of {FLAG_RULES}")
     check_defined(cfg, negative, model_patcher)
     latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent["samples"])
     if latent_image.is_nested:
@@ -217,7 +241,7 @@ def probe(
     scores = sample_score(per_step, statistic).tolist()
     return RiskResult(
         scores=tuple(scores),
-        flagged=tuple(score >= threshold for score in scores),
+        flagged=flags(tuple(scores), threshold, flag_rule),
         threshold=float(threshold),
         step_scores=tuple(tuple(row) for row in recorder.step_scores),
         sigmas=tuple(recorder.sigmas),
@@ -226,6 +250,7 @@ def probe(
         first_sigma=float(probe_sigmas[0]),
         seed=int(seed),
         statistic=statistic,
+        flag_rule=flag_rule,
     )
 
 

@@ -350,15 +350,17 @@ def protect_references_workflow(object_info: dict, class_name: str | None = None
     return workflow
 
 
-# The score the risk bench finds useful for gating on the demo model, at its calibrated threshold
-# (bench/recorded/risk.md; nodes/risk.py DROP_PROBE_STEPS and DROP_THRESHOLD, which a test compares).
-RISK_GATE = {"probe_steps": 10, "threshold": 1.04, "score": "drop"}
+# The detector the risk bench finds best on the demo model: the drop, flagged per prompt (the mean over the
+# batch of 8 generations of one prompt), at its calibrated per-prompt threshold (bench/recorded/risk.md;
+# nodes/risk.py DROP_PROBE_STEPS, DROP_PROMPT_THRESHOLD and PROMPT_BATCH, which a test compares).
+RISK_GATE = {"probe_steps": 10, "threshold": 0.77, "score": "drop", "flag": "per prompt (batch mean)"}
 
 
 def check_then_shield_workflow(object_info: dict, class_name: str | None = None) -> UIWorkflow:
-    """Memorization Risk probes the batch first; Shield Gate makes Transition-Point CFG (its documented
-    setting) act only on the samples flagged at risk (the others are plain sampling, bit for bit); every
-    saved PNG carries its certificate. Risk node and sampler share seed, latent and schedule."""
+    """Memorization Risk probes the batch (8 generations of one prompt) first and flags it as a whole by its
+    mean score; Shield Gate makes Transition-Point CFG (its documented setting) act only on a flagged batch
+    (an unflagged one is plain sampling, bit for bit); every saved PNG carries its certificate. Risk node and
+    sampler share seed, latent and schedule."""
     class_name = class_name or default_demo_class()
     seed, steps, cfg = 1, 20, 3.0
     workflow = UIWorkflow(object_info)

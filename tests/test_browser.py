@@ -71,7 +71,9 @@ def test_frontend_shows_each_images_certificate_on_the_save_node(server, tmp_pat
     text = result["selectorText"]
     assert "image 1/8" in text and "image 8/8" in text and "Transition-Point CFG: " in text, text
     assert "Memorization risk, 10 probe step(s), score drop" in text, text  # the workflow gates on the drop
-    assert "(AT RISK, threshold 1.04)" in text and "(not flagged, threshold 1.04)" in text, text  # both kinds
+    assert "flagged per prompt (batch mean): the mean of the 8 sample(s), 0.98" in text, text  # star: at risk
+    assert text.count("(AT RISK per prompt: batch mean 0.98") == 8 and "not flagged" not in text, text
+    assert "per-prompt threshold 0.77)" in text, text
     assert result["previews"].get("ShieldSaveImageWithCertificate", 0) == 8, result["previews"]
     assert result["consoleErrors"] == [], result["consoleErrors"]
     if os.environ.get("SHIELD_CERTIFICATE_SCREENSHOT"):

@@ -74,13 +74,16 @@ def test_each_method_workflow_uses_its_node():
 
 
 def test_check_then_shield_gates_on_the_score_calibrated_for_the_demo_model():
-    """The risk node of "check, then shield" uses the drop score at the probe steps and threshold the risk
-    bench calibrated on the demo model (nodes/risk.py), not the magnitude default, which flags almost nothing
-    there (docs/risk.md)."""
-    from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, DROP_THRESHOLD
+    """The risk node of "check, then shield" uses the drop score flagged per prompt, at the probe steps and
+    per-prompt threshold the risk bench calibrated on the demo model for batches of 8 (nodes/risk.py), not the
+    magnitude default, which flags almost nothing there (docs/risk.md)."""
+    from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, DROP_PROMPT_THRESHOLD, PROMPT_BATCH
 
-    risk = first(load(WORKFLOW_DIR / "shield_demo_check_then_shield.json"), "ShieldMemorizationRisk")
-    assert risk["widgets_values"][-3:] == [DROP_PROBE_STEPS, DROP_THRESHOLD, "drop"]
+    workflow = load(WORKFLOW_DIR / "shield_demo_check_then_shield.json")
+    risk = first(workflow, "ShieldMemorizationRisk")
+    flag = "per prompt (batch mean)"
+    assert risk["widgets_values"][-4:] == [DROP_PROBE_STEPS, DROP_PROMPT_THRESHOLD, "drop", flag]
+    assert first(workflow, "EmptyChromaRadianceLatentImage")["widgets_values"][-1] == PROMPT_BATCH
 
 
 def test_recipe_workflow_chains_tpcfg_then_both_spells():

@@ -12,11 +12,11 @@ from PIL import Image
 from comfyui_shield.core import metrics
 from comfyui_shield.core.certificate import certificate_text, read_certificate
 from comfyui_shield.core.records import RECORDS
-from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, ShieldMemorizationRisk
+from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, DROP_PROMPT_THRESHOLD, ShieldMemorizationRisk
 from comfyui_shield.reference_models import demo_dataset, pixel_unet
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.samplers.method_patch import add_model_gate, shield_patch_ids, without_shield_patches
-from comfyui_shield.samplers.risk_math import prompt_score, sample_score, step_magnitude
+from comfyui_shield.samplers.risk_math import flags, prompt_score, sample_score, step_magnitude
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings
 from harness.families import flux_unet
@@ -289,3 +289,64 @@ def test_per_prompt_auc_on_a_reduced_demo_set_with_the_bundled_demo_model(demo_m
         demo_model, positive, negative, {"samples": torch.zeros(4, 3, 32, 32)}, run, DROP_PROBE_STEPS, 0.0, "drop"
     )
     assert prompt_score(torch.tensor(four.scores), 4) == pytest.approx(instances(("star",), drop, 4)[0], rel=1e-5)
+
+
+# -- flag per prompt (the batch mean, Wen et al. §4) -------------------------------------------------------
+def node_risk(model, class_name: str, seed: int, threshold: float, **options):
+    """Memorization Risk as the graph runs it: the demo's 20-step schedule, the drop at N = DROP_PROBE_STEPS."""
+    positive, negative = pixel_unet.class_conditioning(class_name), pixel_unet.null_conditioning()
+    latent = {"samples": torch.zeros(8, 3, 32, 32)}
+    output = ShieldMemorizationRisk.execute(
+        model, positive, negative, latent, seed, 20, CFG, "euler", "normal", 1.0, DROP_PROBE_STEPS, threshold, **options
+    )
+    return output.result
+
+
+def test_flag_per_prompt_flags_a_memorizable_batch_as_a_whole_and_not_a_control_batch(demo_model, demo_probes):
+    """At the demo's per-prompt threshold (drop, N = 10, batch 8; seed 7001, not a bench seed), the star batch (a
+    memorizable class; mean 0.84) is flagged as a whole although 3 of its samples score below the threshold, the
+    circle batch (a control; mean 0.48) not at all; the flags are the batch-mean rule, the scores per sample."""
+    for class_name, expected in (("star", True), ("circle", False)):
+        risk, scores, at_risk, text = node_risk(
+            demo_model, class_name, TEST_SEEDS[0], DROP_PROMPT_THRESHOLD, score="drop", flag="per prompt (batch mean)"
+        )
+        assert scores == list(demo_probes[class_name][0].scores)  # 'scores' stays per sample
+        mean = sum(scores) / len(scores)
+        assert risk.batch_mean == pytest.approx(mean, rel=1e-12)
+        assert (mean >= DROP_PROMPT_THRESHOLD) == expected, (class_name, mean)
+        assert at_risk == [expected] * 8 and risk.flagged == (expected,) * 8
+        assert risk.flag_rule == "per prompt (batch mean)"
+        where = "at or above" if expected else "below"
+        assert f"flagged per prompt (batch mean): the mean of the 8 sample(s), {mean:.4g}, is {where}" in text
+        assert f"{8 if expected else 0}/8 sample(s) flagged" in text
+        if expected:  # per sample, the same threshold would not flag them all: the rule changed the flags
+            assert min(scores) < DROP_PROMPT_THRESHOLD
+
+
+def test_flag_per_sample_is_the_default_and_unchanged(demo_model, demo_probes):
+    """Without 'flag' (prompts saved before it existed) and with "per sample", every output is what it was:
+    each sample flagged by score >= threshold, the same text, the same risk (RiskResult equal field by field)."""
+    threshold = sorted(demo_probes["star"][0].scores)[4]  # 4 of 8 samples at or above
+    default = node_risk(demo_model, "star", TEST_SEEDS[0], threshold, score="drop")
+    explicit = node_risk(demo_model, "star", TEST_SEEDS[0], threshold, score="drop", flag="per sample")
+    assert default == explicit
+    risk, scores, at_risk, text = default
+    assert at_risk == [score >= threshold for score in scores] and sum(at_risk) == 4
+    assert risk.flag_rule == "per sample" and text.splitlines()[0].endswith(f"4/8 sample(s) at or above {threshold:g}")
+    assert dataclasses.replace(demo_probes["star"][0], threshold=threshold, flagged=risk.flagged) == risk
+
+
+def test_the_certificate_says_which_flag_rule_set_the_flag():
+    per_prompt = {"score": 0.7, "at_risk": True, "threshold": 0.77, "flag_rule": "per prompt (batch mean)"}
+    certificate = {"image": {"index": 0, "batch_size": 8}, "risk": {**per_prompt, "batch_mean": 0.981}}
+    assert "risk 0.7 (AT RISK per prompt: batch mean 0.981, per-prompt threshold 0.77)" in certificate_text(certificate)
+    certificate["risk"] = {"score": 0.7, "at_risk": False, "threshold": 0.77, "flag_rule": "per sample"}
+    assert "risk 0.7 (not flagged, threshold 0.77)" in certificate_text(certificate)
+
+
+def test_an_unknown_flag_rule_is_refused_by_name():
+    assert flags((1.0, 3.0), 1.5, "per sample") == (False, True)
+    assert flags((1.0, 3.0), 1.5, "per prompt (batch mean)") == (True, True)  # mean 2.0
+    assert flags((1.0, 1.5), 1.5, "per prompt (batch mean)") == (False, False)  # mean 1.25
+    with pytest.raises(ValueError, match="unknown flag rule 'per batch'"):
+        flags((1.0,), 0.5, "per batch")

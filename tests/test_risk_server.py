@@ -16,7 +16,7 @@ from harness.server import ServerError
 SEED, STEPS, CFG, BATCH = 11, 6, 3.0, 4
 
 
-def risk_graph(threshold: float, risk_seed: int = SEED, cfg: float = CFG) -> dict:
+def risk_graph(threshold: float, risk_seed: int = SEED, cfg: float = CFG, flag: str = "per sample") -> dict:
     sampler = {"steps": STEPS, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
     return {
         "model": {"class_type": "ShieldDemoModelLoader", "inputs": {}},
@@ -36,6 +36,7 @@ def risk_graph(threshold: float, risk_seed: int = SEED, cfg: float = CFG) -> dic
                 "cfg": cfg,
                 "probe_steps": 1,
                 "threshold": threshold,
+                "flag": flag,
                 **sampler,
             },
         },
@@ -100,6 +101,33 @@ def test_the_gate_leaves_unflagged_samples_bit_identical_and_mitigates_the_flagg
     assert "2/4 sample(s) at or above" in outputs["risk"]["text"][0]
 
 
+def test_flag_per_prompt_gates_the_whole_batch_by_its_mean_score(server):
+    """flag "per prompt (batch mean)": with the threshold between the batch mean and the highest score, per
+    sample would flag a sample, per prompt flags none and the gated batch is bit-identical to plain; between
+    the lowest score and the mean, per prompt flags (and mitigates) every sample, also those below it. The
+    certificate says which rule set the flag and the mean it compared."""
+    scores = scores_from(server.run(risk_graph(threshold=0.0)))
+    mean = sum(scores) / len(scores)
+    above, below = (mean + max(scores)) / 2, (mean + min(scores)) / 2
+    assert min(scores) < below < mean < above < max(scores)
+    unflagged = server.run(risk_graph(above, flag="per prompt (batch mean)"))
+    assert "0/4 sample(s) flagged" in unflagged["risk"]["text"][0] and scores_from(unflagged) == scores
+    plain = server.saved_latent(unflagged, "save_plain")
+    assert torch.equal(server.saved_latent(unflagged, "save_gated"), plain)
+    outputs = server.run(certificate_graph(below, flag="per prompt (batch mean)"))
+    gated = server.saved_latent(outputs, "save_gated")
+    assert torch.equal(server.saved_latent(outputs, "save_plain"), plain)
+    for sample in range(BATCH):
+        assert (gated[sample] - plain[sample]).abs().max() > 1e-3, f"sample {sample} of a flagged batch not mitigated"
+    for index, info in enumerate(outputs["certificate"]["images"]):
+        risk = read_certificate(server.output_path(info))["risk"]
+        assert risk["flag_rule"] == "per prompt (batch mean)" and risk["at_risk"] and risk["threshold"] == below
+        assert risk["batch_mean"] == pytest.approx(mean, rel=1e-3) and risk["score"] == pytest.approx(
+            scores[index], rel=1e-3
+        )
+    assert "(AT RISK per prompt: batch mean" in outputs["certificate"]["text"][0]
+
+
 def test_a_gate_from_another_seed_is_refused_naming_the_seed(server):
     with pytest.raises(ServerError, match="Shield Gate: the sampler does not start from the noise"):
         server.run(risk_graph(threshold=0.0, risk_seed=SEED + 1))
@@ -110,8 +138,8 @@ def test_risk_at_cfg_1_says_why_the_score_is_undefined(server):
         server.run(risk_graph(threshold=0.0, cfg=1.0))
 
 
-def certificate_graph(threshold: float) -> dict:
-    graph = risk_graph(threshold)
+def certificate_graph(threshold: float, flag: str = "per sample") -> dict:
+    graph = risk_graph(threshold, flag=flag)
     graph.update(
         {
             "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
@@ -164,6 +192,7 @@ def test_a_saved_png_carries_its_certificate(server):
         assert risk["score"] == pytest.approx(scores[index], rel=1e-3) and risk["at_risk"] == (
             risk["score"] >= threshold
         )
+        assert risk["flag_rule"] == "per sample" and risk["batch_mean"] is None
         (shield,) = certificate["shields"]
         assert shield["method"] == "transition_cfg" and shield["settings"]["mode"] == "static"
         assert shield["fired"] == risk["at_risk"]  # the gate: TPCFG acted on the flagged samples only

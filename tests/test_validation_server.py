@@ -135,6 +135,11 @@ DEFECTS += [
     ("ShieldSaveShieldSet", {"filename": None}, r"'filename' must be text, got null"),
     ("ShieldSaveShieldSet", {"filename": 5}, r"'filename' must be text, got 5"),
     ("ShieldMemory", {"store": None}, r"'store' must be one of \['server', 'file', 'redis'\], got null"),
+    (
+        "ShieldMemorizationRisk",
+        {"flag": "per batch"},
+        r"'flag' must be one of \['per sample', 'per prompt \(batch mean\)'\], got 'per batch'",
+    ),
     ("ShieldMemorizerConditioning", {"n_items": HUGE}, r"'n_items' must be in \[1, 4096\], got a 401-digit integer"),
     ("ShieldSparseRepellency", {"radius": HUGE}, r"'radius' must be in \[0, 100000\], got a 401-digit integer"),
 ]
