@@ -16,6 +16,7 @@ import pathlib
 import struct
 import tempfile
 import time
+import warnings
 import weakref
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -47,6 +48,13 @@ EMBEDDING_PREFIX = "embedding."
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16}
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+# bytes per element of every safetensors dtype (a header naming another one is refused)
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 # an IEEE float is NaN or inf exactly when its exponent bits are all ones: (unsigned view, exponent mask)
 _EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
 FINITE_CHECK_ROWS = 8192
@@ -176,7 +184,7 @@ def _link_without_replacing(source: str, target: pathlib.Path) -> None:
 # -- reading ---------------------------------------------------------------------------------------
 def _payload_layout(handle, key: str) -> tuple[int, np.dtype, list]:
     """(byte offset of the tensor in the file, numpy dtype, shape) from the safetensors header (8-byte
-    little-endian length, JSON, then the payload); safe_open has validated it already."""
+    little-endian length, JSON, then the payload); `_read_header` has validated it already."""
     handle.seek(0)
     (header_size,) = struct.unpack("<Q", handle.read(8))
     entry = json.loads(handle.read(header_size))[key]
@@ -185,15 +193,21 @@ def _payload_layout(handle, key: str) -> tuple[int, np.dtype, list]:
 
 def memory_map_tensor(path: pathlib.Path, key: str, handle=None) -> torch.Tensor:
     """A read-only view of one tensor of a safetensors file, backed by the page cache (np.memmap on the
-    payload): nothing is read until rows are indexed. `handle`: the open file to map (default: open `path`)."""
+    payload): nothing is read until rows are indexed. `handle`: the open file to map (default: open `path`).
+
+    The mapping is read-only (shared), not copy-on-write: Linux's default overcommit refuses a writable
+    private mapping larger than RAM + swap, so a 33 GB set could not load on a 23 GB machine. A ShieldSet
+    never writes its latents (every consumer converts or copies them first); a write would fault."""
     if handle is None:
         with open(path, "rb") as opened:
             return memory_map_tensor(path, key, opened)
     offset, dtype, shape = _payload_layout(handle, key)
     if math.prod(shape) == 0:
         return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
-    # mode "c" (copy-on-write) gives a writable-looking array without ever writing the file
-    return torch.from_numpy(np.memmap(handle, dtype=dtype, mode="c", offset=offset, shape=tuple(shape)))
+    mapped = np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+    with warnings.catch_warnings():  # torch warns that the array is not writable: that is the point
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(mapped)
 
 
 class FileRows:
@@ -249,21 +263,75 @@ class _FileContents:
     metadata: dict
     dtypes: dict  # tensor name -> safetensors dtype name ("F32", ...)
     shapes: dict  # tensor name -> list of sizes
+    spans: dict  # tensor name -> (first byte, end byte) in the file
+
+
+def _parse_header(handle) -> _FileContents:
+    """The safetensors header of an open file, checked as safetensors checks it (8-byte length, a JSON
+    object, known dtypes, sizes that match the shapes, tensors that tile the payload exactly: no gap, no
+    overlap, nothing cut off), without mapping the file: safetensors' safe_open maps it copy-on-write,
+    which Linux's default overcommit refuses for a file larger than RAM + swap."""
+    size = os.fstat(handle.fileno()).st_size
+    handle.seek(0)
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise ValueError(f"the file has {size} bytes, fewer than the 8 of the header length")
+    (header_size,) = struct.unpack("<Q", prefix)
+    if header_size > min(MAX_HEADER_BYTES, size - 8):
+        raise ValueError(f"its header length {header_size} does not fit the file ({size} bytes)")
+    header = json.loads(handle.read(header_size))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("its __metadata__ is not a map of strings")
+    dtypes, shapes, spans = {}, {}, {}
+    for key, entry in header.items():
+        dtype, shape, offsets = (entry.get(k) if isinstance(entry, dict) else None for k in _ENTRY_KEYS)
+        if dtype not in _DTYPE_BYTES or not _sizes(shape) or not _sizes(offsets) or len(offsets) != 2:
+            raise ValueError(f"tensor {key!r} has a malformed entry {entry!r}")
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise ValueError(f"tensor {key!r}: offsets {offsets} do not hold {dtype} {shape}")
+        dtypes[key], shapes[key], spans[key] = dtype, list(shape), tuple(8 + header_size + o for o in offsets)
+    end = 8 + header_size
+    for first, stop in sorted(spans.values()):
+        if first != end:
+            raise ValueError(f"its tensors overlap or leave a gap at byte {end}")
+        end = stop
+    if end != size:
+        raise ValueError(f"its tensors end at byte {end} of a {size}-byte file")
+    return _FileContents(metadata, dtypes, shapes, spans)
+
+
+_ENTRY_KEYS = ("dtype", "shape", "data_offsets")
+
+
+def _sizes(values) -> bool:
+    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
 def _read_header(path: pathlib.Path, where: str) -> _FileContents:
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            slices = {key: handle.get_slice(key) for key in handle.keys()}
-            dtypes = {key: part.get_dtype() for key, part in slices.items()}
-            shapes = {key: list(part.get_shape()) for key, part in slices.items()}
-    except Exception as error:  # safetensors raises its own error types for bad headers/truncation
+        with open(path, "rb") as handle:
+            return _parse_header(handle)
+    except (OSError, ValueError, OverflowError) as error:  # json's errors are ValueErrors
         raise ShieldSetError(
             f"{where} is not a readable safetensors file (corrupt or truncated?): {error}. Replace it with a good "
             f"copy, or {DAMAGED_FIX}"
         ) from error
-    return _FileContents(metadata, dtypes, shapes)
+
+
+def _read_tensor(handle, contents: _FileContents, key: str) -> torch.Tensor:
+    """One (small) float tensor of the file, read at its offsets, as float32."""
+    first, stop = contents.spans[key]
+    shape = contents.shapes[key]
+    if stop == first:
+        return torch.zeros(shape)
+    data = bytearray(stop - first)
+    handle.seek(first)
+    if handle.readinto(data) != len(data):
+        raise ShieldSetError(f"the shield set file ended early (truncated while in use?); {DAMAGED_FIX}")
+    return torch.frombuffer(data, dtype=_TORCH_DTYPES[contents.dtypes[key]]).reshape(shape).float()
 
 
 def _check_format(contents: _FileContents, where: str) -> None:
@@ -347,12 +415,11 @@ def load_shield_set(path: pathlib.Path, on_chunk: Optional[Callable[[int, int], 
     """Read a file written by `save_shield_set`, checking the whole file first: every problem becomes a
     ShieldSetError that names the file and says what to do.
 
-    The latents are memory-mapped (float32 or float16 as stored), so a set larger than the free RAM loads:
-    the range search reads its compact index per step and full rows only for the candidates. Not one larger
-    than RAM + swap: safe_open and the memmap below map the file copy-on-write, which Linux's default
-    overcommit refuses above that (docs/spell.md, Load Shield Set). Their finite
-    check reads every row once per file content (see `check_latents_finite`); `on_chunk(done, total)`
-    runs after each chunk of that read (progress, interrupts)."""
+    The latents are memory-mapped read-only (float32 or float16 as stored) and the header is parsed
+    without mapping the file, so a set larger than RAM + swap loads: the range search reads its compact
+    index per step and full rows only for the candidates. The finite check reads every row once per file
+    content (see `check_latents_finite`); `on_chunk(done, total)` runs after each chunk of that read
+    (progress, interrupts)."""
     where = f"Load Shield Set: {path.name}"
     contents = _read_header(path, where)
     _check_format(contents, where)
@@ -374,14 +441,13 @@ def load_shield_set(path: pathlib.Path, on_chunk: Optional[Callable[[int, int], 
             f"{DAMAGED_FIX}"
         )
     _check_side_tensors(contents, count, where)
-    with open(path, "rb") as handle:  # one open file for both: the rows read are those mapped
+    with open(path, "rb") as handle:  # one open file for all: the rows read are those mapped
         latents = memory_map_tensor(path, "latents", handle)
         file_rows = FileRows(handle)
-    check_latents_finite(path, file_rows, where, on_chunk)
-    with safe_open(str(path), framework="pt") as handle:
-        images = handle.get_tensor("images").float() if "images" in contents.shapes else None
+        check_latents_finite(path, file_rows, where, on_chunk)
+        images = _read_tensor(handle, contents, "images") if "images" in contents.shapes else None
         embeddings = {
-            key[len(EMBEDDING_PREFIX) :]: handle.get_tensor(key).float()
+            key[len(EMBEDDING_PREFIX) :]: _read_tensor(handle, contents, key)
             for key in contents.shapes
             if key.startswith(EMBEDDING_PREFIX)
         }

@@ -5,6 +5,7 @@ The same defects are exercised in the real server in test_shield_files_server.py
 import json
 import os
 import socket
+import struct
 import time
 import urllib.request
 
@@ -433,3 +434,66 @@ def test_damaged_dreamsim_files_name_the_file_without_network(dreamsim_folder, n
     os.rename(dreamsim_folder / "moved_away", weights)
     assert ShieldDreamSimLoader.execute("open_clip_vitb32").result[0].key.startswith("dreamsim/open_clip_vitb32/")
     assert no_network == [] and not list(dreamsim_folder.rglob("trusted_list"))
+
+
+# -- issue #13 item 5: a set larger than RAM + swap loads (the header is parsed, the latents mapped read-only)
+def _header_and_payload(path):
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + size]), raw[8 + size :]
+
+
+def _write_with_header(path, header, payload):
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + payload)
+
+
+def test_the_latents_are_a_shared_read_only_mapping_not_copy_on_write(tmp_path):
+    """Linux's default overcommit refuses a writable private (copy-on-write) mapping larger than RAM + swap:
+    a 32.8 GB set failed to load on this 23 GB machine with 'Cannot allocate memory' before. The mapping of
+    a loaded set must be read-only and shared ('r--s' in /proc/self/maps), and the side tensors read, not mapped."""
+    path = tmp_path / "mapped.safetensors"
+    images = torch.rand(3, 8, 8, 3)
+    save_shield_set(from_latents(torch.randn(3, 4, 8, 8), "SD15", images=images), path, storage="float32")
+    loaded = load_shield_set(path)
+    maps = [line.split() for line in open("/proc/self/maps") if line.rstrip().endswith(str(path))]
+    assert maps and all(fields[1] == "r--s" for fields in maps), maps
+    assert torch.allclose(loaded.images, images.float(), atol=1e-3)
+    assert loaded.latents.shape == (3, 4, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["a byte appended", "a gap between tensors", "offsets that do not hold the shape", "an unknown dtype",
+     "a header length past the end", "a header that is a list"],
+)  # fmt: skip
+def test_every_header_defect_safetensors_refuses_is_refused(tmp_path, damage):
+    """The pack parses the header itself (safe_open maps the file copy-on-write); it refuses what safetensors
+    refuses, with the damaged-file message."""
+    good = tmp_path / "good.safetensors"
+    save_shield_set(from_latents(torch.randn(2, 4, 8, 8), "SD15", images=torch.rand(2, 8, 8, 3)), good)
+    header, payload = _header_and_payload(good)
+    bad = tmp_path / "bad.safetensors"
+    latents = header["latents"]
+    if damage == "a byte appended":
+        payload += b"\0"
+    elif damage == "a gap between tensors":
+        for entry in (v for k, v in header.items() if k != "__metadata__"):
+            if entry["data_offsets"][0] > 0:
+                entry["data_offsets"] = [o + 2 for o in entry["data_offsets"]]
+        payload += b"\0\0"
+    elif damage == "offsets that do not hold the shape":
+        latents["shape"] = [latents["shape"][0], 4, 8, 7]
+    elif damage == "an unknown dtype":
+        latents["dtype"] = "F12"
+    if damage == "a header length past the end":
+        text = json.dumps(header).encode()
+        bad.write_bytes(struct.pack("<Q", len(text) + len(payload) + 1) + text + payload)
+    elif damage == "a header that is a list":
+        _write_with_header(bad, [header], payload)
+    else:
+        _write_with_header(bad, header, payload)
+    with pytest.raises(ShieldSetError, match=r"bad.safetensors is not a readable safetensors file.*Save Shield Set"):
+        load_shield_set(bad)
+    _write_with_header(bad, *_header_and_payload(good))  # the same bytes re-written load
+    assert torch.equal(load_shield_set(bad).latents, load_shield_set(good).latents)
