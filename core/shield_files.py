@@ -5,6 +5,7 @@ Plain torch + safetensors; nothing here imports ComfyUI. The nodes pass in the f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -182,26 +183,14 @@ def _link_without_replacing(source: str, target: pathlib.Path) -> None:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def _payload_layout(handle, key: str) -> tuple[int, np.dtype, list]:
-    """(byte offset of the tensor in the file, numpy dtype, shape) from the safetensors header (8-byte
-    little-endian length, JSON, then the payload); `_read_header` has validated it already."""
-    handle.seek(0)
-    (header_size,) = struct.unpack("<Q", handle.read(8))
-    entry = json.loads(handle.read(header_size))[key]
-    return 8 + header_size + entry["data_offsets"][0], np.dtype(_NUMPY_DTYPES[entry["dtype"]]), list(entry["shape"])
-
-
-def memory_map_tensor(path: pathlib.Path, key: str, handle=None) -> torch.Tensor:
-    """A read-only view of one tensor of a safetensors file, backed by the page cache (np.memmap on the
-    payload): nothing is read until rows are indexed. `handle`: the open file to map (default: open `path`).
+def memory_map_tensor(handle, contents: "_FileContents", key: str) -> torch.Tensor:
+    """A read-only view of one tensor of the open safetensors file `handle` (its header parsed into
+    `contents`), backed by the page cache (np.memmap on the payload): nothing is read until rows are indexed.
 
     The mapping is read-only (shared), not copy-on-write: Linux's default overcommit refuses a writable
     private mapping larger than RAM + swap, so a 33 GB set could not load on a 23 GB machine. A ShieldSet
     never writes its latents (every consumer converts or copies them first); a write would fault."""
-    if handle is None:
-        with open(path, "rb") as opened:
-            return memory_map_tensor(path, key, opened)
-    offset, dtype, shape = _payload_layout(handle, key)
+    offset, dtype, shape = contents.layout(key)
     if math.prod(shape) == 0:
         return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
     mapped = np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
@@ -220,8 +209,8 @@ class FileRows:
     Holds its own descriptor of the file as it was when loaded: replacing the file under the same name
     never changes what these rows are (they stay those of the mapping)."""
 
-    def __init__(self, handle, key: str = "latents"):
-        self.offset, self.dtype, shape = _payload_layout(handle, key)
+    def __init__(self, handle, contents: "_FileContents", key: str = "latents"):
+        self.offset, self.dtype, shape = contents.layout(key)
         self.row_shape = tuple(shape[1:])
         self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
         self.count = shape[0]
@@ -264,6 +253,10 @@ class _FileContents:
     dtypes: dict  # tensor name -> safetensors dtype name ("F32", ...)
     shapes: dict  # tensor name -> list of sizes
     spans: dict  # tensor name -> (first byte, end byte) in the file
+
+    def layout(self, key: str) -> tuple[int, np.dtype, list]:
+        """(byte offset of the tensor in the file, numpy dtype, shape) of a float32/float16 tensor."""
+        return self.spans[key][0], np.dtype(_NUMPY_DTYPES[self.dtypes[key]]), self.shapes[key]
 
 
 def _parse_header(handle) -> _FileContents:
@@ -310,15 +303,27 @@ def _sizes(values) -> bool:
     return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
-def _read_header(path: pathlib.Path, where: str) -> _FileContents:
+@contextlib.contextmanager
+def _opened_set(path: pathlib.Path, where: str):
+    """The set file open for reading and its parsed, checked header: (handle, contents). Everything a load
+    reads comes through this one descriptor, so a file replaced meanwhile cannot mix two versions."""
     try:
-        with open(path, "rb") as handle:
-            return _parse_header(handle)
-    except (OSError, ValueError, OverflowError) as error:  # json's errors are ValueErrors
-        raise ShieldSetError(
-            f"{where} is not a readable safetensors file (corrupt or truncated?): {error}. Replace it with a good "
-            f"copy, or {DAMAGED_FIX}"
-        ) from error
+        handle = open(path, "rb")
+    except OSError as error:
+        raise _unreadable(where, error) from error
+    with handle:
+        try:
+            contents = _parse_header(handle)
+        except (OSError, ValueError, OverflowError) as error:  # json's errors are ValueErrors
+            raise _unreadable(where, error) from error
+        yield handle, contents
+
+
+def _unreadable(where: str, error: Exception) -> ShieldSetError:
+    return ShieldSetError(
+        f"{where} is not a readable safetensors file (corrupt or truncated?): {error}. Replace it with a good "
+        f"copy, or {DAMAGED_FIX}"
+    )
 
 
 def _read_tensor(handle, contents: _FileContents, key: str) -> torch.Tensor:
@@ -421,7 +426,11 @@ def load_shield_set(path: pathlib.Path, on_chunk: Optional[Callable[[int, int], 
     content (see `check_latents_finite`); `on_chunk(done, total)` runs after each chunk of that read
     (progress, interrupts)."""
     where = f"Load Shield Set: {path.name}"
-    contents = _read_header(path, where)
+    with _opened_set(path, where) as (handle, contents):
+        return _shield_set_from(path, handle, contents, where, on_chunk)
+
+
+def _shield_set_from(path: pathlib.Path, handle, contents: _FileContents, where: str, on_chunk) -> ShieldSet:
     _check_format(contents, where)
     count, *item_shape = contents.shapes["latents"]
     latent_format = _metadata_value(contents, "latent_format", str, where)
@@ -441,16 +450,15 @@ def load_shield_set(path: pathlib.Path, on_chunk: Optional[Callable[[int, int], 
             f"{DAMAGED_FIX}"
         )
     _check_side_tensors(contents, count, where)
-    with open(path, "rb") as handle:  # one open file for all: the rows read are those mapped
-        latents = memory_map_tensor(path, "latents", handle)
-        file_rows = FileRows(handle)
-        check_latents_finite(path, file_rows, where, on_chunk)
-        images = _read_tensor(handle, contents, "images") if "images" in contents.shapes else None
-        embeddings = {
-            key[len(EMBEDDING_PREFIX) :]: _read_tensor(handle, contents, key)
-            for key in contents.shapes
-            if key.startswith(EMBEDDING_PREFIX)
-        }
+    latents = memory_map_tensor(handle, contents, "latents")
+    file_rows = FileRows(handle, contents)
+    check_latents_finite(path, file_rows, where, on_chunk)
+    images = _read_tensor(handle, contents, "images") if "images" in contents.shapes else None
+    embeddings = {
+        key[len(EMBEDDING_PREFIX) :]: _read_tensor(handle, contents, key)
+        for key in contents.shapes
+        if key.startswith(EMBEDDING_PREFIX)
+    }
     return ShieldSet(
         latents=latents,
         latent_format=latent_format,

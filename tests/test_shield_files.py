@@ -497,3 +497,26 @@ def test_every_header_defect_safetensors_refuses_is_refused(tmp_path, damage):
         load_shield_set(bad)
     _write_with_header(bad, *_header_and_payload(good))  # the same bytes re-written load
     assert torch.equal(load_shield_set(bad).latents, load_shield_set(good).latents)
+
+
+def test_a_set_replaced_while_it_loads_is_read_whole_from_one_version(tmp_path, monkeypatch):
+    """The header is parsed once, from the descriptor the latents are then mapped and read from: a file
+    replaced under the same name meanwhile (a Save with overwrite, a sync tool) cannot pair one version's
+    names and shapes with the other's rows."""
+    path, newer = tmp_path / "set.safetensors", tmp_path / "newer.safetensors"
+    first = torch.randn(3, 4, 8, 8)
+    save_shield_set(from_latents(first, "SD15"), path, storage="float32")
+    save_shield_set(from_latents(torch.randn(5, 4, 8, 8), "SD15"), newer, storage="float32")
+    parsed, original = [], shield_files._parse_header
+
+    def parse_then_replace(handle):
+        contents = original(handle)
+        parsed.append(contents)
+        os.replace(newer, path)
+        return contents
+
+    monkeypatch.setattr(shield_files, "_parse_header", parse_then_replace)
+    loaded = load_shield_set(path)
+    assert len(parsed) == 1
+    assert torch.equal(loaded.latents.float(), first) and len(loaded.names) == 3
+    assert torch.equal(loaded.file_rows.read(0, 3).float(), first)
