@@ -10,6 +10,7 @@ from .demo_model import ShieldDemoConditioning, ShieldDemoModelLoader, ShieldDem
 from .embedding_spell import EMBEDDING_SPELL_NODES
 from .info import ShieldInfo
 from .procreate import NODES as PROCREATE_NODES
+from .redraw import REDRAW_NODES
 from .reference import REFERENCE_NODES
 from .report import ShieldReport
 from .risk import RISK_NODES
@@ -24,6 +25,7 @@ NODE_LIST: list[type[io.ComfyNode]] = [
     *SHIELD_SET_NODES,
     *SPELL_NODES,
     *EMBEDDING_SPELL_NODES,
+    *REDRAW_NODES,
     TransitionPointCFG,
     *PROCREATE_NODES,
     *RISK_NODES,

@@ -12,6 +12,24 @@ EMBEDDER = io.Custom("SHIELD_EMBEDDER")
 RISK = io.Custom("SHIELD_RISK")
 
 
+def embedding_space_inputs(space: str) -> list:
+    """The inputs every method that measures shields in an embedding space starts with; `space` says what the
+    embedder is for in this node."""
+    return [
+        io.Model.Input("model", tooltip="The model to patch."),
+        io.Vae.Input("vae", tooltip="This model's VAE: decodes the predicted x̂0 for the embedder."),
+        EMBEDDER.Input(
+            "embedder",
+            tooltip=f"{space}: the copy detector's embedder (demo), DreamSim, CLIP Vision Embedder, or Pixel Embedder.",
+        ),
+        SHIELD_SET.Input(
+            "shield_set",
+            tooltip="The protected images (a set with images, or embeddings for this embedder, or latents that "
+            "'vae' decodes). A Shield Memory grows with every finished generation.",
+        ),
+    ]
+
+
 def require_finite(tensor: torch.Tensor, where: str) -> None:
     """Refuse NaN or inf in a tensor input; `where` names the node and the input ("Shield Report: 'latent'")."""
     if not torch.isfinite(tensor).all():

@@ -11,7 +11,7 @@ from comfy_api.v0_0_2 import io
 from ..core.shield_set import ShieldSet, ShieldSetError
 from ..samplers.embedding_spell_hook import NODE_TITLE, EmbeddingRepellencyPatch, EmbeddingRepellencySettings
 from ..samplers.method_patch import window_problem
-from .common import EMBEDDER, SHIELD_SET
+from .common import embedding_space_inputs
 from .method_node import method_schema, patched_model
 from .run_summary import node_id_of
 from .validation import ShieldNode
@@ -30,18 +30,7 @@ class ShieldEmbeddingRepellency(ShieldNode):
             "can change the embedding more than the picture: judge its outputs with another embedder than this one "
             "(docs/effects.md), and put Transition-Point CFG before it to redraw rather than disguise.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to patch."),
-                io.Vae.Input("vae", tooltip="This model's VAE: decodes the predicted x̂0 for the embedder."),
-                EMBEDDER.Input(
-                    "embedder",
-                    tooltip="The space the shields live in: the copy detector's embedder (demo), DreamSim, "
-                    "CLIP Vision Embedder, or Pixel Embedder.",
-                ),
-                SHIELD_SET.Input(
-                    "shield_set",
-                    tooltip="The protected images (a set with images, or embeddings for this embedder, or "
-                    "latents that 'vae' decodes). A Shield Memory grows with every finished generation.",
-                ),
+                *embedding_space_inputs("The space the shields live in"),
                 io.Float.Input(
                     "similarity",
                     default=0.7,

@@ -22,9 +22,10 @@ from typing_extensions import TypedDict
 from ..core.records import Curves, MethodRecord, StepEntry
 from ..core.shield_set import ShieldSet
 from . import embedding_spell_math as esm
+from .embedded_shields import EmbeddedShields, shield_count
 from .embedders import Embedder, autograd_through
-from .method_patch import MethodPatch, MethodRun, memory_id_of, read_memory, window_problem
-from .procreate_hook import check_model_compatibility, decode_images, reference_embeddings
+from .method_patch import MethodPatch, MethodRun, window_problem
+from .procreate_hook import decode_images
 
 NODE_TITLE = "Sparse Repellency (embedding space)"
 RESIDUAL_TOLERANCE = (
@@ -125,21 +126,17 @@ class EmbeddingRepellencyPatch(MethodPatch[EmbeddingRepellencySettings, RunState
         super().__init__(settings, label=embedder.key, patch_id=patch_id)
         self.vae = vae
         self.embedder = embedder
-        self.shield_set = shield_set
-        self.memory_id = memory_id_of(shield_set)
-        # a Shield Memory is read afresh at every run start; a fixed set is embedded once, here
-        self.shields = None if self.memory_id else self._embed_set(shield_set)
+        self.shields = EmbeddedShields(vae, embedder, shield_set, NODE_TITLE)
 
     # -- the contract -----------------------------------------------------------------------------
     def check_model(self, model_patcher) -> None:
-        check_model_compatibility(model_patcher, self.vae, self.shield_set, NODE_TITLE, "shield_set")
+        self.shields.check_model(model_patcher)
 
     def memory_ids(self) -> list[str]:
-        return [self.memory_id] if self.memory_id else []
+        return self.shields.memory_ids()
 
     def new_run(self, record, context) -> RunState:
-        shields = self.shields if not self.memory_id else self._embed_set(read_memory(self.memory_id))
-        return RunState(record=record, shields=shields)
+        return RunState(record=record, shields=self.shields.for_run())
 
     def summarize(self, state: RunState) -> dict:
         steps = state.record.steps
@@ -148,11 +145,11 @@ class EmbeddingRepellencyPatch(MethodPatch[EmbeddingRepellencySettings, RunState
             active_steps=sum(1 for step in steps if any(step["touched"])),
             touched_samples=sorted({b for step in steps for b, moved in enumerate(step["touched"]) if moved}),
             still_inside=state.still_inside,
-            shields=int(state.shields.shape[0]) if state.shields is not None else 0,
+            shields=shield_count(state.shields),
             similarity=self.settings.similarity,
             radius=self.settings.radius,
             embedder=self.embedder.key,
-            memory_id=self.memory_id or None,
+            memory_id=self.shields.memory_id or None,
         )
 
     # -- the hook -------------------------------------------------------------------------------
@@ -243,14 +240,3 @@ class EmbeddingRepellencyPatch(MethodPatch[EmbeddingRepellencySettings, RunState
             return esm.unit_embeddings(self.embedder.embed(decode_images(self.vae, first_stage, model, latent)))
 
         return embed
-
-    def _embed_set(self, shield_set: ShieldSet) -> torch.Tensor:
-        if not len(shield_set):
-            return torch.zeros(0, 0)
-        embedded = reference_embeddings(
-            shield_set, self.embedder, decode=self._decode_latents, where=f"{NODE_TITLE}: the shield set"
-        )
-        return esm.unit_embeddings(embedded)
-
-    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(torch.float32))[..., :3].float().cpu()

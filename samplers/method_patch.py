@@ -43,6 +43,16 @@ MODEL_GATES_KEY = "shield_sample_gates"
 HOOK_NAME = "shield_hook"  # the name of every method's list hook (without_shield_patches finds them by it)
 RUN_STATE_PREFIX = "shield_"  # OUTER_SAMPLE wrapper keys: run state "shield_<patch id>", memory "shield_memory_<id>"
 MEMORY_WRAPPER_PREFIX = "shield_memory_"
+# A probe is a partial sampling run that a method starts inside the real one to look ahead (Early Copy Redraw
+# runs the first steps of a batch to see where it is heading). Its evaluations carry this key in their
+# model_options: every method then acts as in a fresh run of its own (so the probe sees what the real run
+# will do) and records nothing (so the run's record lists only the real run's evaluations).
+PROBE_KEY = "shield_probe"
+
+
+def probe_options(model_options: dict, probe: int) -> dict:
+    """A copy of a run's model_options that marks evaluations as belonging to probe number `probe`."""
+    return {**model_options, PROBE_KEY: probe}
 
 
 @dataclasses.dataclass
@@ -97,6 +107,7 @@ class MethodPatch(Generic[Settings, Run]):
         self.holder: RunStateHolder[Run] = RunStateHolder(self._start_run, self._finish_run)
         self.latent_format = ""
         self.sample_gates: list[SampleGate] = []
+        self._probe: Optional[tuple[int, Run]] = None  # (probe number, its state): see PROBE_KEY
 
     # -- what each method supplies ----------------------------------------------------------------
     def new_run(self, record: RunRecord, context: Optional[RunContext]) -> Run:
@@ -135,7 +146,8 @@ class MethodPatch(Generic[Settings, Run]):
         # bound method copies this object (and its run-state holder), so a patch stacked after this one
         # would leave the hook reading a holder that the OUTER_SAMPLE wrapper never fills.
         def shield_hook(args):
-            return self.step(self.current_run(), args)
+            probe = (args.get("model_options") or {}).get(PROBE_KEY)
+            return self.step(self.current_run() if probe is None else self.probe_run(probe), args)
 
         def shield_memory_wrapper(executor, *args, **kwargs):
             return self._remember(executor(*args, **kwargs))
@@ -156,6 +168,7 @@ class MethodPatch(Generic[Settings, Run]):
         return self.new_run(RECORDS.start(self.method.kind, self.patch_id, self.label), context)
 
     def _finish_run(self, run: Run) -> None:
+        self._probe = None
         run.record.set_summary(**self.summarize(run))
         RECORDS.finish(run.record)
         self.finish_run(run)
@@ -166,6 +179,13 @@ class MethodPatch(Generic[Settings, Run]):
         if self.holder.current is None:
             self.holder.current = self._start_run(None)
         return self.holder.current
+
+    def probe_run(self, probe: int) -> Run:
+        """Fresh state for probe number `probe` of the run in progress, with a record that is never kept."""
+        if self._probe is None or self._probe[0] != probe:
+            record = RunRecord(kind=self.method.kind, patch_id=self.patch_id, label=self.label)
+            self._probe = (probe, self.new_run(record, self.holder.context))
+        return self._probe[1]
 
     def _remember(self, output):
         if isinstance(output, torch.Tensor) and not output.is_nested:
@@ -220,9 +240,12 @@ def without_shield_patches(model_patcher):
         if key in options:
             options[key] = [fn for fn in options[key] if getattr(fn, "__name__", "") != HOOK_NAME]
     options.pop(MODEL_GATES_KEY, None)
-    wrapper_type = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
-    for key in [k for k in model_patcher.wrappers.get(wrapper_type, {}) if k.startswith(RUN_STATE_PREFIX)]:
-        model_patcher.remove_wrappers_with_key(wrapper_type, key)
+    for wrapper_type in (
+        comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
+        comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE,
+    ):
+        for key in [k for k in model_patcher.wrappers.get(wrapper_type, {}) if k.startswith(RUN_STATE_PREFIX)]:
+            model_patcher.remove_wrappers_with_key(wrapper_type, key)
     return model_patcher
 
 

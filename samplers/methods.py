@@ -8,12 +8,14 @@ show its runs (core/records.py); adding a method is one file trio plus one line 
 from ..core.records import register_method
 from .embedding_spell_hook import EmbeddingRepellencyPatch
 from .procreate_hook import ProCreateGuidance
+from .redraw_hook import EarlyCopyRedrawPatch
 from .spell_hook import SparseRepellencyPatch
 from .transition_hook import TransitionCfgPatch
 
 METHODS = (
     SparseRepellencyPatch,
     EmbeddingRepellencyPatch,
+    EarlyCopyRedrawPatch,
     TransitionCfgPatch,
     ProCreateGuidance,
 )

@@ -33,14 +33,17 @@ class RunStateHolder(Generic[State]):
         self.factory = factory
         self.on_finish = on_finish
         self.current: Optional[State] = None
+        self.context: Optional[RunContext] = None  # the context the current run was started with
 
     def outer_sample_wrapper(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        previous = self.current  # a nested run (a guider inside a guider) restores the outer state
-        self.current = self.factory(RunContext(executor.class_obj, sigmas, tuple(noise.shape)))
+        previous = self.current, self.context  # a nested run (a guider inside a guider) restores the outer state
+        self.context = RunContext(executor.class_obj, sigmas, tuple(noise.shape))
+        self.current = self.factory(self.context)
         try:
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
-            finished, self.current = self.current, previous
+            finished = self.current
+            self.current, self.context = previous
             if self.on_finish is not None:
                 self.on_finish(finished)
 

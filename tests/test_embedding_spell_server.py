@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from harness.memorizer_graphs import embedding_space_method
 from harness.procreate_parts import rgb_items
 from harness.server import ServerError
 
@@ -26,10 +27,6 @@ SAMPLER = {
 def graph(shield_first: int, shield_count: int, **settings) -> dict:
     """Prompt items 0-3 (the memorizer copies them); shields = items [first, first + count)."""
     inputs = {
-        "model": ["model", 0],
-        "vae": ["vae", 0],
-        "embedder": ["embedder", 0],
-        "shield_set": ["shields", 0],
         "similarity": SIMILARITY,
         "overcompensation": 1.6,
         "intra_batch": False,
@@ -37,44 +34,8 @@ def graph(shield_first: int, shield_count: int, **settings) -> dict:
         "end_percent": 1.0,
         "iterations": 3,
     }
-    inputs.update(settings)
-    return {
-        "items": {"class_type": "LoadLatent", "inputs": {"latent": "embedding_spell_items.latent"}},
-        "model": {"class_type": "ShieldMemorizerModel", "inputs": {"latent": ["items", 0], "prediction": "eps"}},
-        "positive": {
-            "class_type": "ShieldMemorizerConditioning",
-            "inputs": {"subset": "0,1,2,3", "n_items": ["model", 2]},
-        },
-        "negative": {"class_type": "ShieldMemorizerConditioning", "inputs": {"subset": "", "n_items": ["model", 2]}},
-        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
-        "embedder": {"class_type": "ShieldPixelEmbedder", "inputs": {"size": 16}},
-        "protected": {
-            "class_type": "LatentFromBatch",
-            "inputs": {"samples": ["items", 0], "batch_index": shield_first, "length": shield_count},
-        },
-        "shields": {
-            "class_type": "ShieldSetFromLatents",
-            "inputs": {"latent": ["protected", 0], "model": ["model", 0]},
-        },
-        "repel": {"class_type": "ShieldEmbeddingRepellency", "inputs": inputs},
-        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 4}},
-        "shielded": {"class_type": "KSampler", "inputs": {"model": ["repel", 0], **SAMPLER}},
-        "plain": {"class_type": "KSampler", "inputs": {"model": ["model", 0], **SAMPLER}},
-        "save_shielded": {
-            "class_type": "SaveLatent",
-            "inputs": {"samples": ["shielded", 0], "filename_prefix": "es/s"},
-        },
-        "save_plain": {"class_type": "SaveLatent", "inputs": {"samples": ["plain", 0], "filename_prefix": "es/p"}},
-        "report": {
-            "class_type": "ShieldReport",
-            "inputs": {
-                "latent": ["shielded", 0],
-                "radius": 0.0,
-                "similarity_threshold": 0.0,
-                "include_run_records": True,
-            },
-        },
-    }
+    node = {"class_type": "ShieldEmbeddingRepellency", "inputs": {**inputs, **settings}}
+    return embedding_space_method(node, "embedding_spell_items.latent", shield_first, shield_count, SAMPLER, "es")
 
 
 def pixel_cosine(latents: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

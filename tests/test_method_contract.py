@@ -37,6 +37,7 @@ from comfyui_shield.samplers.embedders import PixelEmbedder
 from comfyui_shield.samplers.embedding_spell_hook import EmbeddingRepellencyPatch, EmbeddingRepellencySettings
 from comfyui_shield.samplers.method_patch import MethodPatch, MethodRun
 from comfyui_shield.samplers.procreate_hook import ProCreateGuidance, ProCreateSettings
+from comfyui_shield.samplers.redraw_hook import EarlyCopyRedrawPatch, RedrawSettings
 from comfyui_shield.samplers.spell_hook import RepellencySettings, SparseRepellencyPatch
 from comfyui_shield.samplers.transition_hook import TransitionCfgPatch, TransitionSettings
 from harness.procreate_parts import pooled_projection_embedder, rgb_items, to_images
@@ -136,9 +137,11 @@ def test_a_toy_method_shows_up_in_the_report_and_the_run_summary(toy_method, mem
     assert charts.shape[1] * charts.shape[2] > without.shape[1] * without.shape[2]  # the toy's panel
 
 
-def test_the_registry_lists_the_four_methods():
+def test_the_registry_lists_the_five_methods():
     kinds = [method.kind for method in registered_methods()]
-    assert kinds[:4] == ["sparse_repellency", "embedding_repellency", "transition_cfg", "procreate"]
+    assert kinds[:5] == [
+        "sparse_repellency", "embedding_repellency", "early_copy_redraw", "transition_cfg", "procreate"
+    ]  # fmt: skip
 
 
 # -- every real method's run feeds the Report -----------------------------------------------------------
@@ -158,6 +161,9 @@ def test_the_report_reads_real_runs_of_every_method():
     embedding_settings = EmbeddingRepellencySettings(similarity=0.95)
     embedding_spell = EmbeddingRepellencyPatch(vae, PixelEmbedder(16), shields, embedding_settings)
     model = patched_model(model, embedding_spell, node_id=None)
+    # outermost: its look-ahead runs every method above, which must record only the real run (8 steps)
+    redraw = EarlyCopyRedrawPatch(vae, PixelEmbedder(16), shields, RedrawSettings(similarity=0.9, check_percent=0.5))
+    model = patched_model(model, redraw, node_id=None)
     out = ksample(model, items, batch=3, cfg=3.0, subset=[0, 1])
 
     spell, transition, guidance = (
@@ -180,7 +186,10 @@ def test_the_report_reads_real_runs_of_every_method():
     report_runs = latest_runs(RECORDS)
     embedded = RECORDS.latest("embedding_repellency")
     assert "Sparse Repellency (embedding space)" in text and embedded.summary["shields"] == 3
-    kinds = ["sparse_repellency", "embedding_repellency", "transition_cfg", "procreate"]
+    redrawn = RECORDS.latest("early_copy_redraw")
+    assert "Early Copy Redraw" in text and redrawn.summary["shields"] == 3
+    assert len([step for step in redrawn.steps if step["attempt"] == 0]) == 8
+    kinds = ["sparse_repellency", "embedding_repellency", "early_copy_redraw", "transition_cfg", "procreate"]
     assert [run.method.kind for run in report_runs] == kinds
     assert all(run.method.chart.value in run.fields for run in report_runs)  # every panel has its data
     assert charts.shape[1] >= 2 * 300 and charts.shape[2] >= 2 * 500  # summary + three method panels: 2 x 2
@@ -192,7 +201,7 @@ def hold_back_first(args):
     return torch.arange(batch) != 0
 
 
-@pytest.mark.parametrize("method", ["spell", "embedding_spell", "transition", "procreate"])
+@pytest.mark.parametrize("method", ["spell", "embedding_spell", "redraw", "transition", "procreate"])
 def test_a_gate_holds_a_sample_back_in_every_method(method):
     items = rgb_items(6)
     model = build_memorizer(items)
@@ -202,6 +211,9 @@ def test_a_gate_holds_a_sample_back_in_every_method(method):
     elif method == "embedding_spell":
         vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
         patch = EmbeddingRepellencyPatch(vae, PixelEmbedder(16), shields, EmbeddingRepellencySettings(similarity=0.9))
+    elif method == "redraw":
+        vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+        patch = EarlyCopyRedrawPatch(vae, PixelEmbedder(16), shields, RedrawSettings(similarity=0.7, check_percent=0.3))
     elif method == "transition":
         patch = TransitionCfgPatch(TransitionSettings("static", "unconditional", 0.0, transition_sigma=0.5))
     else:

@@ -185,6 +185,12 @@ SOCKETS: dict[str, dict] = {
         "embedder": ["pix", 0],
         "shield_set": ["refs", 0],
     },
+    "ShieldEarlyCopyRedraw": {
+        "model": ["memrgb", 0],
+        "vae": ["vae", 0],
+        "embedder": ["pix", 0],
+        "shield_set": ["refs", 0],
+    },
 }
 # Widget values other than the schema defaults, so that the base graph runs.
 OVERRIDES: dict[str, dict] = {
@@ -223,6 +229,10 @@ CONSUMERS: dict[str, Callable[[], dict]] = {
         "out": _save_latent(["ks", 0]),
     },
     "ShieldEmbeddingRepellency": lambda: {
+        "ks": _sampler(["n", 0], ["memrgb", 1], ["rgb", 0]),
+        "out": _save_latent(["ks", 0]),
+    },
+    "ShieldEarlyCopyRedraw": lambda: {
         "ks": _sampler(["n", 0], ["memrgb", 1], ["rgb", 0]),
         "out": _save_latent(["ks", 0]),
     },
@@ -1188,6 +1198,16 @@ class Battery:
             },
             "ShieldEmbeddingRepellency": {
                 **base_graph("ShieldEmbeddingRepellency", info["ShieldEmbeddingRepellency"]),
+                "ks": _sampler(["n", 0], ["memrgb", 1], ["rgb", 0], steps=10000),
+            },
+            "ShieldEarlyCopyRedraw": {  # every check heads into a shield: a thousand look-aheads of 5000 steps
+                **base_graph(
+                    "ShieldEarlyCopyRedraw",
+                    info["ShieldEarlyCopyRedraw"],
+                    similarity=-1.0,
+                    check_percent=0.5,
+                    max_attempts=1000,
+                ),  # fmt: skip
                 "ks": _sampler(["n", 0], ["memrgb", 1], ["rgb", 0], steps=10000),
             },
             "ShieldMemorizationRisk": base_graph(
