@@ -222,7 +222,16 @@ RECIPE = Method(
         Method("pixel_spell", "SPELL, pixel L2", METHODS[1].node_types, {**METHODS[1].widgets, "radius": 6.0}),
     ),
 )
-METHODS = METHODS + (RECIPE,)
+# Not a method of the papers (docs/redraw.md): samples heading into a duplicated item at 30 % of the schedule start
+# again from a new noise; nothing is edited.
+REDRAW = Method(
+    "redraw",
+    "Early Copy Redraw",
+    ("ShieldEarlyCopyRedraw",),
+    {"similarity": 0.5, "check_percent": 0.3, "max_attempts": 32},
+    "detector similarity 0.5 at 30 %: new start, up to 32 checks",
+)
+METHODS = METHODS + (RECIPE, REDRAW)
 
 # Stock or pack nodes that can supply a socket type a patch node needs, with their widget overrides.
 PROVIDERS = {

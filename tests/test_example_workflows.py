@@ -29,6 +29,7 @@ EXPECTED = [
     "shield_demo_tpcfg",
     "shield_demo_procreate",
     "shield_demo_tpcfg_embedding_spell",
+    "shield_demo_redraw",
     "shield_demo_memory",
     "shield_demo_protect_references",
     "shield_demo_check_then_shield",
@@ -60,6 +61,7 @@ def test_each_method_workflow_uses_its_node():
     uses = {
         "shield_demo_spell": "ShieldSparseRepellency",
         "shield_demo_embedding_spell": "ShieldEmbeddingRepellency",
+        "shield_demo_redraw": "ShieldEarlyCopyRedraw",
         "shield_demo_tpcfg": "ShieldTransitionPointCFG",
         "shield_demo_procreate": "ShieldProCreateGuidance",
         "shield_demo_memory": "ShieldMemory",
