@@ -1,6 +1,7 @@
 """The effect benchmark's measurement on a tiny memorizer config: plain replicates, SPELL stops it, metrics are sane."""
 
 import importlib.util
+import itertools
 import pathlib
 import sys
 
@@ -132,11 +133,15 @@ def test_the_spell_rows_at_the_documented_settings(effect_bench, spell_rows):
 def test_the_targets_table_prints_one_row_per_method_with_its_verdict(effect_bench, spell_rows):
     setup, variants, _, rows = spell_rows
     text = effect_bench.targets_report(setup, variants, rows, seconds=1.0)
-    table = [line for line in text.splitlines() if line.startswith("| ") and "documented setting" not in line]
+    lines = text.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("| method (its documented"))
+    table = list(itertools.takewhile(lambda line: line.startswith("| "), lines[header + 2 :]))
     assert [line.split(" | ")[0].lstrip("| ").split(" (")[0] for line in table] == ["plain", "SPELL", "SPELL"]
     assert table[0].split(" | ")[4].startswith("1.00 (")  # plain's class agreement vs itself
     verdicts = [line.rstrip(" |").rsplit(" | ", 1)[1] for line in table[1:]]
     assert all(v == "yes" or v.startswith("no: ") for v in verdicts)
+    per_class = lines[lines.index("| method | moon |") + 2 :][:3]
+    assert [line.split(" | ")[0].lstrip("| ") for line in per_class] == ["plain", "SPELL", "SPELL (embedding)"]
     assert "| copies (2nd detector) | pixel L2 ≤ τ |" in text and f"{setup.judge.threshold:.3f}" in text
     assert f"threshold {setup.judge.second_detector.threshold:.3f}" in text and "EITHER detector" in text
     second = {name: rows[name] for name in ("plain", "SPELL", "SPELL (embedding)")}
@@ -148,6 +153,22 @@ def test_the_targets_table_prints_one_row_per_method_with_its_verdict(effect_ben
         assert ("; either: " in cell) == (variant.name in ("plain", "SPELL (embedding)"))  # plain: the baseline
         assert max(m["copy_count"], m["copy_count_second"]) <= m["copy_count_either"]
         assert m["copy_count_either"] <= m["copy_count"] + m["copy_count_second"]
+
+
+def test_early_copy_redraw_draws_new_moons_where_plain_copies(effect_bench, spell_rows):
+    """The same 8 held-out moon samples: Early Copy Redraw at its documented setting starts every sample that
+    heads into a duplicated moon again, so what comes out is the model's own new moons (fewer copies by either
+    detector, the class kept, no noise added), at the cost of its look-ahead steps."""
+    setup, _, _, plain_rows = spell_rows
+    variants = [v for v in effect_bench.documented_methods(setup) if v.family in ("plain", "Redraw")]
+    costs = {}
+    sampled = effect_bench.sample_targets(setup, variants, step_costs=costs)
+    redraw = effect_bench.target_metrics(setup, *sampled["Redraw"])
+    plain = plain_rows["plain"]
+    assert torch.equal(sampled["plain"][0], spell_rows[2]["plain"][0])  # the same plain samples
+    assert redraw["copy_count_either"] <= plain["copy_count_either"] - 4, (redraw, plain)
+    assert redraw["agreement"] >= 0.9 * plain["agreement"] and redraw["noise"] <= 1.5 * plain["noise"]
+    assert costs["plain"] == 1.0 and costs["Redraw"] > 1.0
 
 
 def test_the_verdict_counts_copies_by_either_detector_for_methods_that_embed_with_the_first(effect_bench):
