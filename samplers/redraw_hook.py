@@ -183,19 +183,11 @@ class EarlyCopyRedrawPatch(MethodPatch[RedrawSettings, RunState]):
         on_check = progress_reporter()
         for attempt in range(1, settings.max_attempts + 1):
             on_check(attempt - 1, settings.max_attempts)
-            probe = next(_PROBE_NUMBERS)
-            probe_args = {**extra_args, "model_options": probe_options(extra_args.get("model_options") or {}, probe)}
-            executor(guider, sigmas[: steps + 1], probe_args, _stop_if_asked, current, *rest[:2], True)
-            checked = self.probe_run(probe)
-            if checked.checked is None:
-                raise RuntimeError(f"{NODE_TITLE}: the look-ahead ran no model evaluation (another patch skipped it?)")
-            measured = self._nearest_similarity(state, checked.checked, guider.inner_model)
+            measured, acting = self._look_ahead(state, executor, guider, sigmas[: steps + 1], extra_args, current, rest)
             similarity = torch.where(pending, measured, similarity)
             attempts += pending.long()
             best_noise, best_similarity = rm.keep_best(best_noise, best_similarity, current, similarity)
-            heading = rm.heading_into(measured, settings.similarity) & pending
-            if checked.acting is not None:
-                heading &= checked.acting
+            heading = rm.heading_into(measured, settings.similarity) & pending & acting
             again = heading if attempt < settings.max_attempts else torch.zeros_like(heading)
             state.record.add_step(
                 sigma=[check_sigma] * batch, in_window=True, touched=again.tolist(), attempt=attempt,
@@ -220,6 +212,19 @@ class EarlyCopyRedrawPatch(MethodPatch[RedrawSettings, RunState]):
             check_sigma=check_sigma,
         )
         return chosen
+
+    def _look_ahead(self, state: RunState, executor, guider, sigmas, extra_args, noise, rest):
+        """Run `sigmas` (the steps up to the check) from `noise` as a probe; returns each sample's similarity to
+        its nearest shield at the last evaluation and whether the gates let the method act on it (bool [B])."""
+        probe = next(_PROBE_NUMBERS)
+        probe_args = {**extra_args, "model_options": probe_options(extra_args.get("model_options") or {}, probe)}
+        executor(guider, sigmas, probe_args, _stop_if_asked, noise, *rest[:2], True)
+        checked = self.probe_run(probe)
+        if checked.checked is None:
+            raise RuntimeError(f"{NODE_TITLE}: the look-ahead ran no model evaluation (another patch skipped it?)")
+        measured = self._nearest_similarity(state, checked.checked, guider.inner_model)
+        acting = checked.acting if checked.acting is not None else torch.ones_like(measured, dtype=torch.bool)
+        return measured, acting
 
     # -- pieces -------------------------------------------------------------------------------------
     @staticmethod
