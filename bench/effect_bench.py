@@ -1004,6 +1004,58 @@ def run_targets(
     return targets_report(setup, variants, rows, time.perf_counter() - started)
 
 
+# -- when does x̂0 tell a future copy? (Early Copy Redraw's premise, docs/redraw.md) ----------------------------
+EARLY_CHECK_SEEDS = (101, 102, 103, 104)  # neither tuning nor held-out seeds
+EARLY_CHECK_STEPS = 6
+
+
+def run_early_check(seeds: Sequence[int]) -> str:
+    """Plain sampling of the Targets' classes; at each of the first steps, the copy detector's similarity of
+    x̂0 to the nearest duplicated item, as a predictor of the sample ending as a copy (ROC AUC), and the share
+    of copies among the samples below 0.6 then."""
+    setup = target_setup(seeds)
+    judge = setup.judge
+    shields = torch.nn.functional.normalize(judge.detector.descriptors(setup.shields.float()), dim=1)
+    similarities: list[list[torch.Tensor]] = []
+
+    def record(args):
+        x0 = args["denoised"].float().clamp(-1, 1)
+        nearest = (torch.nn.functional.normalize(judge.detector.descriptors(x0), dim=1) @ shields.T).max(dim=1)
+        similarities[-1].append(nearest.values.detach())
+        return args["denoised"]
+
+    model = setup.model.clone()
+    model.set_model_sampler_post_cfg_function(record)
+    outputs = []
+    for prompt in setup.prompts:
+        for seed in setup.seeds:
+            similarities.append([])
+            latent = {"samples": torch.zeros(setup.batch, *setup.shields.shape[1:])}
+            (out,) = comfy_nodes.common_ksampler(
+                model, seed, setup.steps, setup.cfg, setup.sampler, setup.scheduler, prompt.positive,
+                prompt.negative, latent,
+            )  # fmt: skip
+            outputs.append(out["samples"].float())
+    copies = judge.is_copy(torch.cat(outputs).clamp(-1, 1), setup.shields).is_copy.numpy()
+    rows = []
+    for step in range(EARLY_CHECK_STEPS):
+        scores = torch.cat([run[step] for run in similarities]).numpy()
+        below = scores < 0.6
+        rows.append(
+            [
+                str(step + 1),
+                f"{metrics.roc_auc(scores[copies], scores[~copies]):.3f}" if 0 < copies.sum() < len(copies) else "–",
+                f"{copies[below].mean():.0%} of {int(below.sum())}" if below.any() else "–",
+            ]
+        )
+    headers = ["after step", "ROC AUC (x̂0 similarity → ends a copy)", "copies among samples below 0.6"]
+    return (
+        f"Plain sampling, classes {', '.join(setup.classes)} × seeds {list(seeds)} × batch {setup.batch} = "
+        f"{len(copies)} samples ({copies.mean():.0%} end as copies), {setup.sampler} {setup.scheduler} "
+        f"{setup.steps} steps, cfg {setup.cfg}.\n\n" + bench_common.markdown_table(headers, rows)
+    )
+
+
 # Candidate settings tried on TUNING_SEEDS (`--tune`, the last two rounds); the chosen ones are DOCUMENTED above.
 TUNING_GRID: list[tuple[str, dict]] = [
     *[("SPELL", {"spell_radius": radius}) for radius in (16.0, 24.0, 32.0, 48.0)],
@@ -1052,6 +1104,19 @@ TUNING_GRID: list[tuple[str, dict]] = [
         ("SPELL (embedding)+TPCFG", {"recipe_tpcfg_before": "unconditional", "recipe_tpcfg_percent": percent})
         for percent in (0.05, 0.1, 0.15)
     ],
+    # Early Copy Redraw (docs/redraw.md "How the setting was chosen"): similarity x check x checks, alone and
+    # after TPCFG
+    *[
+        ("Redraw", {"redraw_similarity": similarity, "redraw_check": check, "redraw_attempts": attempts})
+        for similarity, check, attempts in (
+            (0.6, 0.3, 16),
+            (0.5, 0.3, 16),
+            (0.5, 0.3, 32),
+            (0.6, 0.4, 32),
+            (0.5, 0.4, 32),
+        )
+    ],  # fmt: skip
+    *[("Redraw+TPCFG", {"redraw_attempts": attempts}) for attempts in (16, 32)],
 ]
 
 
@@ -1070,8 +1135,9 @@ def run_tuning(
     setup = target_setup(seeds)
     grid = [entry for entry in TUNING_GRID if families is None or entry[0] in families]
     variants = tuning_variants(setup, grid)
-    sampled = sample_targets(setup, variants, progress)
-    rows = {name: target_metrics(setup, *sampled[name]) for name in sampled}
+    step_costs: dict[str, float] = {}
+    sampled = sample_targets(setup, variants, progress, step_costs)
+    rows = {name: {**target_metrics(setup, *sampled[name]), "step_cost": step_costs[name]} for name in sampled}
     text = targets_report(setup, variants, rows, time.perf_counter() - started)
     return text.replace("## Targets (issue #10)", "## Tuning run (issue #10 item 5, tuning seeds)", 1)
 
@@ -1080,7 +1146,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts and steps (about 3 minutes)")
     parser.add_argument(
-        "--only", choices=["memorizer", "demo", "targets"], help="run one part (targets: the issue #10 table)"
+        "--only",
+        choices=["memorizer", "demo", "targets", "early-check"],
+        help="run one part (targets: the issue #10 table; early-check: when x̂0 tells a future copy, docs/redraw.md)",
     )
     parser.add_argument("--tune", action="store_true", help="the tuning grid on the tuning seeds (issue #10 item 5)")
     parser.add_argument("--seeds", type=int, nargs="*", help="seeds of the targets/tuning run (default: held out)")
@@ -1098,6 +1166,9 @@ def main() -> None:
 
     if options.tune:
         print(run_tuning(options.seeds or TUNING_SEEDS, progress, options.families))
+        return
+    if options.only == "early-check":  # ~2 min
+        print(run_early_check(options.seeds or EARLY_CHECK_SEEDS), flush=True)
         return
     if options.only == "targets":  # ~11 min: run on its own, recorded in bench/recorded/effect_targets.md
         print(run_targets(options.seeds or HELD_OUT_SEEDS[:2], progress, options.families), flush=True)
