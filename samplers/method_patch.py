@@ -50,9 +50,20 @@ MEMORY_WRAPPER_PREFIX = "shield_memory_"
 PROBE_KEY = "shield_probe"
 
 
-def probe_options(model_options: dict, probe: int) -> dict:
+# The samples whose starting noise a look-ahead replaced (Early Copy Redraw), in the model_options of its
+# probes and of the real run: a gate that checks the sampler's starting noise (the Memorization Risk gate)
+# skips them.
+NEW_START_KEY = "shield_new_start_samples"
+
+
+def probe_options(model_options: dict, probe: int, new_starts: tuple[int, ...] = ()) -> dict:
     """A copy of a run's model_options that marks evaluations as belonging to probe number `probe`."""
-    return {**model_options, PROBE_KEY: probe}
+    return {**model_options, PROBE_KEY: probe, NEW_START_KEY: new_starts}
+
+
+def new_start_samples(args: dict) -> tuple[int, ...]:
+    """The samples of this evaluation that start from a noise a look-ahead chose (NEW_START_KEY)."""
+    return tuple((args.get("model_options") or {}).get(NEW_START_KEY, ()))
 
 
 @dataclasses.dataclass

@@ -25,13 +25,17 @@ from . import embedding_spell_math as esm
 from . import redraw_math as rm
 from .embedded_shields import EmbeddedShields, shield_count
 from .embedders import Embedder
-from .method_patch import PROBE_KEY, RUN_STATE_PREFIX, MethodPatch, MethodRun, probe_options
+from .method_patch import NEW_START_KEY, PROBE_KEY, RUN_STATE_PREFIX, MethodPatch, MethodRun, probe_options
 from .procreate_hook import decode_images, embed_frames
 from .progress import progress_reporter
 
 NODE_TITLE = "Early Copy Redraw"
 WRAPPER_PREFIX = f"{RUN_STATE_PREFIX}redraw_"  # SAMPLER_SAMPLE wrapper key: "shield_redraw_<patch id>"
 _PROBE_NUMBERS = itertools.count(1)  # unique across runs and patches: a probe's state is keyed by it
+
+
+def _indices(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(torch.nonzero(mask.cpu()).flatten().tolist())
 
 
 def _stop_if_asked(*_step) -> None:
@@ -143,7 +147,10 @@ class EarlyCopyRedrawPatch(MethodPatch[RedrawSettings, RunState]):
         def shield_redraw_wrapper(executor, guider, sigmas, extra_args, callback, noise, *rest):
             options = extra_args.get("model_options") or {}
             if options.get(PROBE_KEY) is None and noise.ndim >= 4 and not noise.is_nested:
-                noise = self._redraw(self.current_run(), executor, guider, sigmas, extra_args, noise, rest)
+                state = self.current_run()
+                noise = self._redraw(state, executor, guider, sigmas, extra_args, noise, rest)
+                new_starts = (*options.get(NEW_START_KEY, ()), *_indices(state.redrawn))
+                extra_args = {**extra_args, "model_options": {**options, NEW_START_KEY: new_starts}}
             return executor(guider, sigmas, extra_args, callback, noise, *rest)
 
         wrapper_type = comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE
@@ -183,7 +190,10 @@ class EarlyCopyRedrawPatch(MethodPatch[RedrawSettings, RunState]):
         on_check = progress_reporter()
         for attempt in range(1, settings.max_attempts + 1):
             on_check(attempt - 1, settings.max_attempts)
-            measured, acting = self._look_ahead(state, executor, guider, sigmas[: steps + 1], extra_args, current, rest)
+            new_starts = _indices((current != noise).flatten(1).any(dim=1))
+            measured, acting = self._look_ahead(
+                state, executor, guider, sigmas[: steps + 1], extra_args, current, new_starts, rest
+            )
             similarity = torch.where(pending, measured, similarity)
             attempts += pending.long()
             best_noise, best_similarity = rm.keep_best(best_noise, best_similarity, current, similarity)
@@ -205,7 +215,7 @@ class EarlyCopyRedrawPatch(MethodPatch[RedrawSettings, RunState]):
         state.redrawn = (chosen != noise).flatten(1).any(dim=1).cpu()
         state.summary = dict(
             attempts=attempts.tolist(),
-            redrawn_samples=torch.nonzero(state.redrawn).flatten().tolist(),
+            redrawn_samples=list(_indices(state.redrawn)),
             exhausted_samples=torch.nonzero(exhausted).flatten().tolist(),
             check_similarity=final_similarity.tolist(),
             probe_steps=steps * int(attempts.max()),
@@ -213,11 +223,13 @@ class EarlyCopyRedrawPatch(MethodPatch[RedrawSettings, RunState]):
         )
         return chosen
 
-    def _look_ahead(self, state: RunState, executor, guider, sigmas, extra_args, noise, rest):
+    def _look_ahead(self, state: RunState, executor, guider, sigmas, extra_args, noise, new_starts, rest):
         """Run `sigmas` (the steps up to the check) from `noise` as a probe; returns each sample's similarity to
         its nearest shield at the last evaluation and whether the gates let the method act on it (bool [B])."""
         probe = next(_PROBE_NUMBERS)
-        probe_args = {**extra_args, "model_options": probe_options(extra_args.get("model_options") or {}, probe)}
+        options = extra_args.get("model_options") or {}
+        new_starts = (*options.get(NEW_START_KEY, ()), *new_starts)
+        probe_args = {**extra_args, "model_options": probe_options(options, probe, new_starts)}
         executor(guider, sigmas, probe_args, _stop_if_asked, noise, *rest[:2], True)
         checked = self.probe_run(probe)
         if checked.checked is None:

@@ -29,7 +29,7 @@ import comfy.sample
 import comfy.samplers
 import torch
 
-from .method_patch import without_shield_patches
+from .method_patch import new_start_samples, without_shield_patches
 from .risk_math import FLAG_RULES, flags, prompt_score, sample_score, step_magnitude
 
 FIRST_INPUT_RTOL = 1e-4  # the gate's check that the sampler's first input is the probe's
@@ -271,12 +271,15 @@ class RiskGate:
             )
         sigma = float(args["sigma"].reshape(-1).max())
         if math.isclose(sigma, self.risk.first_sigma, rel_tol=1e-5):
-            self._check_same_noise(x)
+            self._check_same_noise(x, new_start_samples(args))
         return torch.tensor(self.risk.flagged, dtype=torch.bool)
 
-    def _check_same_noise(self, x: torch.Tensor) -> None:
-        expected = torch.tensor(self.risk.first_input_norms, dtype=torch.float64)
-        found = torch.tensor(input_norms(x), dtype=torch.float64)
+    def _check_same_noise(self, x: torch.Tensor, new_starts: tuple[int, ...]) -> None:
+        """Every sample but those a look-ahead gave a new start (Early Copy Redraw) must start from its noise."""
+        same = torch.ones(x.shape[0], dtype=torch.bool)
+        same[list(new_starts)] = False
+        expected = torch.tensor(self.risk.first_input_norms, dtype=torch.float64)[same]
+        found = torch.tensor(input_norms(x), dtype=torch.float64)[same]
         if not torch.allclose(found, expected, rtol=FIRST_INPUT_RTOL, atol=0.0):
             raise ValueError(
                 "Shield Gate: the sampler does not start from the noise the risk was measured on (seed "

@@ -3,6 +3,8 @@ samples heading into a shield start again from a new noise and end on an item th
 that never head into one are bit-identical to plain sampling on every sampler kind; the look-ahead is
 bounded; other Shield methods act in the look-ahead as in a fresh run and record only the real run."""
 
+import dataclasses
+
 import comfy.model_management
 import comfy.sd
 import nodes as comfy_nodes
@@ -15,6 +17,8 @@ from comfyui_shield.nodes.redraw import ShieldEarlyCopyRedraw
 from comfyui_shield.nodes.transition_cfg import TransitionPointCFG
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.samplers.embedders import PixelEmbedder
+from comfyui_shield.samplers.method_patch import add_model_gate
+from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
 from harness.procreate_parts import rgb_items, to_images
 
 SIMILARITY = 0.7  # heading into a shield at the check (x̂0 of the memorizer at 30 %: a blend of items)
@@ -122,3 +126,23 @@ def test_other_methods_act_in_the_look_ahead_as_in_a_fresh_run_and_record_only_t
     assert (nearest(outputs, items[:2]) < COPY).all()
     kept = [b for b in range(4) if b not in summary["redrawn_samples"]]
     assert torch.equal(outputs[kept], plain_tpcfg[kept])
+
+
+def test_a_memorization_risk_gate_limits_the_redraw_to_flagged_samples_and_accepts_their_new_starts(setup):
+    """The gate checks that the sampler starts from the noise the risk was measured on; a redrawn sample starts
+    from another by design, and only a flagged sample may be redrawn."""
+    items, model, vae = setup
+    negative, positive = subset_conditioning(len(items)), subset_conditioning(len(items), [0, 1, 2, 3])
+    latent = {"samples": torch.zeros(4, *items.shape[1:])}
+    risk = probe(model, positive, negative, latent, KSamplerSettings(3, 8, 2.0, "euler", "karras"), 1, 0.0)
+    flagged = (True, True, False, False)
+    patched = redraw(model, vae, shield_set(items, [0, 1]))
+    add_model_gate(patched, RiskGate(dataclasses.replace(risk, flagged=flagged)))
+    plain = sample(model, items)
+    RECORDS.clear()
+    outputs = sample(patched, items)
+    summary = RECORDS.latest("early_copy_redraw").summary
+    heading = nearest(plain, items[:2]) > COPY
+    assert set(summary["redrawn_samples"]) == {b for b in range(4) if flagged[b] and heading[b]}
+    assert summary["redrawn_samples"] and heading[2:].any(), "pick a seed where both kinds head into a shield"
+    assert torch.equal(outputs[2:], plain[2:])  # not flagged: never redrawn
