@@ -54,6 +54,9 @@ PROBE_KEY = "shield_probe"
 # probes and of the real run: a gate that checks the sampler's starting noise (the Memorization Risk gate)
 # skips them.
 NEW_START_KEY = "shield_new_start_samples"
+# Set in a model's options by a method whose step on a sample depends on the other samples of the batch
+# (`intra_batch` on): a look-ahead then probes the whole batch, never a part of it (samplers/sample_subset.py).
+MIXES_SAMPLES_KEY = "shield_mixes_samples"
 
 
 def probe_options(model_options: dict, probe: int, new_starts: tuple[int, ...] = ()) -> dict:
@@ -163,6 +166,8 @@ class MethodPatch(Generic[Settings, Run]):
         def shield_memory_wrapper(executor, *args, **kwargs):
             return self._remember(executor(*args, **kwargs))
 
+        if getattr(self.settings, "intra_batch", False):
+            model_patcher.model_options[MIXES_SAMPLES_KEY] = True
         if self.hook_point == "pre_cfg":
             model_patcher.set_model_sampler_pre_cfg_function(shield_hook, self.disable_cfg1_optimization)
         else:
@@ -251,6 +256,7 @@ def without_shield_patches(model_patcher):
         if key in options:
             options[key] = [fn for fn in options[key] if getattr(fn, "__name__", "") != HOOK_NAME]
     options.pop(MODEL_GATES_KEY, None)
+    options.pop(MIXES_SAMPLES_KEY, None)
     for wrapper_type in (
         comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
         comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE,

@@ -23,6 +23,7 @@ from ..core.records import Curves, MethodRecord, StepEntry
 from ..core.shield_set import ShieldSet
 from . import embedding_spell_math as esm
 from . import redraw_math as rm
+from . import sample_subset as ss
 from .embedded_shields import EmbeddedShields, shield_count
 from .embedders import Embedder
 from .method_patch import NEW_START_KEY, PROBE_KEY, RUN_STATE_PREFIX, MethodPatch, MethodRun, probe_options
@@ -62,7 +63,7 @@ class RedrawSummary(TypedDict):
     redrawn_samples: list[int]  # samples that start from a new noise
     exhausted_samples: list[int]  # samples still within `similarity` at every check (the least similar noise kept)
     check_similarity: list[float]  # per sample, the similarity at the check of the noise it was sampled from
-    probe_steps: int  # sampler steps spent in probes (each a batch evaluation, two for 2nd-order samplers)
+    probe_steps: float  # sampler steps spent in probes, in whole batches (a probe of 2 of 8 samples: 1/4 a step)
     check_sigma: float
     shields: int
     similarity: float
@@ -184,16 +185,22 @@ class EarlyCopyRedrawPatch(MethodPatch[RedrawSettings, RunState]):
         check_sigma = float(model_sampling.percent_to_sigma(settings.check_percent))
         steps = rm.probe_length(sigmas, check_sigma)
         current = noise.clone()
+        options = extra_args.get("model_options") or {}
+        by_rows = len(rest) >= 2 and ss.subset_sampling(executor.class_obj, guider, options, batch, *rest[:2])
+        sample_steps = 0  # probe steps times the samples probed
         best_noise, best_similarity = noise.clone(), torch.full((batch,), float("inf"))
         pending = torch.ones(batch, dtype=torch.bool)
         attempts, similarity = torch.zeros(batch, dtype=torch.long), torch.zeros(batch)
         on_check = progress_reporter()
         for attempt in range(1, settings.max_attempts + 1):
             on_check(attempt - 1, settings.max_attempts)
-            new_starts = _indices((current != noise).flatten(1).any(dim=1))
+            rows = torch.nonzero(pending).flatten() if by_rows else torch.arange(batch)
+            sample_steps += steps * len(rows)
             measured, acting = self._look_ahead(
-                state, executor, guider, sigmas[: steps + 1], extra_args, current, new_starts, rest
+                state, executor, guider, sigmas[: steps + 1], extra_args, current, rows, noise, rest
             )
+            measured = similarity.index_put((rows,), measured)
+            acting = torch.zeros(batch, dtype=torch.bool).index_put((rows,), acting)
             similarity = torch.where(pending, measured, similarity)
             attempts += pending.long()
             best_noise, best_similarity = rm.keep_best(best_noise, best_similarity, current, similarity)
@@ -218,19 +225,27 @@ class EarlyCopyRedrawPatch(MethodPatch[RedrawSettings, RunState]):
             redrawn_samples=list(_indices(state.redrawn)),
             exhausted_samples=torch.nonzero(exhausted).flatten().tolist(),
             check_similarity=final_similarity.tolist(),
-            probe_steps=steps * int(attempts.max()),
+            probe_steps=round(sample_steps / batch, 3),
             check_sigma=check_sigma,
         )
         return chosen
 
-    def _look_ahead(self, state: RunState, executor, guider, sigmas, extra_args, noise, new_starts, rest):
-        """Run `sigmas` (the steps up to the check) from `noise` as a probe; returns each sample's similarity to
-        its nearest shield at the last evaluation and whether the gates let the method act on it (bool [B])."""
+    def _look_ahead(self, state: RunState, executor, guider, sigmas, extra_args, noise, rows, own_noise, rest):
+        """Run `sigmas` (the steps up to the check) from `noise` as a probe of the samples `rows` (the whole
+        batch unless `sample_subset.subset_sampling` allows fewer); returns each probed sample's similarity to its
+        nearest shield at the last evaluation and whether the gates let the method act on it (bool [len(rows)])."""
         probe = next(_PROBE_NUMBERS)
         options = extra_args.get("model_options") or {}
-        new_starts = (*options.get(NEW_START_KEY, ()), *new_starts)
+        new_starts = (noise[rows] != own_noise[rows]).flatten(1).any(dim=1)
+        new_starts = (*options.get(NEW_START_KEY, ()), *_indices(new_starts))
         probe_args = {**extra_args, "model_options": probe_options(options, probe, new_starts)}
-        executor(guider, sigmas, probe_args, _stop_if_asked, noise, *rest[:2], True)
+        batch = noise.shape[0]
+        if len(rows) == batch:
+            executor(guider, sigmas, probe_args, _stop_if_asked, noise, *rest[:2], True)
+        else:
+            latent_image, denoise_mask = (ss.take_rows(tensor, rows) for tensor in rest[:2])
+            with ss.rows_of(guider, rows, batch):
+                executor(guider, sigmas, probe_args, _stop_if_asked, noise[rows], latent_image, denoise_mask, True)
         checked = self.probe_run(probe)
         if checked.checked is None:
             raise RuntimeError(f"{NODE_TITLE}: the look-ahead ran no model evaluation (another patch skipped it?)")

@@ -32,9 +32,9 @@ def setup():
     return items, build_memorizer(items), vae
 
 
-def sample(model, items, sampler="euler", subset=(0, 1, 2, 3), seed=3, batch=4, steps=8, cfg=2.0):
+def sample(model, items, sampler="euler", subset=(0, 1, 2, 3), seed=3, batch=4, steps=8, cfg=2.0, positive=None):
     negative = subset_conditioning(len(items))
-    positive = subset_conditioning(len(items), list(subset))
+    positive = positive or subset_conditioning(len(items), list(subset))
     latent = {"samples": torch.zeros(batch, *items.shape[1:])}
     (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, "karras", positive, negative, latent)
     return out["samples"]
@@ -146,3 +146,48 @@ def test_a_memorization_risk_gate_limits_the_redraw_to_flagged_samples_and_accep
     assert set(summary["redrawn_samples"]) == {b for b in range(4) if flagged[b] and heading[b]}
     assert summary["redrawn_samples"] and heading[2:].any(), "pick a seed where both kinds head into a shield"
     assert torch.equal(outputs[2:], plain[2:])  # not flagged: never redrawn
+
+
+def _allow_all(args):
+    return None  # a Shield gate that holds nothing back: its presence alone makes the look-ahead probe whole batches
+
+
+def per_sample_prompts(n_items: int, subsets: list) -> list:
+    """One CONDITIONING row per sample (sample b prompts `subsets[b]`): a sub-batch must take its own rows."""
+    rows = [subset_conditioning(n_items, subset)[0][0] for subset in subsets]
+    return [[torch.cat(rows), {}]]
+
+
+@pytest.mark.parametrize("sampler, per_sample", [("euler", False), ("dpmpp_2m", False), ("uni_pc", True)])
+def test_on_a_sampler_that_draws_no_noise_only_the_samples_still_heading_into_a_shield_are_probed_again(
+    setup, sampler, per_sample
+):
+    items, model, vae = setup
+    shields = shield_set(items, [0, 1])
+    positive = per_sample_prompts(len(items), [[0, 1, 2], [0, 1, 3], [0, 1, 4]] * 2) if per_sample else None
+    RECORDS.clear()
+    by_rows = sample(redraw(model, vae, shields), items, sampler, batch=6, positive=positive)
+    by_rows_summary = RECORDS.latest("early_copy_redraw").summary
+    whole = redraw(model, vae, shields)
+    add_model_gate(whole, _allow_all)
+    whole_batches = sample(whole, items, sampler, batch=6, positive=positive)
+    whole_summary = RECORDS.latest("early_copy_redraw").summary
+    assert by_rows_summary["attempts"] == whole_summary["attempts"] and max(whole_summary["attempts"]) > 2
+    assert by_rows_summary["redrawn_samples"] == whole_summary["redrawn_samples"]
+    assert torch.allclose(by_rows, whole_batches, atol=1e-5)
+    steps = whole_summary["probe_steps"] / max(whole_summary["attempts"])  # probe steps of one check
+    assert by_rows_summary["probe_steps"] == pytest.approx(steps * sum(by_rows_summary["attempts"]) / 6)
+    assert by_rows_summary["probe_steps"] < whole_summary["probe_steps"]
+    if per_sample:  # each sample ends on the unprotected item of its own prompt
+        own = items[[2, 3, 4] * 2].flatten(1).double()
+        assert (torch.cosine_similarity(by_rows.clamp(-1, 1).flatten(1).double(), own) > COPY).all()
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_sde"])
+def test_a_sampler_that_draws_noise_probes_whole_batches(setup, sampler):
+    items, model, vae = setup
+    RECORDS.clear()
+    sample(redraw(model, vae, shield_set(items, [0, 1])), items, sampler, batch=6)
+    summary = RECORDS.latest("early_copy_redraw").summary
+    assert max(summary["attempts"]) > min(summary["attempts"])
+    assert summary["probe_steps"] == 3 * max(summary["attempts"])  # 3 steps per check (karras, 8 steps, 30 %)
