@@ -196,10 +196,15 @@ def _output_line(report: ReportData, index: int) -> str:
     return " ".join(parts) if len(parts) > 1 else ""
 
 
+def _count(value) -> str:
+    """A whole float without its '.0' (Early Copy Redraw's probe steps count parts of a batch)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def method_lines(run: MethodCurves) -> list[str]:
     """The run's head line, what it touched, then the method's own lines."""
     label = f", {run.label}" if run.label else ""
-    headline = "".join(f", {run.summary[key]} {key}" for key in run.method.headline if key in run.summary)
+    headline = "".join(f", {_count(run.summary[key])} {key}" for key in run.method.headline if key in run.summary)
     lines = [f"{run.method.title} (run #{run.run_number}{label}): {run.steps} steps recorded{headline}"]
     per_step = run.touched.any(axis=1)
     touched_steps = np.flatnonzero(per_step)
