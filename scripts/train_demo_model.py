@@ -27,6 +27,7 @@ import_comfyui_in_process()
 
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
+from comfy.ldm.modules.attention import SpatialTransformer  # noqa: E402
 
 from comfyui_shield.reference_models import demo_dataset, pixel_unet, replication  # noqa: E402
 
@@ -79,8 +80,7 @@ def train(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> torch.
     model = pixel_unet.build_demo_base_model()
     pixel_unet.init_for_training(model, args.seed)
     if args.init_from is not None:
-        state_dict = safetensors.torch.load_file(str(args.init_from))
-        model.diffusion_model.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()})
+        continue_from(model.diffusion_model, args.init_from)
     net = model.diffusion_model.train()
     ema = {name: tensor.detach().clone() for name, tensor in net.state_dict().items()}
     sigmas = model.model_sampling.sigmas.float()
@@ -124,6 +124,36 @@ def train(args: argparse.Namespace, dataset: demo_dataset.DemoDataset) -> torch.
             )
     net.load_state_dict(ema)
     return model
+
+
+@torch.no_grad()
+def continue_from(net: torch.nn.Module, path: pathlib.Path) -> None:
+    """Load earlier weights. Attention blocks the earlier architecture lacked start as the identity
+    (their output projection zeroed: a SpatialTransformer adds its output to its input), so the
+    continued model first draws exactly what the earlier one drew."""
+    state_dict = {name: tensor.float() for name, tensor in safetensors.torch.load_file(str(path)).items()}
+    expected = net.state_dict().keys()
+    state_dict = {_after_inserted_attention(name, expected): tensor for name, tensor in state_dict.items()}
+    missing, unexpected = net.load_state_dict(state_dict, strict=False)
+    new_blocks = sorted({".".join(name.split(".")[:3]) for name in missing})
+    if unexpected or any(not isinstance(net.get_submodule(block), SpatialTransformer) for block in new_blocks):
+        raise ValueError(f"{path} does not fit this architecture: missing {missing}, unexpected {unexpected}")
+    for block in new_blocks:
+        for parameter in net.get_submodule(block).proj_out.parameters():
+            parameter.zero_()
+    if new_blocks:
+        print(f"[train] new attention blocks, starting as the identity: {', '.join(new_blocks)}", flush=True)
+
+
+def _after_inserted_attention(name: str, expected) -> str:
+    """An upsampler's key (`output_blocks.B.1.conv.*`) moves to `output_blocks.B.2` when an attention
+    block is inserted before it."""
+    parts = name.split(".", 3)
+    if name in expected or len(parts) < 4 or not parts[2].isdigit():
+        return name
+    group, block, index, rest = parts
+    shifted = f"{group}.{block}.{int(index) + 1}.{rest}"
+    return shifted if shifted in expected else name
 
 
 @torch.no_grad()
