@@ -39,7 +39,7 @@ class ShieldEmbeddingRepellency(ShieldNode):
                     step=0.01,
                     tooltip="A sample is inside a shield when the cosine similarity of its embedding to the "
                     "shield's is above this (an angle arccos(similarity) on the unit sphere). Set it below the copy "
-                    "detector's threshold (demo detector: 0.724; 0.7 measured best on the final demo weights, docs/effects.md); 1 turns the patch off.",
+                    "detector's threshold (demo detector: 0.724; 0.7 measured best on the stage-3 demo weights, docs/effects.md); 1 turns the patch off.",
                 ),
                 io.Float.Input(
                     "overcompensation",
