@@ -18,18 +18,18 @@ from .common import CATEGORY, RISK, require_latent_batch
 from .validation import ShieldNode
 
 # Calibrated on the bundled demo model (bench/risk_bench.py --record; docs/risk.md): the lowest score that
-# flags at most 1 % of the calibration seeds' samples of control prompts (0.8595 and 1.033 on 576 of them),
+# flags at most 1 % of the calibration seeds' samples of control prompts (0.8333 and 1.413 on 576 of them),
 # rounded up to the widget's 0.01 step so the rate stays at most 1 %. A threshold belongs to one model,
 # one resolution and one score: DEFAULT_THRESHOLD to "magnitude" at N = 1 (the node's defaults), DROP_THRESHOLD
 # to "drop" at N = DROP_PROBE_STEPS (of a 20-step schedule; the N chosen on the calibration seeds).
-DEFAULT_THRESHOLD = 0.86
-DROP_PROBE_STEPS = 10
-DROP_THRESHOLD = 1.04
+DEFAULT_THRESHOLD = 0.84
+DROP_PROBE_STEPS = 8
+DROP_THRESHOLD = 1.42
 # The per-prompt threshold of the drop at N = DROP_PROBE_STEPS for flag "per prompt (batch mean)" on batches of
 # PROMPT_BATCH generations of one prompt: the lowest batch mean that flags at most 1 % of the calibration seeds'
-# control batches (0.7659 on 72 of them; held-out AUC 0.999), rounded up to the widget's 0.01 step.
+# control batches (0.915 on 72 of them; held-out AUC 1.000), rounded up to the widget's 0.01 step.
 PROMPT_BATCH = 8
-DROP_PROMPT_THRESHOLD = 0.77
+DROP_PROMPT_THRESHOLD = 0.92
 MAX_PROBE_STEPS = 50
 
 
@@ -128,7 +128,7 @@ class ShieldMemorizationRisk(ShieldNode):
                     "sample gets the same flag, set when the mean of the batch's scores is at or above threshold, "
                     "which is then a per-prompt threshold for that batch size (demo model: drop, "
                     f"N = {DROP_PROBE_STEPS}, batch {PROMPT_BATCH}: {DROP_PROMPT_THRESHOLD:g}). On the demo model the "
-                    "per-prompt drop separates prompts far better (held-out AUC 0.999 at batch 8 against 0.895 per "
+                    "per-prompt drop separates prompts far better (held-out AUC 1.000 at batch 8 against 0.892 per "
                     "sample; docs/risk.md). 'scores' stays per sample.",
                 ),
             ],

@@ -362,7 +362,7 @@ def protect_references_workflow(object_info: dict, class_name: str | None = None
 # The detector the risk bench finds best on the demo model: the drop, flagged per prompt (the mean over the
 # batch of 8 generations of one prompt), at its calibrated per-prompt threshold (bench/recorded/risk.md;
 # nodes/risk.py DROP_PROBE_STEPS, DROP_PROMPT_THRESHOLD and PROMPT_BATCH, which a test compares).
-RISK_GATE = {"probe_steps": 10, "threshold": 0.77, "score": "drop", "flag": "per prompt (batch mean)"}
+RISK_GATE = {"probe_steps": 8, "threshold": 0.92, "score": "drop", "flag": "per prompt (batch mean)"}
 
 
 def check_then_shield_workflow(object_info: dict, class_name: str | None = None) -> UIWorkflow:

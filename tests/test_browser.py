@@ -12,7 +12,7 @@ import re
 import shutil
 
 from comfyui_shield.nodes import NODE_LIST
-from comfyui_shield.nodes.risk import DROP_PROMPT_THRESHOLD
+from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, DROP_PROMPT_THRESHOLD
 from harness.browser import run_ui_check
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -72,13 +72,13 @@ def test_frontend_shows_each_images_certificate_on_the_save_node(server, tmp_pat
     assert result["selectorFound"], result
     text = result["selectorText"]
     assert "image 1/8" in text and "image 8/8" in text and "Transition-Point CFG: " in text, text
-    assert "Memorization risk, 10 probe step(s), score drop" in text, text  # the workflow gates on the drop
+    assert f"Memorization risk, {DROP_PROBE_STEPS} probe step(s), score drop" in text, text  # it gates on the drop
     found = re.search(
         r"flagged per prompt \(batch mean\): the mean of the 8 sample\(s\), ([0-9.]+), is at or above", text
     )
     assert found and float(found[1]) >= DROP_PROMPT_THRESHOLD, text  # star: at risk
     assert text.count(f"(AT RISK per prompt: batch mean {found[1]}") == 8 and "not flagged" not in text, text
-    assert "per-prompt threshold 0.77)" in text, text
+    assert f"per-prompt threshold {DROP_PROMPT_THRESHOLD:g})" in text, text
     assert result["previews"].get("ShieldSaveImageWithCertificate", 0) == 8, result["previews"]
     assert result["consoleErrors"] == [], result["consoleErrors"]
     if os.environ.get("SHIELD_CERTIFICATE_SCREENSHOT"):

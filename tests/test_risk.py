@@ -12,7 +12,7 @@ from PIL import Image
 from comfyui_shield.core import metrics
 from comfyui_shield.core.certificate import certificate_text, read_certificate
 from comfyui_shield.core.records import RECORDS
-from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, DROP_PROMPT_THRESHOLD, ShieldMemorizationRisk
+from comfyui_shield.nodes.risk import DROP_PROBE_STEPS, DROP_PROMPT_THRESHOLD, DROP_THRESHOLD, ShieldMemorizationRisk
 from comfyui_shield.reference_models import demo_dataset, pixel_unet
 from comfyui_shield.reference_models.memorizer import build_memorizer, subset_conditioning
 from comfyui_shield.samplers.method_patch import add_model_gate, shield_patch_ids, without_shield_patches
@@ -303,9 +303,9 @@ def node_risk(model, class_name: str, seed: int, threshold: float, **options):
 
 
 def test_flag_per_prompt_flags_a_memorizable_batch_as_a_whole_and_not_a_control_batch(demo_model, demo_probes):
-    """At the demo's per-prompt threshold (drop, N = 10, batch 8; seed 7001, not a bench seed), the star batch (a
-    memorizable class; mean 0.84) is flagged as a whole although 3 of its samples score below the threshold, the
-    circle batch (a control; mean 0.48) not at all; the flags are the batch-mean rule, the scores per sample."""
+    """At the demo's per-prompt threshold (drop, N = DROP_PROBE_STEPS, batch 8; seed 7001, not a bench seed), the
+    star batch (a memorizable class) is flagged as a whole although some of its samples score below the per-sample
+    threshold, the circle batch (a control) not at all; the flags are the batch-mean rule, the scores per sample."""
     for class_name, expected in (("star", True), ("circle", False)):
         risk, scores, at_risk, text = node_risk(
             demo_model, class_name, TEST_SEEDS[0], DROP_PROMPT_THRESHOLD, score="drop", flag="per prompt (batch mean)"
@@ -319,8 +319,8 @@ def test_flag_per_prompt_flags_a_memorizable_batch_as_a_whole_and_not_a_control_
         where = "at or above" if expected else "below"
         assert f"flagged per prompt (batch mean): the mean of the 8 sample(s), {mean:.4g}, is {where}" in text
         assert f"{8 if expected else 0}/8 sample(s) flagged" in text
-        if expected:  # per sample, the same threshold would not flag them all: the rule changed the flags
-            assert min(scores) < DROP_PROMPT_THRESHOLD
+        if expected:  # flagged per sample at the drop's threshold, not all would be: the rule changed the flags
+            assert min(scores) < DROP_THRESHOLD
 
 
 def test_flag_per_sample_is_the_default_and_unchanged(demo_model, demo_probes):
