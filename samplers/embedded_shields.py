@@ -4,14 +4,15 @@ Memory, and the shields' unit embeddings, computed once for a fixed set and afre
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import ClassVar, Optional
 
 import torch
 
 from ..core.shield_set import ShieldSet
 from . import embedding_spell_math as esm
 from .embedders import Embedder
-from .method_patch import memory_id_of, read_memory
+from .method_patch import MethodPatch, MethodRun, Run, Settings, memory_id_of, read_memory
 from .procreate_hook import check_model_compatibility, reference_embeddings
 
 
@@ -50,3 +51,33 @@ class EmbeddedShields:
 
 def shield_count(shields: Optional[torch.Tensor]) -> int:
     return int(shields.shape[0]) if shields is not None else 0
+
+
+@dataclasses.dataclass
+class EmbeddedShieldsRun(MethodRun):
+    shields: Optional[torch.Tensor] = None  # [K, D] unit embeddings for this run (a memory grows between runs)
+
+
+class EmbeddedShieldsPatch(MethodPatch[Settings, Run]):
+    """One node execution of a method whose shields live in an embedder's space: the VAE that decodes x̂0, the
+    embedder, the shields and the settings. `run_state` is the method's run state (an EmbeddedShieldsRun)."""
+
+    run_state: ClassVar[type]
+
+    def __init__(
+        self, vae, embedder: Embedder, shield_set: ShieldSet, settings: Settings, patch_id: Optional[str] = None
+    ):
+        settings.validate()
+        super().__init__(settings, label=embedder.key, patch_id=patch_id)
+        self.vae = vae
+        self.embedder = embedder
+        self.shields = EmbeddedShields(vae, embedder, shield_set, self.method.title)
+
+    def check_model(self, model_patcher) -> None:
+        self.shields.check_model(model_patcher)
+
+    def memory_ids(self) -> list[str]:
+        return self.shields.memory_ids()
+
+    def new_run(self, record, context) -> Run:
+        return self.run_state(record=record, shields=self.shields.for_run())

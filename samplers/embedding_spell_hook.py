@@ -20,11 +20,10 @@ import torch
 from typing_extensions import TypedDict
 
 from ..core.records import Curves, MethodRecord, StepEntry
-from ..core.shield_set import ShieldSet
 from . import embedding_spell_math as esm
-from .embedded_shields import EmbeddedShields, shield_count
-from .embedders import Embedder, autograd_through
-from .method_patch import MethodPatch, MethodRun, window_problem
+from .embedded_shields import EmbeddedShieldsPatch, EmbeddedShieldsRun, shield_count
+from .embedders import autograd_through
+from .method_patch import window_problem
 from .procreate_hook import decode_images
 
 NODE_TITLE = "Sparse Repellency (embedding space)"
@@ -104,39 +103,15 @@ class EmbeddingRepellencySettings:
 
 
 @dataclasses.dataclass
-class RunState(MethodRun):
-    shields: Optional[torch.Tensor] = None  # [K, D] unit embeddings for this run (a memory grows between runs)
+class RunState(EmbeddedShieldsRun):
     still_inside: int = 0
 
 
-class EmbeddingRepellencyPatch(MethodPatch[EmbeddingRepellencySettings, RunState]):
+class EmbeddingRepellencyPatch(EmbeddedShieldsPatch[EmbeddingRepellencySettings, RunState]):
     """One node execution: the VAE that decodes x̂0, the embedder, the shields and the settings."""
 
     method = EMBEDDING_SPELL_RECORD
-
-    def __init__(
-        self,
-        vae,
-        embedder: Embedder,
-        shield_set: ShieldSet,
-        settings: EmbeddingRepellencySettings,
-        patch_id: Optional[str] = None,
-    ):
-        settings.validate()
-        super().__init__(settings, label=embedder.key, patch_id=patch_id)
-        self.vae = vae
-        self.embedder = embedder
-        self.shields = EmbeddedShields(vae, embedder, shield_set, NODE_TITLE)
-
-    # -- the contract -----------------------------------------------------------------------------
-    def check_model(self, model_patcher) -> None:
-        self.shields.check_model(model_patcher)
-
-    def memory_ids(self) -> list[str]:
-        return self.shields.memory_ids()
-
-    def new_run(self, record, context) -> RunState:
-        return RunState(record=record, shields=self.shields.for_run())
+    run_state = RunState
 
     def summarize(self, state: RunState) -> dict:
         steps = state.record.steps

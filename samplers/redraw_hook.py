@@ -20,13 +20,11 @@ import torch
 from typing_extensions import TypedDict
 
 from ..core.records import Curves, MethodRecord, StepEntry
-from ..core.shield_set import ShieldSet
 from . import embedding_spell_math as esm
 from . import redraw_math as rm
 from . import sample_subset as ss
-from .embedded_shields import EmbeddedShields, shield_count
-from .embedders import Embedder
-from .method_patch import NEW_START_KEY, PROBE_KEY, RUN_STATE_PREFIX, MethodPatch, MethodRun, probe_options
+from .embedded_shields import EmbeddedShieldsPatch, EmbeddedShieldsRun, shield_count
+from .method_patch import NEW_START_KEY, PROBE_KEY, RUN_STATE_PREFIX, probe_options
 from .procreate_hook import decode_images, embed_frames
 from .progress import progress_reporter
 
@@ -97,37 +95,18 @@ class RedrawSettings:
 
 
 @dataclasses.dataclass
-class RunState(MethodRun):
-    shields: Optional[torch.Tensor] = None  # [K, D] unit embeddings for this run (a memory grows between runs)
+class RunState(EmbeddedShieldsRun):
     checked: Optional[torch.Tensor] = None  # a probe's x̂0 at its last evaluation
     acting: Optional[torch.Tensor] = None  # a probe's per-sample gate at that evaluation (None: all samples)
     redrawn: Optional[torch.Tensor] = None  # bool [B], set before the real run
     summary: dict = dataclasses.field(default_factory=dict)
 
 
-class EarlyCopyRedrawPatch(MethodPatch[RedrawSettings, RunState]):
+class EarlyCopyRedrawPatch(EmbeddedShieldsPatch[RedrawSettings, RunState]):
     """One node execution: the VAE that decodes x̂0, the embedder, the shields and the settings."""
 
     method = REDRAW_RECORD
-
-    def __init__(
-        self, vae, embedder: Embedder, shield_set: ShieldSet, settings: RedrawSettings, patch_id: Optional[str] = None
-    ):
-        settings.validate()
-        super().__init__(settings, label=embedder.key, patch_id=patch_id)
-        self.vae = vae
-        self.embedder = embedder
-        self.shields = EmbeddedShields(vae, embedder, shield_set, NODE_TITLE)
-
-    # -- the contract -----------------------------------------------------------------------------
-    def check_model(self, model_patcher) -> None:
-        self.shields.check_model(model_patcher)
-
-    def memory_ids(self) -> list[str]:
-        return self.shields.memory_ids()
-
-    def new_run(self, record, context) -> RunState:
-        return RunState(record=record, shields=self.shields.for_run())
+    run_state = RunState
 
     def summarize(self, state: RunState) -> dict:
         looked_ahead = state.summary or dict(  # a run that did not look ahead (a nested guider, a nested batch)
