@@ -6,22 +6,12 @@ import re
 import pytest
 import torch
 
-from harness.memorizer_graphs import embedding_space_method
-from harness.procreate_parts import rgb_items
+from harness.memorizer_graphs import embedding_space_method, memorizer_sampler
+from harness.procreate_parts import pixel_cosine, rgb_items
 from harness.server import ServerError
 
 SIMILARITY = 0.9
-SAMPLER = {
-    "seed": 5,
-    "steps": 6,
-    "cfg": 2.0,
-    "sampler_name": "euler",
-    "scheduler": "karras",
-    "denoise": 1.0,
-    "positive": ["positive", 0],
-    "negative": ["negative", 0],
-    "latent_image": ["empty", 0],
-}
+SAMPLER = memorizer_sampler(seed=5, steps=6)
 
 
 def graph(shield_first: int, shield_count: int, **settings) -> dict:
@@ -36,13 +26,6 @@ def graph(shield_first: int, shield_count: int, **settings) -> dict:
     }
     node = {"class_type": "ShieldEmbeddingRepellency", "inputs": {**inputs, **settings}}
     return embedding_space_method(node, "embedding_spell_items.latent", shield_first, shield_count, SAMPLER, "es")
-
-
-def pixel_cosine(latents: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """[B, K] cosine of the Pixel Embedder at 16 px: for 16×16 pixel-space latents, the latents themselves."""
-    a = torch.nn.functional.normalize(latents.clamp(-1, 1).flatten(1).double(), dim=1)
-    b = torch.nn.functional.normalize(items.flatten(1).double(), dim=1)
-    return a @ b.T
 
 
 @pytest.fixture

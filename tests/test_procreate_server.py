@@ -6,19 +6,10 @@ import uuid
 
 import torch
 
+from harness.memorizer_graphs import memorizer_sampler
 from harness.procreate_parts import rgb_items, write_random_dreamsim
 
-SAMPLER = {
-    "seed": 3,
-    "steps": 4,
-    "cfg": 2.0,
-    "sampler_name": "euler",
-    "scheduler": "karras",
-    "denoise": 1.0,
-    "positive": ["positive", 0],
-    "negative": ["negative", 0],
-    "latent_image": ["empty", 0],
-}
+SAMPLER = memorizer_sampler(seed=3, steps=4)
 
 
 def procreate_graph() -> dict:

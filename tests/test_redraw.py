@@ -19,7 +19,7 @@ from comfyui_shield.reference_models.memorizer import build_memorizer, subset_co
 from comfyui_shield.samplers.embedders import PixelEmbedder
 from comfyui_shield.samplers.method_patch import add_model_gate
 from comfyui_shield.samplers.risk_probe import KSamplerSettings, RiskGate, probe
-from harness.procreate_parts import rgb_items, to_images
+from harness.procreate_parts import pixel_cosine, rgb_items, to_images
 
 SIMILARITY = 0.7  # heading into a shield at the check (x̂0 of the memorizer at 30 %: a blend of items)
 COPY = 0.99  # an output this similar to an item is that item
@@ -42,9 +42,7 @@ def sample(model, items, sampler="euler", subset=(0, 1, 2, 3), seed=3, batch=4, 
 
 def nearest(outputs, items):
     """[B] cosine of each output to its nearest item (the Pixel Embedder at 16 px sees these latents)."""
-    a = torch.nn.functional.normalize(outputs.clamp(-1, 1).flatten(1).double(), dim=1)
-    b = torch.nn.functional.normalize(items.flatten(1).double(), dim=1)
-    return (a @ b.T).max(dim=1).values
+    return pixel_cosine(outputs, items).max(dim=1).values
 
 
 def redraw(model, vae, shields, similarity=SIMILARITY, check=0.3, attempts=16):

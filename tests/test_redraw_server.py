@@ -4,21 +4,11 @@ pixel_space VAE, the Pixel Embedder, and the Shield Report reading the run."""
 import pytest
 import torch
 
-from harness.memorizer_graphs import embedding_space_method
-from harness.procreate_parts import rgb_items
+from harness.memorizer_graphs import embedding_space_method, memorizer_sampler
+from harness.procreate_parts import pixel_cosine, rgb_items
 from harness.server import ServerError
 
-SAMPLER = {
-    "seed": 5,
-    "steps": 8,
-    "cfg": 2.0,
-    "sampler_name": "euler",
-    "scheduler": "karras",
-    "denoise": 1.0,
-    "positive": ["positive", 0],
-    "negative": ["negative", 0],
-    "latent_image": ["empty", 0],
-}
+SAMPLER = memorizer_sampler(seed=5, steps=8)
 
 
 def graph(shield_first: int, shield_count: int, **settings) -> dict:
@@ -33,9 +23,7 @@ def graph(shield_first: int, shield_count: int, **settings) -> dict:
 
 
 def nearest(latents: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    a = torch.nn.functional.normalize(latents.clamp(-1, 1).flatten(1).double(), dim=1)
-    b = torch.nn.functional.normalize(items.flatten(1).double(), dim=1)
-    return (a @ b.T).max(dim=1).values
+    return pixel_cosine(latents, items).max(dim=1).values
 
 
 @pytest.fixture

@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 
+def memorizer_sampler(seed: int, steps: int) -> dict:
+    """KSampler inputs (euler, karras, cfg 2) wired to the graph's "positive", "negative" and "empty" nodes."""
+    return {
+        "seed": seed,
+        "steps": steps,
+        "cfg": 2.0,
+        "sampler_name": "euler",
+        "scheduler": "karras",
+        "denoise": 1.0,
+        "positive": ["positive", 0],
+        "negative": ["negative", 0],
+        "latent_image": ["empty", 0],
+    }
+
+
 def sparse_repellency(model: list, shield_set: list, radius: float, **overrides) -> dict:
     """A Sparse Repellency node with the paper's overcompensation over the whole schedule."""
     inputs = {

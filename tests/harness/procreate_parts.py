@@ -8,6 +8,13 @@ import pathlib
 import torch
 
 
+def pixel_cosine(latents: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """[B, K] cosine of the Pixel Embedder at 16 px: for 16×16 pixel-space latents, the latents themselves."""
+    a = torch.nn.functional.normalize(latents.clamp(-1, 1).flatten(1).double(), dim=1)
+    b = torch.nn.functional.normalize(items.flatten(1).double(), dim=1)
+    return a @ b.T
+
+
 def rgb_items(count: int = 6, size: int = 16, seed: int = 7) -> torch.Tensor:
     """[count, 3, size, size] in [-1, 1]: 3-channel latents that ComfyUI's pixel_space VAE decodes."""
     return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
